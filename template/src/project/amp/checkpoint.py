@@ -1,0 +1,281 @@
+"""Checkpoints around ``accelerator.save_state``/``load_state``: atomic, rotated, resumable across precisions.
+
+Layout (a superset of what Accelerate writes, so a plain ``accelerator.load_state(path)`` still loads it)::
+
+    out_dir/checkpoints/
+      step_0000200/   model.safetensors optimizer.bin scheduler.bin scaler.pt random_states_*.pkl
+                      custom_checkpoint_*.pkl (registered objects: training progress, AMP monitor)
+                      meta.json (precision, scaler kwargs, resolved config, world size, versions)
+      latest          the name of the newest complete checkpoint, written last
+
+A checkpoint is complete or invisible: it is written into ``.tmp-step_*`` and renamed into place, and
+``latest`` moves after that. Resuming under another precision never crashes: the scaler is handled here
+(Accelerate raises on a missing or empty scaler.pt, drops the scale silently, and lets scaler.pt replace
+the run's GradScalerKwargs), and every decision is returned as a one-line notice.
+
+    ckpt = CheckpointManager(accelerator, out_dir, keep=3, meta=lambda: {...})
+    path, notices = find_resume(out_dir, "auto")
+    if path: notices += ckpt.load(path, precision="fp16", scaler_kwargs={...})
+    ...
+    ckpt.save(step)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+SCALER = "scaler.pt"
+NAME_RE = re.compile(r"^step_(\d{7,})$")
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0", "pytorch_model")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line naming the path."""
+
+
+@dataclass
+class Progress:
+    """Where the run is: registered for checkpointing so the data position survives a resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (per process)
+    samples_seen: int = 0  # over all processes
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            if hasattr(self, k):
+                setattr(self, k, int(v))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _step_of(path: Path) -> int | None:
+    m = NAME_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {META} ({e.__class__.__name__})") from None
+
+
+def check_complete(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` looks like a complete checkpoint of ours."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    meta = read_meta(path)
+    if not meta.get("complete"):
+        raise CheckpointError(f"{path}: {META} does not mark it complete")
+    if not any((path / f).exists() for f in MODEL_FILES):
+        raise CheckpointError(f"{path}: no model weights ({' or '.join(MODEL_FILES[:2])})")
+    for name in meta.get("files", []):
+        if not (path / name).exists():
+            raise CheckpointError(f"{path}: missing {name}")
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoint directories under ``out_dir/checkpoints``, oldest first (complete or not)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
+    """Pick the checkpoint to resume from: ``none``, ``auto`` (newest complete one) or a path.
+
+    Returns (path or None, notices). A ``resume=PATH`` that is missing or incomplete raises CheckpointError.
+    """
+    notices: list[str] = []
+    if resume == "none":
+        if list_checkpoints(out_dir):
+            notices.append(f"resume=none: starting fresh although {Path(out_dir) / CHECKPOINTS} holds checkpoints; "
+                           "saves at the same step numbers will replace them")
+        return None, notices
+    if resume != "auto":
+        path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"resume: no such checkpoint: {path}")
+        check_complete(path)
+        return path, notices
+    candidates = list_checkpoints(out_dir)
+    latest_file = Path(out_dir) / CHECKPOINTS / LATEST
+    if latest_file.is_file():
+        named = Path(out_dir) / CHECKPOINTS / latest_file.read_text().strip()
+        if named in candidates:  # try the one `latest` names first, then the rest newest first
+            candidates.remove(named)
+            candidates.append(named)
+    for path in reversed(candidates):
+        try:
+            check_complete(path)
+            return path, notices
+        except CheckpointError as e:
+            notices.append(f"resume: skipping incomplete checkpoint ({e})")
+    return None, notices
+
+
+# ----------------------------------------------------------------------------
+# Saving
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _scaler_hidden(accelerator: Any, hide: bool) -> Iterator[None]:
+    """Hide the accelerator's scaler from save_state/load_state for a moment."""
+    scaler = accelerator.scaler
+    if hide:
+        accelerator.scaler = None
+    try:
+        yield
+    finally:
+        accelerator.scaler = scaler
+
+
+class CheckpointManager:
+    """Saves and loads checkpoints for one accelerator; see the module docstring for the layout."""
+
+    def __init__(self, accelerator: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]]):
+        self.accelerator = accelerator
+        self.root = Path(out_dir) / CHECKPOINTS
+        self.keep = keep
+        self.meta = meta
+        self._hook = accelerator.register_save_state_pre_hook(self._write_meta)
+
+    def _write_meta(self, models: Any, weights: Any, output_dir: str) -> None:
+        # runs inside save_state on every rank; only the main process writes the shared file
+        if not self.accelerator.is_main_process:
+            return
+        meta = dict(self.meta())
+        meta.update(complete=False, world_size=self.accelerator.num_processes)
+        _atomic_write(Path(output_dir) / META, json.dumps(meta, indent=2, default=str))
+
+    def save(self, step: int) -> Path:
+        """Save the full training state as ``step_NNNNNNN``; every rank must call this."""
+        acc = self.accelerator
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        # Accelerate writes scaler.pt from every rank to the same path; let only the main process write it
+        with _scaler_hidden(acc, hide=not acc.is_main_process):
+            acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            meta = json.loads((tmp / META).read_text())
+            meta["files"] = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != META)
+            meta["complete"] = True
+            _atomic_write(tmp / META, json.dumps(meta, indent=2, default=str))
+            _fsync_dir(tmp)
+            if final.exists():  # saving the same step again (e.g. stop right after a periodic save)
+                old = self.root / f".old-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _atomic_write(self.root / LATEST, final.name + "\n")
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def _rotate(self) -> None:
+        ckpts = list_checkpoints(self.root.parent)
+        for old in ckpts[: max(0, len(ckpts) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, path: str | Path, precision: str, scaler_kwargs: dict[str, Any] | None) -> list[str]:
+        """Load a checkpoint into the prepared objects; returns one-line notices for the console.
+
+        The scaler is handled here, for all nine pairs of fp32/bf16/fp16: scale and growth tracker come
+        from the checkpoint when both runs are fp16, while the current run's scaler knobs win.
+        """
+        acc = self.accelerator
+        path = Path(path)
+        meta = read_meta(path)
+        notices = []
+        with _scaler_hidden(acc, hide=True):
+            acc.load_state(str(path))
+        notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
+        saved_world = meta.get("world_size")
+        if saved_world is not None and saved_world != acc.num_processes:
+            notices.append(
+                f"resume: checkpoint was saved by {saved_world} processes, this run has {acc.num_processes}: "
+                "weights, optimizer and scheduler carry over; the data order per process changes"
+            )
+        notices += self._load_scaler(path, meta, precision, scaler_kwargs or {})
+        return notices
+
+    def _load_scaler(self, path: Path, meta: dict[str, Any], precision: str, kwargs: dict[str, Any]) -> list[str]:
+        scaler = self.accelerator.scaler
+        saved_precision = meta.get("precision", {}).get("effective", "?")
+        state = None
+        if (path / SCALER).exists():
+            state = torch.load(path / SCALER, map_location="cpu", weights_only=False) or None
+        if scaler is None or not scaler.is_enabled():
+            if state and "scale" in state:
+                return [f"resume: checkpoint was {saved_precision} with loss scale {state['scale']:g}, "
+                        f"run is {precision} -> no loss scaling, the scale is not used"]
+            if saved_precision != precision:
+                return [f"resume: checkpoint was {saved_precision}, run is {precision}"]
+            return []
+        if not state or "scale" not in state:
+            return [f"resume: checkpoint was {saved_precision} (no loss scale saved), run is {precision} -> "
+                    f"fresh GradScaler at init_scale {kwargs.get('init_scale', scaler.get_scale()):g}"]
+        notices = []
+        changed = {k: (state[k], v) for k, v in kwargs.items() if k in state and state[k] != v}
+        if changed:
+            diffs = ", ".join(f"{k} {old:g} -> {new:g}" for k, (old, new) in changed.items())
+            notices.append(f"resume: scaler settings differ from the checkpoint; this run's config wins ({diffs})")
+        state = {**state, **{k: v for k, v in kwargs.items() if k in state}}
+        scaler.load_state_dict(state)
+        notices.append(f"resume: loss scale {state['scale']:g} restored (growth tracker {state.get('_growth_tracker', 0)})")
+        return notices

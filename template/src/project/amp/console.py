@@ -1,0 +1,210 @@
+"""The training console: a rich Live panel on a terminal, one plain line per log interval elsewhere.
+
+State lives in :class:`Status`; :func:`render` turns it into a table (pure, testable as text) and
+:func:`plain_line` into one line without control codes for CI, ``| tee`` and cluster logs. Only the main
+process should create a :class:`TrainConsole` with ``enabled=True``.
+
+    console = TrainConsole(total_steps=1000, live=True, enabled=accelerator.is_main_process)
+    with console:
+        ...
+        console.update(step=step, loss=..., scale=..., ...)   # at log ticks
+        console.log("checkpoint saved")                      # prints above the panel
+    console.summary_table(monitor.summary())
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+@dataclass
+class Status:
+    """Everything the panel shows; numbers are plain Python values read at a log tick."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    precision: str = "fp32"
+    loss: float | None = None  # smoothed (EMA of interval means)
+    lr: float | None = None
+    scale: float | None = None
+    scale_trend: Sequence[float] = field(default_factory=list)
+    skipped: int = 0
+    skip_rate: float = 0.0  # whole run
+    recent_skip_rate: float = 0.0  # last 100 steps
+    consecutive_skips: int = 0
+    grad_norm: float | None = None
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    peak_mem_gb: float | None = None
+    world_size: int = 1
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """A sparkline of log2(values) (the loss scale moves in powers of two)."""
+    vals = [math.log2(v) for v in list(values)[-width:] if v and v > 0 and math.isfinite(v)]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-9:
+        return SPARK[3] * len(vals)
+    return "".join(SPARK[int((v - lo) / (hi - lo) * (len(SPARK) - 1))] for v in vals)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def fmt_scale(scale: float | None) -> str:
+    if scale is None:
+        return "-"
+    if scale >= 1 and scale == int(scale) and scale < 1e9:
+        return str(int(scale))
+    return f"{scale:.3g}"
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def render(s: Status) -> Table:
+    """The live panel as a two-column table."""
+    t = Table(title=f"training · {s.precision} · world_size={s.world_size}", show_header=False, expand=False)
+    t.add_column("field", style="bold cyan", no_wrap=True)
+    t.add_column("value", no_wrap=True)
+    pct = 100 * s.step / s.total_steps if s.total_steps else 0
+    t.add_row("step", f"{s.step}/{s.total_steps} ({pct:.0f}%)  epoch {s.epoch}")
+    t.add_row("loss", _num(s.loss, ".4f"))
+    t.add_row("lr", _num(s.lr, ".2e"))
+    if s.scale is not None:
+        t.add_row("loss scale", f"{fmt_scale(s.scale)}  {sparkline(s.scale_trend)}")
+        skipped = (f"{s.skipped} ({100 * s.skip_rate:.1f}% of run, {100 * s.recent_skip_rate:.0f}% of last 100)"
+                   f"  in a row: {s.consecutive_skips}")
+        t.add_row("skipped", Text(skipped, style="bold red" if s.consecutive_skips else ""))
+    else:
+        t.add_row("loss scale", f"none ({s.precision}: no loss scaling)")
+    t.add_row("grad norm", _num(s.grad_norm, ".3f"))
+    t.add_row("throughput", f"{_num(s.samples_per_s, '.1f')} samples/s  {_num(s.tokens_per_s, ',.0f')} tok/s")
+    t.add_row("eta", fmt_duration(s.eta_s))
+    if s.peak_mem_gb is not None:
+        t.add_row("peak memory", f"{s.peak_mem_gb:.2f} GiB")
+    return t
+
+
+def plain_line(s: Status) -> str:
+    """One line per log interval, no control codes."""
+    parts = [f"step {s.step}/{s.total_steps}", f"loss {_num(s.loss, '.4f')}", f"lr {_num(s.lr, '.1e')}"]
+    if s.scale is not None:
+        parts += [f"scale {fmt_scale(s.scale)}", f"skipped {s.skipped} ({100 * s.skip_rate:.1f}%)"]
+    if s.grad_norm is not None:
+        parts.append(f"gnorm {s.grad_norm:.3f}")
+    if s.tokens_per_s is not None:
+        parts.append(f"{s.tokens_per_s:,.0f} tok/s")
+    parts.append(f"eta {fmt_duration(s.eta_s)}")
+    return " | ".join(parts)
+
+
+def summary_table(summary: dict[str, Any], title: str = "AMP summary") -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("statistic", style="bold")
+    t.add_column("value")
+    for key, value in summary.items():
+        if isinstance(value, (list, dict)):
+            continue
+        if isinstance(value, float):
+            value = fmt_scale(value) if "scale" in key else f"{value:.4g}"
+        t.add_row(key, "-" if value is None else str(value))
+    return t
+
+
+class TrainConsole:
+    """Live panel on a terminal (refreshed at most ``refresh_per_second``), plain lines otherwise."""
+
+    def __init__(self, total_steps: int, live: bool = True, enabled: bool = True, console: Console | None = None,
+                 refresh_per_second: float = 4.0):
+        self.enabled = enabled
+        self.console = console or Console(stderr=False)
+        self.status = Status(total_steps=total_steps)
+        # interactive, not just a terminal: on TERM=dumb rich's Live draws only once, at exit
+        self.use_live = enabled and live and self.console.is_interactive
+        self._live: Live | None = None
+        self._refresh = refresh_per_second
+        self._ema: float | None = None
+        self._t0 = time.perf_counter()
+        self._tick = (self._t0, 0, 0, 0)  # time, step, samples, tokens
+
+    def __enter__(self) -> "TrainConsole":
+        if self.use_live:
+            self._live = Live(render(self.status), console=self.console, refresh_per_second=self._refresh,
+                              transient=False, redirect_stdout=False, redirect_stderr=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.update(render(self.status))
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def log(self, message: str, style: str | None = None) -> None:
+        """Print a line above the panel (or as a plain line)."""
+        if not self.enabled:
+            return
+        if self._live is not None:
+            self._live.console.print(message, style=style, highlight=False, markup=False)
+        else:
+            self.console.print(message, style=style, highlight=False, markup=False, soft_wrap=True)
+        if not self.console.is_terminal:
+            sys.stdout.flush()
+
+    def start_clock(self, step: int, samples: int = 0, tokens: int = 0) -> None:
+        """Reset the throughput clock (after setup, or after a resume at ``step``)."""
+        self._t0 = time.perf_counter()
+        self._tick = (self._t0, step, samples, tokens)
+
+    def update(self, *, step: int, samples: int, tokens: int, loss: float | None = None, **fields: Any) -> None:
+        """Refresh at a log tick; ``samples``/``tokens`` are cumulative counts over all processes."""
+        if not self.enabled:
+            return
+        s = self.status
+        now = time.perf_counter()
+        t_prev, step_prev, samples_prev, tokens_prev = self._tick
+        dt = max(now - t_prev, 1e-9)
+        if step > step_prev:
+            s.samples_per_s = (samples - samples_prev) / dt
+            s.tokens_per_s = (tokens - tokens_prev) / dt
+            s.eta_s = (s.total_steps - step) * dt / (step - step_prev)
+        self._tick = (now, step, samples, tokens)
+        if loss is not None and math.isfinite(loss):
+            self._ema = loss if self._ema is None else 0.7 * self._ema + 0.3 * loss
+        s.loss = self._ema if loss is None or math.isfinite(loss) else loss
+        s.step = step
+        for k, v in fields.items():
+            setattr(s, k, v)
+        if self._live is not None:
+            self._live.update(render(s))
+        else:
+            self.log(plain_line(s))
+
+    def print_table(self, table: Table) -> None:
+        if self.enabled:
+            (self._live.console if self._live is not None else self.console).print(table)

@@ -1,0 +1,275 @@
+"""Loss-scale and overflow statistics, and a guard against a collapsing loss scale.
+
+The monitor never reads a device value on its own per step. Each optimizer step it keeps the loss,
+the grad norm and the scaler's (scale, growth tracker) as small device tensors; :meth:`AmpMonitor.flush`
+reads them all at once at a log tick (one sync per interval) and updates the statistics.
+
+A step was skipped when the scaler backed off: after ``GradScaler.update()`` the growth tracker is 0 and
+the scale did not grow. This comes from the scaler itself, so it stays right where Accelerate's
+``optimizer_step_was_skipped`` is not (fused optimizers, gradient accumulation).
+
+    monitor = AmpMonitor(accelerator.scaler)
+    accelerator.register_for_checkpointing(monitor)      # statistics survive a resume
+    ...                                                 # after each optimizer step:
+    monitor.record(step, loss, grad_norm)
+    if step % log_every == 0:
+        metrics = monitor.flush()                       # {"train/loss": ..., "amp/scale": ...}
+        problem = monitor.check(guard_min_scale, guard_max_skips)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+_ON_DEVICE = object()  # placeholder in AmpMonitor._pending for a value still on the device
+
+
+def scaler_state(scaler: Any) -> tuple[float, int] | None:
+    """(scale, growth tracker) of a GradScaler as Python numbers, or None before its first use. Syncs."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    if getattr(scaler, "_scale", None) is None:
+        return float(scaler._init_scale), int(getattr(scaler, "_init_growth_tracker", 0))
+    return float(scaler._scale.item()), int(scaler._growth_tracker.item())
+
+
+class AmpMonitor:
+    """Per-run AMP statistics: steps, skipped steps, consecutive skips, loss scale min/max/mean/history,
+    overflow events, non-finite losses. ``state_dict``/``load_state_dict`` make them survive a resume."""
+
+    HISTORY = 256  # points kept in the downsampled scale history
+    EVENTS = 500  # overflow events kept (the newest)
+
+    def __init__(self, scaler: Any = None, scale_fn: Any = None):
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        # scale_fn: for engines that own their loss scale (DeepSpeed): () -> float, read at flush only
+        self.scale_fn = scale_fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0  # optimizer steps recorded
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self.max_consecutive_skips = 0
+        self.nonfinite_losses = 0
+        self.consecutive_nonfinite = 0
+        self.scale: float | None = None
+        self.scale_min = math.inf
+        self.scale_max = 0.0
+        self.scale_sum = 0.0
+        self.scale_count = 0
+        self.history: list[tuple[int, float]] = []
+        self._history_stride = 1
+        self.events: list[dict[str, Any]] = []
+        self.recent_skips: deque[int] = deque(maxlen=100)  # 1/0 per step, for the recent skip rate
+        self.trend: deque[float] = deque(maxlen=48)  # scale at each flush, for the sparkline
+        self.switches: list[dict[str, Any]] = []  # precision switches made by the collapse guard
+        self.last_step = 0
+        self.last_grad_norm: float | None = None
+        self._prev_scale: float | None = None
+        self._interval_loss = 0.0
+        self._interval_count = 0
+        # (step, (loss, grad_norm[, scale, growth tracker]) with _ON_DEVICE for values in packed, packed)
+        self._pending: list[tuple[int, tuple[Any, ...], torch.Tensor | None]] = []
+
+    # ------------------------------------------------------------------ per step (no sync)
+
+    def record(self, step: int, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None = None) -> None:
+        """Note one optimizer step. Call after ``optimizer.step()`` on steps where gradients synced."""
+        fields: list[Any] = [loss, grad_norm]
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
+            fields += [self.scaler._scale, self.scaler._growth_tracker]
+        tensors = [f for f in fields if isinstance(f, torch.Tensor)]
+        packed = None
+        if tensors:
+            # One small copy on the accelerator, no sync. A copy, not a view: the scaler updates its scale in
+            # place and a caller may reuse its loss tensor, and flush() must see this step's values.
+            device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+            packed = torch.stack([t.detach().reshape(()).to(device, torch.float32, non_blocking=True) for t in tensors])
+        plain = tuple(_ON_DEVICE if isinstance(f, torch.Tensor) else f for f in fields)
+        self._pending.append((step, plain, packed))
+
+    # ------------------------------------------------------------------ at log ticks (one sync)
+
+    def _drain(self) -> None:
+        if not self._pending:
+            return
+        # one cat and one read per device (normally one): the only sync of the interval
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, _, packed in self._pending:
+            if packed is not None:
+                by_device.setdefault(packed.device, []).append(packed)
+        read = {dev: iter(torch.cat(ts).tolist()) for dev, ts in by_device.items()}
+        for step, plain, packed in self._pending:
+            values = [next(read[packed.device]) if v is _ON_DEVICE else v for v in plain]
+            loss, gn = (None if v is None else float(v) for v in values[:2])
+            self._observe(step, loss, gn, values[2:] or None)
+        self._pending.clear()
+        if self.scale_fn is not None:
+            self._observe_external_scale(float(self.scale_fn()))
+
+    def _observe(self, step: int, loss: float | None, grad_norm: float | None, scale: list[float] | None) -> None:
+        self.steps += 1
+        self.last_step = step
+        if grad_norm is not None:
+            self.last_grad_norm = grad_norm
+        skipped = False
+        if scale is not None:
+            now, tracker = scale
+            prev = self._prev_scale if self._prev_scale is not None else self._initial_scale()
+            skipped = tracker == 0 and not now > prev
+            if skipped:
+                self.events.append({"step": step, "scale_before": prev, "scale_after": now})
+                del self.events[: -self.EVENTS]
+            self._prev_scale = now
+            self._note_scale(step, now)
+        if loss is not None and not math.isfinite(loss):
+            self.nonfinite_losses += 1
+            self.consecutive_nonfinite += 1
+        elif loss is not None:
+            self.consecutive_nonfinite = 0
+            self._interval_loss += loss
+            self._interval_count += 1
+        self.recent_skips.append(int(skipped))
+        if skipped:
+            self.skipped += 1
+            self.consecutive_skips += 1
+            self.max_consecutive_skips = max(self.max_consecutive_skips, self.consecutive_skips)
+        else:
+            self.consecutive_skips = 0
+
+    def _initial_scale(self) -> float:
+        return float(self.scaler._init_scale) if self.scaler is not None else math.nan
+
+    def _observe_external_scale(self, scale: float) -> None:
+        self._note_scale(self.last_step, scale)
+
+    def _note_scale(self, step: int, scale: float) -> None:
+        self.scale = scale
+        self.scale_min = min(self.scale_min, scale)
+        self.scale_max = max(self.scale_max, scale)
+        self.scale_sum += scale
+        self.scale_count += 1
+        if step % self._history_stride == 0:
+            self.history.append((step, scale))
+            if len(self.history) > self.HISTORY:  # downsample: keep every other point, double the stride
+                self.history = self.history[::2]
+                self._history_stride *= 2
+
+    def flush(self) -> dict[str, float]:
+        """Read the pending device values (one sync) and return this interval's metrics, ``split/name``."""
+        self._drain()
+        out: dict[str, float] = {}
+        if self._interval_count:
+            out["train/loss"] = self._interval_loss / self._interval_count
+        elif self.consecutive_nonfinite:
+            out["train/loss"] = math.nan
+        if self.last_grad_norm is not None:
+            out["train/grad_norm"] = self.last_grad_norm
+        if self.scale is not None:
+            out["amp/scale"] = self.scale
+            self.trend.append(self.scale)
+        out["amp/skipped_steps"] = float(self.skipped)
+        out["amp/skip_rate"] = self.skipped / self.steps if self.steps else 0.0
+        out["amp/consecutive_skips"] = float(self.consecutive_skips)
+        if self.nonfinite_losses:
+            out["amp/nonfinite_losses"] = float(self.nonfinite_losses)
+        self._interval_loss, self._interval_count = 0.0, 0
+        return out
+
+    @property
+    def recent_skip_rate(self) -> float:
+        return sum(self.recent_skips) / len(self.recent_skips) if self.recent_skips else 0.0
+
+    # ------------------------------------------------------------------ collapse guard
+
+    def check(self, min_scale: float, max_consecutive_skips: int) -> str | None:
+        """A one-line diagnosis when the loss scale has collapsed or losses keep coming out non-finite."""
+        if self.scale is not None and self.scale < min_scale:  # a GradScaler's or scale_fn's (DeepSpeed)
+            return f"loss scale collapsed to {self.scale:.3g} (< amp.guard.min_scale={min_scale:g})"
+        if self.consecutive_skips >= max_consecutive_skips:
+            return (
+                f"{self.consecutive_skips} optimizer steps in a row were skipped for inf/NaN gradients "
+                f"(amp.guard.max_consecutive_skips={max_consecutive_skips})"
+            )
+        if self.consecutive_nonfinite >= max_consecutive_skips:
+            return (f"the loss was non-finite for {self.consecutive_nonfinite} steps in a row "
+                    f"(amp.guard.max_consecutive_skips={max_consecutive_skips})")
+        return None
+
+    def diagnosis(self, problem: str, precision: str) -> str:
+        """A multi-line explanation for the console: what happened, the scale history, what to try."""
+        hist = ", ".join(f"{s}:{v:.3g}" for s, v in self.history[-8:]) or "none (no scaler)"
+        tips = [
+            "lower amp.scaler.init_scale (e.g. --config configs/fp16_safe.yaml)",
+            "use amp.precision=bf16 where the hardware supports it (no loss scaling needed)",
+            "run the unstable parts in fp32: amp.fp32_modules=[lm_head,'*.norm']",
+            "lower train.lr or keep train.grad_clip on",
+        ]
+        if precision != "fp16":
+            tips = ["lower train.lr, check the data for bad values, keep train.grad_clip on",
+                    "run the unstable parts in fp32: amp.fp32_modules=[...]"]
+        return "\n".join(
+            [f"AMP guard: {problem}",
+             f"  steps {self.steps}, skipped {self.skipped}, non-finite losses {self.nonfinite_losses}",
+             f"  scale history (step:scale): {hist}",
+             "  what to try:"] + [f"   - {t}" for t in tips]
+        )
+
+    # ------------------------------------------------------------------ summary and persistence
+
+    def summary(self) -> dict[str, Any]:
+        """The run's AMP statistics (also written to amp_summary.json)."""
+        self._drain()
+        has_scale = self.scale_count > 0
+        return {
+            "amp/steps": self.steps,
+            "amp/skipped_steps": self.skipped,
+            "amp/skip_rate": self.skipped / self.steps if self.steps else 0.0,
+            "amp/max_consecutive_skips": self.max_consecutive_skips,
+            "amp/nonfinite_losses": self.nonfinite_losses,
+            "amp/scale": self.scale,
+            "amp/scale_min": self.scale_min if has_scale else None,
+            "amp/scale_max": self.scale_max if has_scale else None,
+            "amp/scale_mean": self.scale_sum / self.scale_count if has_scale else None,
+            "amp/overflow_events": len(self.events),
+            "overflow_events": list(self.events[-20:]),
+            "scale_history": [list(p) for p in self.history],
+        }
+
+    _STATE = (
+        "steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses", "consecutive_nonfinite",
+        "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "_history_stride", "last_step",
+        "last_grad_norm", "_prev_scale", "_interval_loss", "_interval_count",
+    )
+
+    def state_dict(self) -> dict[str, Any]:
+        self._drain()
+        state = {k: getattr(self, k) for k in self._STATE}
+        state.update(
+            history=[list(p) for p in self.history],
+            events=list(self.events),
+            recent_skips=list(self.recent_skips),
+            trend=list(self.trend),
+            switches=list(self.switches),
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        for k in self._STATE:
+            if k in state:
+                setattr(self, k, state[k])
+        self.history = [tuple(p) for p in state.get("history", [])]
+        self.events = list(state.get("events", []))
+        self.recent_skips.extend(state.get("recent_skips", []))
+        self.trend.extend(state.get("trend", []))
+        self.switches = list(state.get("switches", []))
+
+    def restart_scale_tracking(self) -> None:
+        """Forget the previous scale (after a fresh scaler replaced the checkpoint's, or none exists)."""
+        self._prev_scale = None

@@ -1,0 +1,226 @@
+"""Pick the precision for this device, say why, and set Accelerate up to really run it.
+
+``auto`` resolves to bf16 where the device runs it natively (a CUDA GPU with bf16, a CPU with AMX or
+AVX512-BF16), fp16 on other CUDA GPUs, else fp32. Nothing is downgraded silently: the resolution
+carries a one-line reason that the caller prints.
+
+fp16 on CPU: Accelerate runs ``mixed_precision="fp16"`` on a CPU as plain fp32 and ignores
+GradScalerKwargs. :func:`install_cpu_fp16_scaler` fixes that by giving the accelerator a real
+``torch.amp.GradScaler("cpu")`` and fp16 autocast. It must run *before* ``accelerator.prepare``: the
+prepared optimizer captures the scaler, and a scaler set afterwards is never used to unscale, so
+updates come out ``init_scale`` times too large without any error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# our names -> Accelerate's mixed_precision values
+ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome of :func:`resolve`: what was asked, what runs, and why."""
+
+    requested: str
+    effective: str  # fp32 | bf16 | fp16
+    reason: str
+    device_type: str
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.effective == "fp16"
+
+    @property
+    def mixed_precision(self) -> str:
+        """The value for ``Accelerator(mixed_precision=...)``."""
+        return ACCELERATE_NAME[self.effective]
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.effective)
+
+    def line(self) -> str:
+        """One line for the start banner, e.g. ``precision: requested auto -> bf16 (CPU supports AMX-BF16)``."""
+        return f"precision: requested {self.requested} -> {self.effective} ({self.reason})"
+
+
+# ----------------------------------------------------------------------------
+# What the hardware runs natively
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_feature() -> str | None:
+    """Name of the CPU feature that makes bf16 autocast fast here (AMX-BF16 or AVX512-BF16), else None."""
+    cpu = getattr(torch._C, "_cpu", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", None)
+    avx = getattr(cpu, "_is_avx512_bf16_supported", None)
+    if amx is not None and avx is not None:
+        if amx() and avx():
+            return "AMX-BF16"
+        if avx():
+            return "AVX512-BF16"
+        return None
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def resolve(requested: str, device: torch.device | str) -> Resolution:
+    """Resolve ``auto|fp32|bf16|fp16`` (``no`` = fp32) for ``device`` and give the reason."""
+    device = torch.device(device)
+    req = "fp32" if requested in ("no", "fp32") else requested
+    if req not in PRECISIONS:
+        raise ValueError(f"amp.precision: must be one of auto|fp32|bf16|fp16, got {requested!r}")
+    kind = device.type
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        if req == "auto":
+            if bf16_ok:
+                return Resolution(requested, "bf16", f"{name} supports bf16 natively; no loss scaling needed", kind)
+            return Resolution(requested, "fp16", f"{name} has no native bf16; fp16 with a GradScaler", kind)
+        if req == "bf16" and not bf16_ok:
+            return Resolution(requested, "bf16", f"{name} emulates bf16: expect it to be slow", kind)
+        return Resolution(requested, req, "as requested", kind)
+    if kind == "cpu":
+        feature = cpu_bf16_feature()
+        if req == "auto":
+            if feature:
+                return Resolution(requested, "bf16", f"CPU supports {feature}", kind)
+            return Resolution(requested, "fp32", "CPU has neither AMX-BF16 nor AVX512-BF16; bf16 would be emulated", kind)
+        if req == "bf16" and not feature:
+            return Resolution(requested, "bf16", "as requested; CPU lacks AMX/AVX512-BF16, bf16 is emulated and slow", kind)
+        if req == "fp16":
+            return Resolution(requested, "fp16", "as requested; CPU autocast with a CPU GradScaler", kind)
+        return Resolution(requested, req, "as requested", kind)
+    # mps, xpu, npu ...: honour explicit requests, keep auto conservative
+    if req == "auto":
+        return Resolution(requested, "fp32", f"no native mixed-precision rule for {kind} devices; choose bf16 or fp16 explicitly", kind)
+    return Resolution(requested, req, "as requested", kind)
+
+
+# ----------------------------------------------------------------------------
+# Accelerator set-up
+
+
+def scaler_kwargs(init_scale: float, growth_factor: float, backoff_factor: float, growth_interval: int) -> dict[str, Any]:
+    return {
+        "init_scale": float(init_scale),
+        "growth_factor": float(growth_factor),
+        "backoff_factor": float(backoff_factor),
+        "growth_interval": int(growth_interval),
+    }
+
+
+def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Accelerator(...)``: ``mixed_precision`` and a GradScalerKwargs handler for fp16."""
+    from accelerate.utils import GradScalerKwargs
+
+    kwargs: dict[str, Any] = {"mixed_precision": resolution.mixed_precision, "kwargs_handlers": []}
+    if resolution.uses_scaler and scaler:
+        kwargs["kwargs_handlers"].append(GradScalerKwargs(**scaler))
+    return kwargs
+
+
+def install_cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = None) -> bool:
+    """Give a CPU fp16 accelerator a real GradScaler and fp16 autocast. Call before ``prepare``.
+
+    Returns True when it installed one. A no-op on GPUs (Accelerate builds the scaler there) and for
+    bf16/fp32.
+    """
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision != "fp16":
+        return False
+    if accelerator._models or accelerator._optimizers:
+        raise RuntimeError("install_cpu_fp16_scaler must run before accelerator.prepare(...)")
+    if getattr(accelerator, "distributed_type", None) is not None and "DEEPSPEED" in str(accelerator.distributed_type):
+        return False  # DeepSpeed owns its loss scale
+    accelerator.scaler = torch.amp.GradScaler("cpu", **(scaler or {}))
+    # native_amp is what makes prepare() wrap forward in autocast and clip_grad_norm_ unscale first
+    accelerator.native_amp = True
+    return True
+
+
+def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
+    """TF32 for the fp32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+# ----------------------------------------------------------------------------
+# fp32 regions: parts of the model that must not run in low precision
+
+
+def _autocast_device(t: Any, default: str) -> str:
+    return t.device.type if isinstance(t, torch.Tensor) else default
+
+
+@contextlib.contextmanager
+def fp32_region(device_type: str = "cuda") -> Iterator[None]:
+    """Run the enclosed code with autocast off (cast low-precision inputs with ``.float()`` inside)."""
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def _to_fp32(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+        return x.float()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_fp32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_fp32(v) for k, v in x.items()}
+    return x
+
+
+def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Run the submodules whose names match ``patterns`` (fnmatch, e.g. ``lm_head``, ``*.norm``) in fp32.
+
+    Their forward runs with autocast off and float32 inputs, so their outputs are float32 under bf16 and
+    fp16 autocast. Returns the matched module names; a pattern that matches nothing raises ValueError
+    naming it. Call before ``accelerator.prepare``.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    matched: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"amp.fp32_modules: pattern {pat!r} matches no module (e.g. {', '.join(names[:4])})")
+        matched += [h for h in hits if h not in matched]
+    modules = dict(model.named_modules())
+    for name in matched:
+        mod = modules[name]
+        if getattr(mod, "_amp_fp32", False):
+            continue
+        forward = mod.forward
+
+        @functools.wraps(forward)
+        def fp32_forward(*args: Any, __forward=forward, **kwargs: Any) -> Any:
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            with torch.autocast(device_type=_autocast_device(first, "cpu"), enabled=False):
+                return __forward(*_to_fp32(args), **_to_fp32(kwargs))
+
+        mod.forward = fp32_forward
+        mod._amp_fp32 = True
+    return matched
