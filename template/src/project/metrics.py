@@ -43,7 +43,7 @@ class ByteLMMetrics(evaluate.Metric):
         n = len(references)
         if n == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "perplexity": float("nan")}
-        correct = sum(int(p == r) for p, r in zip(predictions, references))
+        correct = sum(int(p == r) for p, r in zip(predictions, references, strict=True))
         loss = math.fsum(nll) / n
         return {"accuracy": correct / n, "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 

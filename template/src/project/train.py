@@ -287,7 +287,7 @@ def _mean_over_ranks(accelerator, m: dict) -> dict:
     keys = sorted(k for k in m if k.startswith("train/loss"))
     if keys:
         vals = accelerator.reduce(torch.tensor([m[k] for k in keys], device=accelerator.device), "mean")
-        m.update(zip(keys, vals.tolist()))
+        m.update(zip(keys, vals.tolist(), strict=True))
     return m
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
