@@ -336,8 +336,19 @@ def from_dict(data: dict[str, Any]) -> Config:
     return validate(cfg)
 
 
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``, lists as strings (for trackers' hparams)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-__all__ = ["Config", "ConfigError", "parse_args", "set_key", "load_yaml", "to_dict", "from_dict", "to_yaml", "validate"]
+__all__ = ["Config", "ConfigError", "parse_args", "set_key", "load_yaml", "to_dict", "from_dict", "to_yaml", "validate", "flat"]

@@ -8,11 +8,12 @@ Sections run in a fixed order: config, accelerator and precision, data, model, r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
-import signal
 import sys
 from dataclasses import asdict, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -22,23 +23,17 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from . import __version__, data
 from .amp import precision
-from .amp.checkpoint import CheckpointError, CheckpointManager, Progress, find_resume
+from .amp.checkpoint import CheckpointError, CheckpointManager, Progress, StopSignal, find_resume
 from .amp.console import TrainConsole, summary_table
+from .amp.distributed import any_rank, mean_over_ranks
 from .amp.monitor import AmpMonitor, scaler_state
-from .config import Config, ConfigError, parse_args, to_dict, to_yaml
+from .config import Config, ConfigError, flat, parse_args, to_dict, to_yaml
 from .metrics import load_metric
 from .model import ByteLM, lm_loss, param_groups
 
 
-class Fallback(Exception):
-    """The collapse guard asks to continue the run in another precision from checkpoint ``path``."""
-
-    def __init__(self, switch: dict, path: Path):
-        super().__init__(switch["reason"])
-        self.switch, self.path = switch, path
-
-
-def run(cfg: Config, switch: dict | None = None) -> int:
+def run(cfg: Config, switch: dict | None = None) -> int | dict:
+    """Train; returns the exit code, or a precision switch (dict) asked for by the collapse guard."""
     # ----------------------------------------------------------------------------
     # accelerator and precision: say what was asked, what runs, and why
     # No CUDA: run on the CPU, also under a multi-GPU launch config (gloo ranks, not N separate 1-process runs)
@@ -46,7 +41,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
     res = precision.resolve(cfg.amp.precision, state.device)
     scaler_kw = precision.scaler_kwargs(**asdict(cfg.amp.scaler))
     for name in cfg.log.trackers:
-        if name == "tensorboard" and not _importable("tensorboard"):
+        if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("log.trackers: tensorboard is not installed (pip install tensorboard)")
     accelerator = Accelerator(
         **precision.accelerator_kwargs(res, scaler_kw),
@@ -110,7 +105,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         return {"step": progress.step, "epoch": progress.epoch, "template_version": __version__,
                 "precision": {"requested": res.requested, "effective": res.effective, "reason": res.reason},
                 "scaler_kwargs": scaler_kw if res.uses_scaler else None, "precision_switches": monitor.switches,
-                "torch": torch.__version__, "accelerate": _version("accelerate"), "config": to_dict(cfg)}
+                "torch": torch.__version__, "accelerate": version("accelerate"), "config": to_dict(cfg)}
 
     ckpt = CheckpointManager(accelerator, cfg.out_dir, cfg.checkpoint.keep, meta)
 
@@ -127,11 +122,11 @@ def run(cfg: Config, switch: dict | None = None) -> int:
     for line in notices:
         say(line)
     if cfg.log.trackers:
-        accelerator.init_trackers(Path(cfg.out_dir).name, config=_flat(to_dict(cfg)))
+        accelerator.init_trackers(Path(cfg.out_dir).name, config=flat(to_dict(cfg)))
 
     # ----------------------------------------------------------------------------
     # the loop
-    stop = _StopFlag()
+    stop = StopSignal()
     metrics_file = Path(cfg.out_dir) / "metrics.jsonl"
     if main:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -185,23 +180,24 @@ def run(cfg: Config, switch: dict | None = None) -> int:
             if tick:  # the only place the loop reads device values (one sync per interval)
                 m = monitor.flush()
                 m["train/lr"] = scheduler.get_last_lr()[0]
-                if accelerator.num_processes > 1:
-                    m = _mean_over_ranks(accelerator, m)
+                m = mean_over_ranks(accelerator, m)
                 log_record(m)
                 console.update(step=step, samples=progress.samples_seen, tokens=progress.tokens_seen,
                                loss=m.get("train/loss"), lr=m["train/lr"], scale=monitor.scale, epoch=progress.epoch,
                                scale_trend=list(monitor.trend), skipped=monitor.skipped,
                                skip_rate=m["amp/skip_rate"], recent_skip_rate=monitor.recent_skip_rate,
                                consecutive_skips=monitor.consecutive_skips, grad_norm=monitor.last_grad_norm,
-                               precision=res.effective, world_size=accelerator.num_processes, peak_mem_gb=_peak_mem())
+                               precision=res.effective, world_size=accelerator.num_processes,
+                               peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
                 problem = monitor.check(cfg.amp.guard.min_scale, cfg.amp.guard.max_consecutive_skips)
-                if _any_rank(accelerator, problem is not None) and cfg.amp.guard.action != "warn":
+                if any_rank(accelerator, problem is not None) and cfg.amp.guard.action != "warn":
                     problem = problem or "another process tripped the AMP guard"
                     say(monitor.diagnosis(problem, res.effective), style="red")
                     saved = ckpt.save(step)
                     if cfg.amp.guard.action == "fallback" and res.effective != "fp32":
-                        target = "bf16" if res.effective == "fp16" and _native_bf16(accelerator) else "fp32"
-                        raise Fallback({"step": step, "from": res.effective, "to": target, "reason": problem}, saved)
+                        native_bf16 = precision.resolve("auto", accelerator.device).effective == "bf16"
+                        target = "bf16" if res.effective == "fp16" and native_bf16 else "fp32"
+                        return {"step": step, "from": res.effective, "to": target, "reason": problem, "path": str(saved)}
                     say(f"stopped by the AMP guard; state saved to {saved}")
                     return 3
                 if problem and problem != warned:
@@ -252,75 +248,6 @@ def run(cfg: Config, switch: dict | None = None) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------
-# helpers used above
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT (what schedulers send before preemption) ask for a save-and-exit at the next step."""
-
-    def __init__(self):
-        self.signame = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signame = signal.Signals(signum).name
-
-    def requested(self, accelerator, tick: bool) -> bool:
-        if accelerator.num_processes == 1:
-            return self.signame is not None
-        # all ranks must agree before saving; agree at log ticks only (one collective per interval)
-        return tick and _any_rank(accelerator, self.signame is not None)
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, "max").item())
-
-
-def _mean_over_ranks(accelerator, m: dict) -> dict:
-    keys = sorted(k for k in m if k.startswith("train/loss"))
-    if keys:
-        vals = accelerator.reduce(torch.tensor([m[k] for k in keys], device=accelerator.device), "mean")
-        m.update(zip(keys, vals.tolist(), strict=True))
-    return m
-
-
-def _native_bf16(accelerator) -> bool:
-    return precision.resolve("auto", accelerator.device).effective == "bf16"
-
-
-def _peak_mem() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse the config, train, and turn bad input into one line and exit code 2."""
     try:
@@ -328,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         switch = None
         while True:
             try:
-                return run(cfg, switch)
-            except Fallback as fb:
-                # continue in another precision from the checkpoint just saved, in this process: the
-                # process group and data cache stay; Accelerate's precision state is rebuilt below
-                switch = fb.switch
-                cfg = replace(cfg, resume=str(fb.path), amp=replace(cfg.amp, precision=switch["to"]))
+                result = run(cfg, switch)
+                if isinstance(result, int):
+                    return result
+                # the guard asked for another precision: continue from the checkpoint just saved, in this
+                # process (the process group and data cache stay; Accelerate's precision state is rebuilt)
+                switch = result
+                cfg = replace(cfg, resume=switch["path"], amp=replace(cfg.amp, precision=switch["to"]))
             finally:
                 # Accelerate keeps its precision in process-wide singletons; clearing them lets the next
                 # run() (a fallback, or another main() call in the same process) choose its own

@@ -13,6 +13,6 @@ A copyable folder: it imports only the standard library, torch, accelerate, rich
     # each optimizer step: mon.record(step, loss, grad_norm); at log ticks: accelerator.log(mon.flush(), step)
 """
 
-from . import checkpoint, console, monitor, precision
+from . import checkpoint, console, distributed, monitor, precision
 
-__all__ = ["checkpoint", "console", "monitor", "precision"]
+__all__ = ["checkpoint", "console", "distributed", "monitor", "precision"]

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,6 +137,31 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
         except CheckpointError as e:
             notices.append(f"resume: skipping incomplete checkpoint ({e})")
     return None, notices
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (what schedulers send before preemption) ask for a save-and-exit at the next step.
+
+    A second Ctrl-C stops at once. Under several processes the ranks agree at log ticks (``any_rank``),
+    so they all save the same step.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signame: str | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signame is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signame = signal.Signals(signum).name
+
+    def requested(self, accelerator: Any, tick: bool) -> bool:
+        if accelerator.num_processes == 1:
+            return self.signame is not None
+        from .distributed import any_rank
+
+        return tick and any_rank(accelerator, self.signame is not None)
 
 
 # ----------------------------------------------------------------------------

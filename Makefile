@@ -1,0 +1,48 @@
+# amptpl: `make demo` renders and trains a demo project, `make test` runs every test.
+# Both create their own virtual environment in .venv (override with VENV=...).
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= build/demo
+# Offline by default: nothing downloads at run time.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help venv install demo test test-fast lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# the local CPU build of PyTorch when this machine has it; otherwise pip picks one for the platform
+	$(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not available: installing torch from pyproject's range"
+	$(PY) -m pip install -q ".[dev]"
+	touch $@
+
+venv: $(VENV)/.deps ## create .venv with amptpl's dependencies
+
+install: venv ## (re)install amptpl from this checkout as a real wheel
+	$(PY) -m pip install -q --no-deps --force-reinstall .
+
+demo: install ## render build/demo and train it (about two minutes on a laptop CPU)
+	$(VENV)/bin/amptpl new $(notdir $(DEMO)) --dir $(dir $(DEMO)) --force
+	$(VENV)/bin/amptpl run $(DEMO) out_dir=runs/demo
+
+test: install ## run every test: amptpl's own and, end to end, a generated project's
+	$(PY) -m pytest -q -rs --durations=15 -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: install ## the quick tier only (no slow end-to-end runs)
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+lint: venv ## ruff on the CLI, the template and the tests
+	$(VENV)/bin/ruff check cli template tests benchmarks
+
+bench: install ## side-by-side benchmarks (ratios, printed)
+	$(PY) benchmarks/amp_overhead.py --quick
+
+clean: ## remove the venv and build outputs
+	rm -rf $(VENV) build dist runs

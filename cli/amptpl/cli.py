@@ -1,0 +1,214 @@
+"""The ``amptpl`` command line: thin Typer commands over ``render``, ``add`` and ``runner``.
+
+Each command calls one library function and prints its result. Bad input is one red ``Error: ...`` line on
+stderr and exit status 2; nothing is written. Nothing here imports torch, so ``amptpl new`` and
+``amptpl --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__
+from .add import SNIPPET, add_core
+from .errors import AmptplError
+from .render import render_project
+from .runner import run_project
+
+app = typer.Typer(
+    name="amptpl",
+    help="Mixed-precision training projects on HuggingFace Accelerate: correct, visible, resumable.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _out() -> Console:
+    # Made per call, not at import, so it sees the current stdout and environment (NO_COLOR, COLUMNS);
+    # soft_wrap keeps a long path on one line.
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"Error: {message}", style="red", markup=False
+    )
+    raise typer.Exit(code)
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user would type it from here: relative when it is below the current directory."""
+    rel = os.path.relpath(path)
+    return shlex.quote(rel if not rel.startswith("..") else str(path.resolve()))
+
+
+def _files(n: int) -> str:
+    return f"{n} file{'s' if n != 1 else ''}"
+
+
+def _group(rel: Path) -> str:
+    """The summary line a file falls under: itself at the top level, else its top folder or src/<package>/."""
+    parts = rel.parts
+    if len(parts) == 1:
+        return parts[0]
+    depth = 2 if parts[0] == "src" and len(parts) > 2 else 1
+    return "/".join(parts[:depth]) + "/"
+
+
+def _launch_hint(files: list[Path], package: str) -> str:
+    """The `accelerate launch` line for Next steps, with a launch config the project really has."""
+    configs = sorted(p.as_posix() for p in files if p.parent.as_posix() == "configs/accelerate")
+    configs = [c for c in configs if c.endswith((".yaml", ".yml"))]
+    module = f"-m {package}.train"
+    multi_gpu = "configs/accelerate/multi_gpu.yaml"
+    if multi_gpu in configs:
+        return f"On several GPUs (inside the project):  accelerate launch --config_file {multi_gpu} {module}"
+    if configs:
+        return f"With Accelerate (inside the project):  accelerate launch --config_file {configs[0]} {module}"
+    return f"With Accelerate (inside the project):  accelerate launch {module}"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"amptpl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the amptpl version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Mixed-precision training projects on HuggingFace Accelerate: correct, visible, resumable."""
+
+
+@app.command()
+def new(
+    name: Annotated[
+        str, typer.Argument(help="Project (distribution) name, e.g. my-proj; the package is my_proj.")
+    ],
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Folder to create the project in.", show_default=True)
+    ] = Path("."),
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Write into a non-empty folder: overwrite template files, keep others."),
+    ] = False,
+) -> None:
+    """Create a mixed-precision training project NAME that trains out of the box, on CPU or GPU."""
+    try:
+        result = render_project(name, directory, force)
+    except AmptplError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write the project: {exc}", code=1)
+
+    out = _out()
+    out.print(
+        f"Created [bold]{name}[/] (package [bold]{result.package}[/]) in {escape(str(result.path.resolve()))}"
+    )
+    groups = Counter(_group(rel) for rel in result.files)
+    for key in sorted(groups):
+        count = f"  ({_files(groups[key])})" if key.endswith("/") else ""
+        out.print(f"  {key}{count}", markup=False)
+
+    where = _shown(result.path)
+    out.print("\n[bold]Next steps[/]")
+    out.print(f"  cd {where}", markup=False)
+    out.print("  pip install -e .", markup=False)
+    out.print(f"  python -m {result.package}.train", markup=False)
+    out.print(
+        f"\nOr run it from here without installing:  amptpl run {where} train.max_steps=200", markup=False
+    )
+    out.print(_launch_hint(result.files, result.package), markup=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="[PROJECT] (default: .) then key=value config overrides, e.g. train.max_steps=200.",
+            show_default=False,
+        ),
+    ] = None,
+    launch_config: Annotated[
+        Path | None,
+        typer.Option("--launch-config", help="Run through `accelerate launch --config_file FILE`."),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes", help="Run N processes with `accelerate launch` (CPU ranks without a GPU)."
+        ),
+    ] = None,
+) -> None:
+    """Train a generated project: [bold]amptpl run myproj train.max_steps=200 amp.precision=fp16[/].
+
+    Runs `python -m PACKAGE.train` with PROJECT/src on PYTHONPATH (no install needed), or `accelerate launch`
+    with --launch-config / --num-processes. Exits with the training run's exit code.
+    """
+    positional = list(args or [])
+    project = "."
+    if positional and "=" not in positional[0]:
+        project = positional.pop(0)
+    out = _out()
+
+    def echo(line: str) -> None:
+        out.print(line, style="dim", markup=False)
+        sys.stdout.flush()  # before the child writes to the same stdout
+
+    try:
+        code = run_project(project, launch_config, num_processes, positional, echo=echo)
+    except AmptplError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start the run: {exc}", code=1)
+    raise typer.Exit(code)
+
+
+@app.command()
+def add(
+    dest: Annotated[
+        Path, typer.Argument(help="Existing package folder of your repo; the core goes to DEST/amp/.")
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite files in DEST/amp/ that differ from amptpl's copy.")
+    ] = False,
+) -> None:
+    """Copy the AMP core into DEST/amp/ of an existing repo and print the lines to add to its training loop.
+
+    Never overwrites a file you changed unless --force; identical files are left alone.
+    """
+    try:
+        result = add_core(dest, force)
+    except AmptplError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot copy the AMP core: {exc}", code=1)
+
+    out = _out()
+    unchanged = f", {_files(len(result.unchanged))} already up to date" if result.unchanged else ""
+    out.print(
+        f"Copied the AMP core to {_shown(result.path)}: {_files(len(result.files))} written{unchanged}",
+        markup=False,
+    )
+    for rel in result.files:
+        out.print(f"  {rel.as_posix()}", markup=False)
+    out.print("\n[bold]Add to your training loop[/] (see amp/__init__.py for the full recipe):")
+    out.print(SNIPPET, markup=False, end="")

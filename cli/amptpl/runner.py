@@ -1,0 +1,158 @@
+"""Run a generated project's training: ``amptpl run [PROJECT] [--launch-config FILE | --num-processes N]``.
+
+Direct runs are ``python -m <package>.train key=value ...`` with ``PROJECT/src`` on ``PYTHONPATH``, so a
+project runs without being installed. Distributed runs go through ``accelerate launch`` (run as
+``python -m accelerate.commands.launch`` so the interpreter is the one amptpl runs under). amptpl adds nothing
+to the distributed engine: it only assembles the command line.
+
+This module never imports torch: whether a GPU is present is asked of a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import AmptplError
+
+MANIFEST = ".amptpl.json"
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA GPUs, asked of a child Python so this process never imports torch (0 on any failure)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return 0
+
+
+def read_package(project_dir: Path) -> str:
+    """The project's import package, from ``PROJECT/.amptpl.json``."""
+    manifest = project_dir / MANIFEST
+    if not manifest.is_file():
+        raise AmptplError(f"not an amptpl project: {manifest} not found")
+    try:
+        package = json.loads(manifest.read_text(encoding="utf-8"))["package"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AmptplError(
+            f'{manifest} is not a valid amptpl manifest (needs a "package" key): {exc}'
+        ) from exc
+    if not isinstance(package, str) or not package.isidentifier():
+        raise AmptplError(f'{manifest}: "package" must be a Python identifier, got {package!r}')
+    return package
+
+
+def _find_launch_config(launch_config: str | os.PathLike[str], project_dir: Path) -> Path:
+    path = Path(launch_config).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, project_dir / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    where = "" if path.is_absolute() else f" (looked in {Path.cwd()} and {project_dir})"
+    raise AmptplError(f"launch config not found: {launch_config}{where}")
+
+
+def build_run_command(
+    project_dir: str | os.PathLike[str] = ".",
+    launch_config: str | os.PathLike[str] | None = None,
+    num_processes: int | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[list[str], dict[str, str], Path]:
+    """Return ``(argv, env, cwd)`` that run the project's training with ``overrides`` (``key=value`` strings).
+
+    - neither option: ``python -m PACKAGE.train ...``;
+    - ``launch_config``: ``accelerate launch --config_file FILE -m PACKAGE.train ...`` (FILE is looked up
+      relative to the current directory first, then the project);
+    - ``num_processes``: ``accelerate launch --num_processes N ...``, ``--multi_gpu`` when N > 1, and
+      ``ACCELERATE_USE_CPU=1`` when there is no CUDA GPU.
+    """
+    project = Path(project_dir).expanduser().resolve()
+    if not project.is_dir():
+        raise AmptplError(f"project directory {project_dir} does not exist")
+    package = read_package(project)
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key.strip():
+            raise AmptplError(f"{override!r} is not a key=value override (e.g. train.max_steps=200)")
+    if launch_config is not None and num_processes is not None:
+        raise AmptplError("--launch-config and --num-processes cannot be used together; pick one")
+    if num_processes is not None and num_processes < 1:
+        raise AmptplError(f"--num-processes must be at least 1, got {num_processes}")
+
+    env = dict(os.environ)
+    src = str(project / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    module = ["-m", f"{package}.train", *overrides]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+
+    if launch_config is not None:
+        config = _find_launch_config(launch_config, project)
+        argv = [*launch, "--config_file", str(config), *module]
+    elif num_processes is not None:
+        argv = [
+            *launch,
+            "--num_processes", str(num_processes),
+            "--num_machines", "1",
+            "--mixed_precision", "no",  # the project picks its precision itself and says why
+            "--dynamo_backend", "no",
+        ]  # fmt: skip
+        if num_processes > 1:
+            argv.append("--multi_gpu")
+        if cuda_device_count() == 0:
+            # `accelerate launch --cpu --num_processes 2` silently starts ONE process; `--multi_gpu` with
+            # ACCELERATE_USE_CPU=1 starts N real ranks on the gloo backend.
+            env["ACCELERATE_USE_CPU"] = "1"
+        argv += module
+    else:
+        argv = [sys.executable, *module]
+    return argv, env, project
+
+
+def format_command(argv: Sequence[str], env: dict[str, str]) -> str:
+    """One shell line: the variables that differ from this process's environment, then the quoted argv."""
+    assigned = []
+    for key, value in env.items():
+        old = os.environ.get(key)
+        if old == value:
+            continue
+        if key == "PYTHONPATH" and old and value.endswith(old):  # show what was prepended, not the old path
+            assigned.append(f"{key}={shlex.quote(value[: -len(old)])}$PYTHONPATH")
+        else:
+            assigned.append(f"{key}={shlex.quote(value)}")
+    return " ".join([*assigned, shlex.join(argv)])
+
+
+def run_project(
+    project_dir: str | os.PathLike[str] = ".",
+    launch_config: str | os.PathLike[str] | None = None,
+    num_processes: int | None = None,
+    overrides: Sequence[str] = (),
+    echo: Callable[[str], None] | None = None,
+) -> int:
+    """Build the command (see ``build_run_command``), show it through ``echo``, run it; return its exit code.
+
+    ``echo`` gets the command as one shell line, with the environment variables amptpl sets in front.
+
+    A child killed by a signal returns ``128 + signal`` (the shell convention), Ctrl-C returns 130.
+    """
+    argv, env, cwd = build_run_command(project_dir, launch_config, num_processes, overrides)
+    if echo is not None:
+        echo(format_command(argv, env))
+    try:
+        code = subprocess.run(argv, check=False, env=env, cwd=cwd).returncode
+    except KeyboardInterrupt:  # the child got the same SIGINT and has stopped
+        return 128 + signal.SIGINT
+    return 128 - code if code < 0 else code
