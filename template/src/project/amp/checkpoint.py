@@ -123,14 +123,8 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
             raise CheckpointError(f"resume: no such checkpoint: {path}")
         check_complete(path)
         return path, notices
-    candidates = list_checkpoints(out_dir)
-    latest_file = Path(out_dir) / CHECKPOINTS / LATEST
-    if latest_file.is_file():
-        named = Path(out_dir) / CHECKPOINTS / latest_file.read_text().strip()
-        if named in candidates:  # try the one `latest` names first, then the rest newest first
-            candidates.remove(named)
-            candidates.append(named)
-    for path in reversed(candidates):
+    # newest complete wins; `latest` can lag by one save if a crash came between the rename and its update
+    for path in reversed(list_checkpoints(out_dir)):
         try:
             check_complete(path)
             return path, notices
