@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -152,7 +153,7 @@ class TrainConsole:
         self._t0 = time.perf_counter()
         self._tick = (self._t0, 0, 0, 0)  # time, step, samples, tokens
 
-    def __enter__(self) -> "TrainConsole":
+    def __enter__(self) -> TrainConsole:
         if self.use_live:
             self._live = Live(render(self.status), console=self.console, refresh_per_second=self._refresh,
                               transient=False, redirect_stdout=False, redirect_stderr=False)

@@ -1,7 +1,7 @@
 """Loss-scale and overflow statistics, and a guard against a collapsing loss scale.
 
-The monitor never reads a device value on its own per step. Each optimizer step it keeps the loss,
-the grad norm and the scaler's (scale, growth tracker) as small device tensors; :meth:`AmpMonitor.flush`
+The monitor never reads a device value on its own per step. Each optimizer step it copies the loss,
+the grad norm and the scaler's (scale, growth tracker) into one small device tensor; :meth:`AmpMonitor.flush`
 reads them all at once at a log tick (one sync per interval) and updates the statistics.
 
 A step was skipped when the scaler backed off: after ``GradScaler.update()`` the growth tracker is 0 and
@@ -78,7 +78,9 @@ class AmpMonitor:
 
     # ------------------------------------------------------------------ per step (no sync)
 
-    def record(self, step: int, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None = None) -> None:
+    def record(
+        self, step: int, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None = None
+    ) -> None:
         """Note one optimizer step. Call after ``optimizer.step()`` on steps where gradients synced."""
         fields: list[Any] = [loss, grad_norm]
         if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
