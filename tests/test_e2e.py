@@ -100,3 +100,13 @@ def test_amptpl_run_passes_a_bad_override_through_and_returns_its_exit_code(proj
     assert r.returncode == 2
     assert "amp.scaler.backoff_factor: must be in (0, 1)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_template_python_imports_as_is_from_the_installed_package(env, tmp_path):
+    """The template is real Python: its package imports without rendering (only *.jinja files are rendered)."""
+    from amptpl.resources import template_root
+
+    src = Path(str(template_root())) / "src"
+    r = subprocess.run([sys.executable, "-c", "import project.train, project.amp.monitor; print('ok')"],
+                       env={**env, "PYTHONPATH": str(src)}, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
