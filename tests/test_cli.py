@@ -574,16 +574,14 @@ def test_run_with_two_processes_on_cpu_starts_two_real_ranks(tmp_path):
 
 def test_the_repos_ci_workflow_is_valid_yaml():
     path = REPO / ".github" / "workflows" / "ci.yml"
-    if not path.exists():
-        pytest.skip(f"{path} not written yet")
     workflow = yaml.safe_load(path.read_text())
     assert isinstance(workflow, dict) and workflow.get("jobs")
+    assert "make test" in path.read_text()
 
 
 def test_the_generated_projects_ci_workflow_is_valid_yaml(tmp_path):
-    sources = {"/".join(parts) for parts, _ in iter_files(template_root())}
-    if not sources & {".github/workflows/ci.yml", ".github/workflows/ci.yml.jinja"}:
-        pytest.skip("the template has no .github/workflows/ci.yml yet")
     result = render_project("my-proj", tmp_path)
-    workflow = yaml.safe_load((result.path / ".github" / "workflows" / "ci.yml").read_text())
+    text = (result.path / ".github" / "workflows" / "ci.yml").read_text()
+    workflow = yaml.safe_load(text)
     assert isinstance(workflow, dict) and workflow.get("jobs")
+    assert "pytest" in text and "my_proj" in text
