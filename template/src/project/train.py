@@ -23,7 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from . import __version__, data
 from .amp import precision
-from .amp.checkpoint import CheckpointError, CheckpointManager, Progress, StopSignal, find_resume
+from .amp.checkpoint import CheckpointError, CheckpointManager, Progress, StopSignal, find_resume, trim_log
 from .amp.console import TrainConsole, summary_table
 from .amp.distributed import any_rank, mean_over_ranks
 from .amp.monitor import AmpMonitor, scaler_state
@@ -130,6 +130,8 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
     metrics_file = Path(cfg.out_dir) / "metrics.jsonl"
     if main:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and (n := trim_log(metrics_file, progress.step)):
+            say(f"resume: dropped {n} metrics.jsonl records logged after step {progress.step}")
     tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len * accelerator.num_processes
     grad_norm = None
     step = start = progress.step

@@ -133,6 +133,21 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
     return None, notices
 
 
+def trim_log(path: str | Path, step: int) -> int:
+    """Drop JSON-lines records past ``step`` (logged after the checkpoint a run resumes from); returns how many.
+
+    A run killed after its last checkpoint logged steps that the resumed run will log again.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        _atomic_write(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 class StopSignal:
     """SIGTERM/SIGINT (what schedulers send before preemption) ask for a save-and-exit at the next step.
 
