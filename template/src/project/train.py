@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
+import os
 import sys
 from dataclasses import asdict, replace
 from importlib.metadata import version
@@ -97,7 +99,7 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
-    monitor = AmpMonitor(accelerator.scaler)
+    monitor = AmpMonitor(accelerator.scaler, scale_fn=precision.engine_loss_scale(accelerator, model))
     progress = Progress()
     accelerator.register_for_checkpointing(progress, monitor)
 
@@ -201,6 +203,7 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
                         target = "bf16" if res.effective == "fp16" and native_bf16 else "fp32"
                         return {"step": step, "from": res.effective, "to": target, "reason": problem, "path": str(saved)}
                     say(f"stopped by the AMP guard; state saved to {saved}")
+                    accelerator.end_training()
                     return 3
                 if problem and problem != warned:
                     say(f"warning: {problem} (amp.guard.action=warn)", style="yellow")
@@ -215,6 +218,7 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
                 saved = ckpt.save(step)
                 say(f"stopped by {stop.signame} at step {step}; state saved to {saved}. "
                     f"Resume with the same command (resume=auto) or resume={saved}")
+                accelerator.end_training()
                 return 0
             if last_step:
                 break
@@ -242,6 +246,9 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
     # ----------------------------------------------------------------------------
     # the end: AMP summary
     summary = {"precision": res.effective, **monitor.summary(), "precision_switches": monitor.switches}
+    if accelerator.num_processes > 1:  # the scaler sees all-reduced gradients: every rank skips the same steps
+        skipped = accelerator.gather(torch.tensor([monitor.skipped], device=accelerator.device))
+        summary["amp/skipped_steps_per_rank"] = skipped.tolist()
     if main:
         (Path(cfg.out_dir) / "amp_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         console.print_table(summary_table(summary))
@@ -277,4 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Skip interpreter teardown: DDP keeps gloo's worker threads alive past end_training(), and one that
+        # releases a Python tensor while Python finalizes aborts the finished run (SIGABRT, "terminate called
+        # without an active exception"). Files are closed, trackers finished and streams flushed by now.
+        logging.shutdown()
+        os._exit(code)
     sys.exit(code)

@@ -283,9 +283,15 @@ class CheckpointManager:
         notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
         saved_world = meta.get("world_size")
         if saved_world is not None and saved_world != acc.num_processes:
+            # a prepared scheduler steps once per process per optimizer step: rescale its position so the
+            # schedule goes on from the same optimizer step
+            for sched in acc._schedulers:
+                inner = getattr(sched, "scheduler", sched)
+                inner.last_epoch = inner.last_epoch * acc.num_processes // saved_world
             notices.append(
                 f"resume: checkpoint was saved by {saved_world} processes, this run has {acc.num_processes}: "
-                "weights, optimizer and scheduler carry over; the data order per process changes"
+                "weights, optimizer and scheduler carry over (the schedule at the same optimizer step); "
+                "the data order per process changes"
             )
         notices += self._load_scaler(path, meta, precision, scaler_kwargs or {})
         return notices

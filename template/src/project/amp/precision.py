@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +141,9 @@ def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = N
     from accelerate.utils import GradScalerKwargs
 
     kwargs: dict[str, Any] = {"mixed_precision": resolution.mixed_precision, "kwargs_handlers": []}
-    if resolution.uses_scaler and scaler:
+    # DeepSpeed manages its own loss scale (its config's fp16 section); a GradScaler would go unused
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    if resolution.uses_scaler and scaler and not deepspeed:
         kwargs["kwargs_handlers"].append(GradScalerKwargs(**scaler))
     return kwargs
 
@@ -161,6 +164,24 @@ def install_cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = No
     # native_amp is what makes prepare() wrap forward in autocast and clip_grad_norm_ unscale first
     accelerator.native_amp = True
     return True
+
+
+def engine_loss_scale(accelerator: Any, model: Any) -> Callable[[], float] | None:
+    """For engines that own the loss scale (DeepSpeed fp16): a callable that reads it, else None.
+
+    Pass it to ``AmpMonitor(scale_fn=...)``; it is read at log ticks only.
+    """
+    if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")) or accelerator.mixed_precision != "fp16":
+        return None
+    opt = getattr(model, "optimizer", None)  # the DeepSpeed engine's (ZeRO or FP16) optimizer
+    if opt is None:
+        return None
+
+    def read() -> float:
+        scale = getattr(opt, "loss_scale", None)
+        return float(scale if scale is not None else getattr(opt, "cur_scale", float("nan")))
+
+    return read
 
 
 def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
