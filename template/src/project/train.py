@@ -28,7 +28,7 @@ from .amp import precision
 from .amp.checkpoint import CheckpointError, CheckpointManager, Progress, StopSignal, find_resume, trim_log
 from .amp.console import TrainConsole, summary_table
 from .amp.distributed import any_rank, mean_over_ranks
-from .amp.monitor import AmpMonitor, scaler_state
+from .amp.monitor import AmpMonitor
 from .config import Config, ConfigError, flat, parse_args, to_dict, to_yaml
 from .metrics import load_metric
 from .model import ByteLM, lm_loss, param_groups
@@ -116,7 +116,7 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
     path, notices = find_resume(cfg.out_dir, cfg.resume)
     if path is not None:
         notices += ckpt.load(path, res.effective, scaler_kw if res.uses_scaler else None)
-    monitor._prev_scale = (scaler_state(accelerator.scaler) or (None,))[0]  # scale in effect now, fresh or restored
+    monitor.sync_scale()  # the scale in effect now, restored or fresh
     if switch is not None:  # recorded in the monitor: checkpoint metadata and the summary carry it
         monitor.switches.append(switch)
         notices.append(f"precision switch: {switch['from']} -> {switch['to']} at step {switch['step']} "
@@ -194,7 +194,7 @@ def run(cfg: Config, switch: dict | None = None) -> int | dict:
                                precision=res.effective, world_size=accelerator.num_processes,
                                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
                 problem = monitor.check(cfg.amp.guard.min_scale, cfg.amp.guard.max_consecutive_skips)
-                if any_rank(accelerator, problem is not None) and cfg.amp.guard.action != "warn":
+                if cfg.amp.guard.action != "warn" and any_rank(accelerator, problem is not None):
                     problem = problem or "another process tripped the AMP guard"
                     say(monitor.diagnosis(problem, res.effective), style="red")
                     saved = ckpt.save(step)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .distributed import any_rank
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
@@ -166,11 +168,8 @@ class StopSignal:
         self.signame = signal.Signals(signum).name
 
     def requested(self, accelerator: Any, tick: bool) -> bool:
-        if accelerator.num_processes == 1:
-            return self.signame is not None
-        from .distributed import any_rank
-
-        return tick and any_rank(accelerator, self.signame is not None)
+        # one process: every step; several: only at ticks, where all ranks take part in the collective
+        return (tick or accelerator.num_processes == 1) and any_rank(accelerator, self.signame is not None)
 
 
 # ----------------------------------------------------------------------------

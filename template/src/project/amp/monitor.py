@@ -272,6 +272,10 @@ class AmpMonitor:
         self.trend.extend(state.get("trend", []))
         self.switches = list(state.get("switches", []))
 
-    def restart_scale_tracking(self) -> None:
-        """Forget the previous scale (after a fresh scaler replaced the checkpoint's, or none exists)."""
-        self._prev_scale = None
+    def sync_scale(self) -> None:
+        """Take the scaler's current scale as the reference for the next step's skip test.
+
+        Call after a resume: the scale in effect may be the checkpoint's, or a fresh scaler's after a
+        cross-precision resume, rather than the one this monitor's saved statistics last saw. Reads once.
+        """
+        self._prev_scale = (scaler_state(self.scaler) or (None,))[0]
