@@ -3,8 +3,12 @@
 Every default lives in the dataclasses below. A YAML file (``--config FILE``) and dotted ``key=value``
 arguments only override them, in that order: defaults < file < command line. An unknown key, a wrong
 type or a value out of range raises :class:`ConfigError` with one line that names the key.
+``--help`` and ``--print-config`` raise :class:`ConfigExit` with the text to print (exit code 0).
 
     cfg = parse_args(["--config", "configs/fp16.yaml", "train.max_steps=200"])
+
+The trailing ``# comment`` of each key and each class docstring are its ``--help`` text: keep them short.
+This module imports only the standard library and yaml, so a bad key is reported before torch loads.
 """
 
 from __future__ import annotations
@@ -23,17 +27,25 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line that names the key and what is allowed."""
 
 
+class ConfigExit(Exception):
+    """Not an error: ``--help`` or ``--print-config`` asked for ``text`` to be printed instead of a run."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
 # ----------------------------------------------------------------------------
 # The config tree
 
 
 @dataclass
 class ScalerConfig:
-    """GradScaler knobs; passed to Accelerate as GradScalerKwargs (fp16 only)."""
+    """GradScaler knobs, passed to Accelerate as GradScalerKwargs (fp16 only)."""
 
-    init_scale: float = 65536.0  # 2**16, PyTorch's default
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
+    init_scale: float = 65536.0  # 2**16, PyTorch's default; at most 3.4e38 (the scale is a float32)
+    growth_factor: float = 2.0  # scale *= growth_factor after growth_interval clean steps
+    backoff_factor: float = 0.5  # scale *= backoff_factor on an overflow (the step is skipped)
     growth_interval: int = 2000  # clean steps before the scale grows
 
 
@@ -41,66 +53,80 @@ class ScalerConfig:
 class GuardConfig:
     """What to do when the loss scale collapses (every step skipped, scale driven toward 0)."""
 
-    min_scale: float = 2.0**-14
-    max_consecutive_skips: int = 25
-    action: str = "warn"  # warn | stop | fallback
+    min_scale: float = 2.0**-14  # a scale below this counts as collapsed
+    max_consecutive_skips: int = 25  # this many skipped steps in a row counts as collapsed
+    action: str = "warn"  # warn | stop (save and exit) | fallback (save, go on in a safer precision)
 
 
 @dataclass
 class AmpConfig:
+    """Mixed precision: which precision runs, and the fp16 loss scaler and its guard."""
+
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 ("no" is read as fp32)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     fp32_modules: list[str] = field(default_factory=list)  # module name patterns run without autocast
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs when running fp32 parts
-    cudnn_benchmark: bool = False
+    cudnn_benchmark: bool = False  # let cuDNN pick the fastest kernels (not bitwise reproducible)
 
 
 @dataclass
 class TrainConfig:
+    """The optimizer (AdamW), its warmup + cosine learning-rate schedule, and the batch."""
+
     max_steps: int = 500  # optimizer steps
     batch_size: int = 32  # per process, per micro-step
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = 2e-3  # peak learning rate, reached after warmup
+    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 30  # linear warmup, in optimizer steps
+    weight_decay: float = 0.1  # AdamW decay on 2-D weights (matrices, embeddings); none on biases and norms
+    grad_accum: int = 1  # micro-steps per optimizer step
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
 
 
 @dataclass
 class DataConfig:
+    """The text the model learns, cut into byte blocks of seq_len + 1."""
+
     files: list[str] = field(default_factory=list)  # local text files or globs; empty = Python's stdlib sources
     hub_name: str = ""  # a datasets hub name, for users with a network; never the default
-    text_column: str = "text"
-    seq_len: int = 128
+    text_column: str = "text"  # the column holding the text (data.hub_name only)
+    seq_len: int = 128  # bytes of context per block
     max_bytes: int = 3_000_000  # cap on the default corpus; 0 = no cap
-    val_fraction: float = 0.05
-    num_workers: int = 0
+    val_fraction: float = 0.05  # the last blocks held out for evaluation
+    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass
 class ModelConfig:
-    d_model: int = 192
-    n_layer: int = 4
-    n_head: int = 6
-    dropout: float = 0.0
+    """The small byte-level transformer."""
+
+    d_model: int = 192  # width of the residual stream
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 6  # attention heads; must divide d_model
+    dropout: float = 0.0  # dropout probability in [0, 1)
 
 
 @dataclass
 class EvalConfig:
+    """Held-out accuracy, loss and perplexity on the validation split."""
+
     every: int = 0  # steps between evals; 0 = only at the end
     batches: int = 20  # val batches per eval; 0 = the whole split
 
 
 @dataclass
 class CheckpointConfig:
+    """Atomic checkpoints in out_dir/checkpoints (resume restores everything)."""
+
     every: int = 250  # steps between checkpoints; 0 = only at the end
     keep: int = 3  # newest checkpoints kept
 
 
 @dataclass
 class LogConfig:
+    """Console, metrics.jsonl and trackers."""
+
     every: int = 10  # steps between log lines / metric reads (the only device syncs of the monitor)
     live: bool = True  # rich live panel on a terminal; plain lines when false or not a TTY
     trackers: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
@@ -108,8 +134,10 @@ class LogConfig:
 
 @dataclass
 class Config:
-    out_dir: str = "runs/default"
-    seed: int = 0
+    """The run: where it writes, its seed, and where it resumes from."""
+
+    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl and amp_summary.json go here
+    seed: int = 0  # model init and data order
     resume: str = "auto"  # auto | none | PATH to a checkpoint directory
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,6 +150,15 @@ class Config:
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GUARD_ACTIONS = ("warn", "stop", "fallback")
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
+
+# Keys a checkpoint cannot be resumed under when they change: the weights would not load (model.*), or the
+# run would silently become another experiment (other data, another split, another seed). An entry names a
+# key or a whole section. Any other change is applied on resume, with a notice (see resume_changes).
+RESUME_INCOMPATIBLE = ("model", "data.seq_len", "data.files", "data.hub_name", "data.text_column", "data.max_bytes",
+                       "data.val_fraction", "seed")
+# Keys expected to differ between the first run and a resume: not worth a notice.
+RESUME_IGNORED = ("resume",)
 
 
 # ----------------------------------------------------------------------------
@@ -139,6 +176,7 @@ def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
 
     ``text``: the value is command-line text; string fields keep it verbatim, others read it as YAML.
     """
+    shown = value
     if text:
         if tp is str:
             return value
@@ -150,13 +188,19 @@ def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # nan slips through every range check (nan > 0 is False, and so is nan <= 0): refuse it here
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {shown}")
+            return number
     elif tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads `precision: no` as false
             return "yes" if value else "no"
@@ -187,7 +231,7 @@ def set_key(cfg: Config, key: str, value: Any, text: bool = False) -> None:
         if part not in types_:
             where = ".".join(parts[:i]) or "the top level"
             allowed = ", ".join(types_)
-            raise ConfigError(f"{key}: unknown key (allowed under {where}: {allowed})")
+            raise ConfigError(f"{key}: unknown key{_did_you_mean(key)} (allowed under {where}: {allowed})")
         tp = types_[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
@@ -203,6 +247,21 @@ def set_key(cfg: Config, key: str, value: Any, text: bool = False) -> None:
             node = getattr(node, part)
 
 
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key, in declaration order (``out_dir``, ..., ``amp.scaler.init_scale``, ...)."""
+    keys: list[str] = []
+    for name, tp in _field_types(cls).items():
+        keys += all_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{name}"]
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    return f", did you mean {close[0]}?" if close else ""
+
+
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(data, dict):
         out: list[tuple[str, Any]] = []
@@ -215,10 +274,19 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def load_yaml(cfg: Config, path: str | Path) -> None:
     """Apply a YAML file's keys on top of ``cfg``."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config: {p} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {p}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -255,7 +323,8 @@ def validate(cfg: Config) -> Config:
     cfg.amp.precision = "fp32" if p in ("no", "fp32", "float32") else p
     need(cfg.amp.precision in PRECISIONS, "amp.precision", "one of auto|fp32|bf16|fp16 (or no)", p)
     s = cfg.amp.scaler
-    need(math.isfinite(s.init_scale) and s.init_scale > 0, "amp.scaler.init_scale", "a finite number > 0", s.init_scale)
+    need(math.isfinite(s.init_scale) and 0 < s.init_scale <= FP32_MAX, "amp.scaler.init_scale",
+         "a finite number > 0 and <= 3.4e38 (the scale is a float32)", s.init_scale)
     need(s.growth_factor > 1, "amp.scaler.growth_factor", "> 1", s.growth_factor)
     need(0 < s.backoff_factor < 1, "amp.scaler.backoff_factor", "in (0, 1)", s.backoff_factor)
     need(s.growth_interval >= 1, "amp.scaler.growth_interval", ">= 1", s.growth_interval)
@@ -294,23 +363,38 @@ def validate(cfg: Config) -> Config:
 # Entry points
 
 
-USAGE = "usage: python -m PACKAGE.train [--config FILE.yaml] [key=value ...]"
+USAGE = (
+    f"usage: python -m {__package__ or 'PACKAGE'}.train [--config FILE.yaml] [key=value ...] [--print-config] "
+    "[-h | --help]"
+)
 
 
 def parse_args(argv: list[str]) -> Config:
-    """Build the config from defaults, then ``--config`` files, then ``key=value`` arguments."""
+    """Build the config from defaults, then ``--config`` files, then ``key=value`` arguments.
+
+    ``-h``/``--help`` raises :class:`ConfigExit` with :func:`help_text`; ``--print-config`` raises it with the
+    resolved, validated config as YAML. Bad input raises :class:`ConfigError`.
+    """
+    if "-h" in argv or "--help" in argv:
+        raise ConfigExit(help_text())
     cfg = Config()
     files: list[str] = []
     overrides: list[tuple[str, str]] = []
+    print_config = False
     it = iter(argv)
     for arg in it:
         if arg in ("--config", "-c"):
             path = next(it, None)
-            if path is None:
+            if not path:
                 raise ConfigError("--config: needs a file path")
             files.append(path)
         elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
+            path = arg.split("=", 1)[1]
+            if not path:
+                raise ConfigError("--config: needs a file path")
+            files.append(path)
+        elif arg == "--print-config":
+            print_config = True
         elif "=" in arg and not arg.startswith("-"):
             key, value = arg.split("=", 1)
             overrides.append((key.strip(), value))
@@ -320,7 +404,10 @@ def parse_args(argv: list[str]) -> Config:
         load_yaml(cfg, path)
     for key, value in overrides:
         set_key(cfg, key, value, text=True)
-    return validate(cfg)
+    validate(cfg)
+    if print_config:
+        raise ConfigExit(to_yaml(cfg).rstrip("\n"))
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -348,7 +435,137 @@ def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def to_yaml(cfg: Config) -> str:
+    """The config as YAML that ``--config`` reads back to the same config."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-__all__ = ["Config", "ConfigError", "parse_args", "set_key", "load_yaml", "to_dict", "from_dict", "to_yaml", "validate", "flat"]
+def _matches(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def resume_changes(
+    saved: dict[str, Any], cfg: Config
+) -> tuple[list[tuple[str, object, object]], list[tuple[str, object, object]]]:
+    """Compare a checkpoint's saved config (``meta.json["config"]``) with this run's config.
+
+    Returns ``(incompatible, compatible)``, each a list of ``(dotted key, saved value, current value)`` for the
+    keys that differ: incompatible ones are in :data:`RESUME_INCOMPATIBLE`, every other key is compatible,
+    except :data:`RESUME_IGNORED`. A key only one side has (a checkpoint from an older or newer config) is
+    skipped.
+    """
+    old = dict(_flatten(saved))
+    incompatible: list[tuple[str, object, object]] = []
+    compatible: list[tuple[str, object, object]] = []
+    for key, new in _flatten(to_dict(cfg)):
+        if key not in old or _matches(key, RESUME_IGNORED) or old[key] == new:
+            continue
+        (incompatible if _matches(key, RESUME_INCOMPATIBLE) else compatible).append((key, old[key], new))
+    return incompatible, compatible
+
+
+# ----------------------------------------------------------------------------
+# --help: every key with its type, default and the comment written next to it above
+
+
+def _source_docs() -> dict[str, tuple[str, dict[str, str]]]:
+    """``{class name: (docstring, {field: trailing comment})}``, read from this file's source."""
+    import ast
+    import inspect
+    import io
+    import sys
+    import tokenize
+
+    try:
+        source = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError):  # no source shipped (e.g. only .pyc): help without comments
+        return {}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    docs: dict[str, tuple[str, dict[str, str]]] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            fields = {
+                stmt.target.id: comments.get(stmt.end_lineno or stmt.lineno, "")
+                for stmt in node.body
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+            }
+            docs[node.name] = (" ".join((ast.get_docstring(node) or "").split()), fields)
+    return docs
+
+
+def _show(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def _type_label(tp: Any) -> str:
+    return "list[str]" if typing.get_origin(tp) is list else getattr(tp, "__name__", str(tp))
+
+
+def help_text() -> str:
+    """The ``--help`` text: usage, precedence, then every key by section with type, default and comment."""
+    docs = _source_docs()
+    sections: list[tuple[str, str, list[tuple[str, str, str, str]]]] = []
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        doc, comments = docs.get(cls.__name__, ("", {}))
+        rows, subs = [], []
+        for name, tp in _field_types(cls).items():
+            if dataclasses.is_dataclass(tp):
+                subs.append((tp, getattr(obj, name), f"{prefix}{name}."))
+            else:
+                rows.append((f"{prefix}{name}", _type_label(tp), _show(getattr(obj, name)), comments.get(name, "")))
+        sections.append((prefix.rstrip(".") or "top level", doc, rows))
+        for sub in subs:
+            walk(*sub)
+
+    walk(Config, Config(), "")
+    all_rows = [row for _, _, rows in sections for row in rows]
+    wk, wt, wd = (max(len(row[i]) for row in all_rows) for i in range(3))
+    lines = [
+        USAGE,
+        "",
+        "Train with the config below. Precedence: defaults < --config FILE.yaml (files apply in the order given)",
+        "< key=value arguments (in order), so the command line wins. Values are read like YAML: 1e-3 is a number,",
+        "true/false a boolean, [a,b] or a,b a list; string keys keep the text as typed. Sections nest in a YAML",
+        "file and join with dots on the command line (amp.scaler.init_scale=1024).",
+        "",
+        "  --config FILE.yaml, -c FILE.yaml   apply a YAML file of keys (e.g. configs/fp16.yaml); may repeat",
+        "  --print-config                     print the resolved config as YAML (usable as --config) and exit",
+        "  -h, --help                         show this help and exit",
+    ]
+    for title, doc, rows in sections:
+        lines += ["", f"{title}: {doc}" if doc else f"{title}:"]
+        for key, tp, default, comment in rows:
+            lines.append(f"  {key:<{wk}}  {tp:<{wt}}  {default:<{wd}}  {comment}".rstrip())
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigExit",
+    "RESUME_INCOMPATIBLE",
+    "RESUME_IGNORED",
+    "USAGE",
+    "all_keys",
+    "flat",
+    "from_dict",
+    "help_text",
+    "load_yaml",
+    "parse_args",
+    "resume_changes",
+    "set_key",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]
