@@ -6,10 +6,14 @@ that runs this project. ``data.files`` points it at your own text files (globs a
 
 The text is concatenated, encoded as UTF-8 bytes and cut into blocks of ``seq_len + 1`` bytes; the last
 ``val_fraction`` of the blocks is held out for evaluation (split by position, as nanoGPT does).
+
+Bad data settings (a binary or missing file, too little text, a hub dataset with no network) raise
+:class:`DataError` with one line naming the key. ``datasets`` is imported only when data is loaded.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import sysconfig
@@ -44,12 +48,105 @@ def resolve_files(patterns: list[str], max_bytes: int) -> list[str]:
         return stdlib_files(max_bytes)
     files: list[str] = []
     for pat in patterns:
-        hits = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        path = os.path.expanduser(pat)
+        if os.path.isdir(path):
+            raise DataError(f"data.files: {pat!r} is a directory; name files or a glob, e.g. '{pat.rstrip('/')}/**/*.txt'")
+        hits = sorted(glob.glob(path, recursive=True))
         hits = [h for h in hits if os.path.isfile(h)]
         if not hits:
             raise DataError(f"data.files: {pat!r} matches no file")
         files += [h for h in hits if h not in files]
     return files
+
+
+def check_text_file(path: str, head: int = 8192) -> None:
+    """Refuse a file that is not UTF-8 text (a NUL byte, or invalid UTF-8) in its first ``head`` bytes (-1: all).
+
+    Checked before the files reach ``datasets``, which would fail deep inside dataset generation instead.
+    """
+    try:
+        with open(path, "rb") as f:
+            chunk = f.read(head)
+    except OSError as e:
+        raise DataError(f"data.files: cannot read {path}: {e.strerror or e}") from None
+    if b"\0" in chunk:
+        raise DataError(f"data.files: {path} is a binary file (NUL byte at offset {chunk.index(0)}), not UTF-8 text")
+    try:
+        # a multi-byte character cut by the end of the chunk is not an error, one cut by the end of the file is
+        codecs.getincrementaldecoder("utf-8")().decode(chunk, final=head < 0 or len(chunk) < head)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.files: {path} is not UTF-8 text (byte 0x{chunk[e.start]:02x} at offset {e.start}); "
+                        "convert it to UTF-8") from None
+
+
+def check_enough(n_train_blocks: int, batch_size: int, num_processes: int) -> None:
+    """Refuse a training split smaller than one global batch.
+
+    The training loader drops the last incomplete batch, so with fewer blocks than ``batch_size *
+    num_processes`` an epoch yields no batch at all and the loop would wait forever for one.
+    """
+    need = batch_size * num_processes
+    if n_train_blocks < need:
+        raise DataError(
+            f"data.files: only {n_train_blocks} training blocks, fewer than one batch of {need} "
+            f"(train.batch_size={batch_size} x {num_processes} process{'es' if num_processes != 1 else ''}); "
+            "add text, or lower train.batch_size or data.seq_len"
+        )
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What ``load_dataset`` raises when the hub cannot be reached (offline mode included)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]  # OfflineModeIsEnabled is a ConnectionError
+    try:
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _load_raw(files: list[str], hub_name: str):
+    """``datasets.load_dataset`` for local text files or a hub name, its failures as one-line DataErrors."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+
+    if not hub_name:
+        for path in files:
+            check_text_file(path)
+        try:
+            return datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
+        except DatasetGenerationError as e:
+            cause = e.__cause__ or e.__context__ or e
+            if isinstance(cause, UnicodeDecodeError):  # past the checked head of some file: find which one
+                for path in files:
+                    check_text_file(path, head=-1)
+            raise DataError(f"data.files: datasets could not read the files ({type(cause).__name__}: "
+                            f"{' '.join(str(cause).split())[:160]})") from None
+    try:
+        return datasets.load_dataset(hub_name, split="train")
+    except _network_errors() as e:
+        why = ("no cached copy was found while offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if _offline()
+               else f"the hub could not be reached ({type(e).__name__})")
+        raise DataError(f"data.hub_name: {hub_name!r} needs a network or a local cache, and {why}; "
+                        "use data.files for local text") from None
+    except DatasetNotFoundError:
+        raise DataError(f"data.hub_name: {hub_name!r} was not found on the hub (or needs a login); "
+                        "check the name, or use data.files for local text") from None
+    except DatasetGenerationError as e:
+        raise DataError(f"data.hub_name: {hub_name!r} could not be prepared ({type(e.__cause__ or e).__name__}); "
+                        "see the datasets documentation for this dataset") from None
 
 
 def _to_blocks(batch: dict, block: int, column: str) -> dict:
@@ -62,10 +159,8 @@ def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int,
     """Return (train, validation) datasets of byte blocks, formatted as torch tensors."""
     import datasets
 
-    if hub_name:
-        raw = datasets.load_dataset(hub_name, split="train")
-    else:
-        raw = datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
+    raw = _load_raw(files, hub_name)
+    if not hub_name:
         text_column = "text"
     if text_column not in raw.column_names:
         raise DataError(f"data.text_column: {text_column!r} not in the dataset's columns {raw.column_names}")
@@ -80,7 +175,8 @@ def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int,
     )
     n_val = max(1, int(len(blocks) * val_fraction))
     if len(blocks) - n_val < 1:
-        raise DataError(f"data: only {len(blocks)} blocks of {seq_len + 1} bytes; add text or lower data.seq_len")
+        raise DataError(f"data.files: only {len(blocks)} blocks of {seq_len + 1} bytes, none left for training after "
+                        f"data.val_fraction={val_fraction}; add text or lower data.seq_len")
     train = blocks.select(range(len(blocks) - n_val)).with_format("torch")
     val = blocks.select(range(len(blocks) - n_val, len(blocks))).with_format("torch")
     return train, val

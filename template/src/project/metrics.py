@@ -3,9 +3,12 @@
 ``evaluate.load`` is given this file's own path; it imports a copy of it, so this module imports only
 ``datasets`` and ``evaluate`` and keeps the metric class self-contained.
 
-    metric = load_metric()
-    metric.add_batch(predictions=..., references=..., nll=...)
-    metric.compute()  # {"accuracy": ..., "perplexity": ..., "loss": ...}
+The module is fed one row of sums per batch, not one row per token: evaluate stores every row in an Arrow
+cache file, so per-token rows made an eval cost O(tokens) in Python and disk; per-batch sums cost O(batches).
+
+    metric = load_metric()                      # once per run; compute() empties it for the next eval
+    metric.add_batch(correct=[...], count=[...], nll_sum=[...])   # one row per batch, python numbers
+    metric.compute()  # {"accuracy": ..., "loss": ..., "perplexity": ...}
 """
 
 import math
@@ -13,14 +16,15 @@ import math
 import datasets
 import evaluate
 
-_DESCRIPTION = "Next-byte accuracy, mean negative log-likelihood (nats per byte) and perplexity."
+_DESCRIPTION = "Next-byte accuracy, mean negative log-likelihood (nats per byte) and perplexity, from per-batch sums."
 _INPUTS = """
 Args:
-    predictions: predicted next bytes (argmax of the logits), ints.
-    references: the true next bytes, ints.
-    nll: the negative log-likelihood of each reference byte, in nats, computed in float32.
+    correct: per batch, the number of bytes whose prediction (argmax of the logits) is the true next byte.
+    count: per batch, the number of predicted bytes.
+    nll_sum: per batch, the sum of the negative log-likelihoods of the true bytes, in nats (computed in float32).
 Returns:
-    accuracy, loss (mean nll), perplexity (exp of the mean nll).
+    accuracy (correct / count), loss (nll_sum / count, the mean nll per byte), perplexity (exp of the loss);
+    all nan when count is 0.
 """
 
 
@@ -32,20 +36,23 @@ class ByteLMMetrics(evaluate.Metric):
             inputs_description=_INPUTS,
             features=datasets.Features(
                 {
-                    "predictions": datasets.Value("int64"),
-                    "references": datasets.Value("int64"),
-                    "nll": datasets.Value("float64"),
+                    "correct": datasets.Value("int64"),
+                    "count": datasets.Value("int64"),
+                    "nll_sum": datasets.Value("float64"),
                 }
             ),
         )
 
-    def _compute(self, predictions, references, nll):
-        n = len(references)
+    def _compute(self, correct, count, nll_sum):
+        n = sum(count)
         if n == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "perplexity": float("nan")}
-        correct = sum(int(p == r) for p, r in zip(predictions, references, strict=True))
-        loss = math.fsum(nll) / n
-        return {"accuracy": correct / n, "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        loss = math.fsum(nll_sum) / n
+        try:
+            perplexity = math.exp(loss)
+        except OverflowError:  # a diverged model: loss above ~709 nats
+            perplexity = math.inf
+        return {"accuracy": sum(correct) / n, "loss": loss, "perplexity": perplexity}
 
 
 def load_metric(**kwargs):
