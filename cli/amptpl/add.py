@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
+from . import __version__, recipe
 from .errors import AmptplError
 from .render import iter_files, write_atomic
 from .resources import template_root
@@ -24,26 +24,9 @@ from .resources import template_root
 CORE_PARTS = ("src", "project", "amp")
 MANIFEST = ".amptpl.json"
 
-# Printed after `amptpl add`: the lines a user adds to their own loop. It follows the core's public API; the
-# docstring of amp/__init__.py has the same recipe. Keep the two in step.
-SNIPPET = """\
-from accelerate import Accelerator, PartialState
-from .amp import checkpoint, monitor, precision      # wherever you put amp/
-
-# 1. before the Accelerator: pick fp32|bf16|fp16 for this device and say why
-res = precision.resolve("auto", PartialState().device); print(res.line())
-kw = precision.scaler_kwargs(65536, 2.0, 0.5, 2000)
-accelerator = Accelerator(**precision.accelerator_kwargs(res, kw))
-# 2. fp16 on CPU: a real CPU GradScaler, installed *before* prepare() (Accelerate would run plain fp32)
-precision.install_cpu_fp16_scaler(accelerator, kw)
-model, opt, sched, loader = accelerator.prepare(model, opt, sched, loader)
-# 3. loss-scale statistics, saved with every checkpoint; checkpoints that resume across precisions
-mon = monitor.AmpMonitor(accelerator.scaler); accelerator.register_for_checkpointing(mon)
-ckpt = checkpoint.CheckpointManager(accelerator, "runs/x", keep=3, meta=lambda: {})
-# 4. each optimizer step: mon.record(step, loss, grad_norm)
-#    at log ticks:        accelerator.log(mon.flush(), step=step)
-#    to save / resume:    ckpt.save(step) / ckpt.load(path, res.effective, kw)
-"""
+# Printed after `amptpl add`: the integration as diffs from plain example scripts to the same scripts using
+# the core, built from amptpl/recipes/ by recipe.py (tests/test_recipe.py applies the printed diff and trains).
+SNIPPET = recipe.render()
 
 
 @dataclass(frozen=True)

@@ -210,5 +210,6 @@ def add(
     )
     for rel in result.files:
         out.print(f"  {rel.as_posix()}", markup=False)
-    out.print("\n[bold]Add to your training loop[/] (see amp/__init__.py for the full recipe):")
+    # Plain text, verbatim: the diffs must survive a copy-paste into `patch -p1 YOUR_SCRIPT.py`.
+    out.print("\nAdd to your training loop the + lines below (diffs against typical scripts):\n", markup=False)
     out.print(SNIPPET, markup=False, end="")

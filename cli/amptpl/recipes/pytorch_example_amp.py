@@ -1,0 +1,105 @@
+"""A PyTorch training script with a hand-written loop, the usual shape of a single-device script.
+
+A two-layer MLP learns a synthetic two-class problem, so it runs offline on a CPU in seconds:
+
+    python train.py           # on the GPU when there is one
+    python train.py --cpu
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+try:
+    from .amp import AmpSession
+except ImportError:
+    from amp import AmpSession
+EVAL_BATCH_SIZE = 64
+NUM_FEATURES = 16
+NUM_CLASSES = 2
+
+
+def get_dataloaders(batch_size: int = 16):
+    """Train and eval dataloaders over a fixed synthetic dataset: 512 + 128 rows of 16 features.
+
+    The label is the side of a random hyperplane a row falls on. The data comes from its own generator, so
+    it is the same in every run, whatever the training seed.
+    """
+    g = torch.Generator().manual_seed(1234)
+    features = torch.randn(512 + 128, NUM_FEATURES, generator=g)
+    labels = (features @ torch.randn(NUM_FEATURES, generator=g) > 0).long()
+    rows = [{"features": x, "labels": y} for x, y in zip(features, labels, strict=True)]
+    train_dataloader = DataLoader(rows[:512], shuffle=True, batch_size=batch_size, drop_last=True)
+    eval_dataloader = DataLoader(rows[512:], shuffle=False, batch_size=EVAL_BATCH_SIZE)
+    return train_dataloader, eval_dataloader
+
+
+def training_function(config, args):
+    amp = AmpSession("auto", "runs/example", checkpoint_every=20, cpu=args.cpu)
+    lr = config["lr"]
+    num_epochs = int(config["num_epochs"])
+    seed = int(config["seed"])
+    batch_size = int(config["batch_size"])
+    warmup_steps = int(config["warmup_steps"])
+
+    torch.manual_seed(seed)
+    train_dataloader, eval_dataloader = get_dataloaders(batch_size)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(NUM_FEATURES, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, NUM_CLASSES),
+    )
+    optimizer = AdamW(params=model.parameters(), lr=lr)
+
+    # Linear warmup, then linear decay to zero at the last step
+    total_steps = len(train_dataloader) * num_epochs
+
+    def warmup_then_decay(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    lr_scheduler = LambdaLR(optimizer, warmup_then_decay)
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = amp.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    amp.resume("auto")
+
+    for epoch in range(amp.epoch, num_epochs):
+        model.train()
+        for batch in amp.batches(train_dataloader):
+            outputs = model(batch["features"])
+            loss = F.cross_entropy(outputs, batch["labels"])
+            amp.accelerator.backward(loss)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            amp.after_step(loss)
+
+        model.eval()
+        correct, total = 0, 0
+        for batch in eval_dataloader:
+            with torch.no_grad():
+                outputs = model(batch["features"])
+            predictions = outputs.argmax(dim=-1)
+            predictions, references = amp.accelerator.gather_for_metrics((predictions, batch["labels"]))
+            correct += (predictions == references).sum().item()
+            total += references.numel()
+        amp.accelerator.print(f"epoch {epoch}:", {"accuracy": correct / total})
+    amp.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Simple example of training script.")
+    parser.add_argument("--cpu", action="store_true", help="If passed, will train on the CPU.")
+    args = parser.parse_args()
+    config = {"lr": 1e-3, "num_epochs": 2, "seed": 42, "batch_size": 16, "warmup_steps": 8}
+    training_function(config, args)
+
+
+if __name__ == "__main__":
+    main()
