@@ -6,6 +6,7 @@ wheel ships. Everything here is CPU-only and offline; the one multi-process run 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -21,6 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 import amptpl
+from amptpl import render as render_mod
 from amptpl import runner as runner_mod
 from amptpl.add import SNIPPET, add_core
 from amptpl.cli import app
@@ -107,8 +109,22 @@ def test_new_writes_amptpl_json_with_version_name_package_answers_and_creation_t
     assert manifest["template_version"] == amptpl.__version__
     assert manifest["project_name"] == "my-proj"
     assert manifest["package"] == "my_proj"
-    assert manifest["answers"] == {"name": "my-proj", "force": False}
+    assert manifest["answers"] == {"name": "my-proj"}
     assert datetime.fromisoformat(manifest["created"]).tzinfo is not None
+
+
+def test_new_records_a_hash_of_every_file_it_wrote_and_keeps_them_as_the_base_for_update(tmp_path):
+    result = render_project("my-proj", tmp_path)
+    manifest = json.loads((result.path / ".amptpl.json").read_text())
+    written = {p.as_posix() for p in result.files} - {".amptpl.json"}
+    assert set(manifest["files"]) == written
+    base = result.path / manifest["base"]
+    assert manifest["base"] == ".amptpl/base"
+    for rel, digest in manifest["files"].items():
+        data = (result.path / rel).read_bytes()
+        assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert (base / rel).read_bytes() == data
+    assert {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()} == written
 
 
 def test_new_leaves_no_jinja_markers_in_any_rendered_file_and_no_jinja_suffix(tmp_path):
@@ -184,6 +200,24 @@ def test_python_dash_m_amptpl_new_creates_a_project(tmp_path):
         ("torch", "shadow"),
         ("accelerate", "shadow"),
         ("amptpl", "shadow"),
+        ("safetensors", "shadow"),
+        ("huggingface_hub", "shadow"),
+        ("huggingface-hub", "shadow"),
+        ("Huggingface.Hub", "shadow"),
+        ("transformers", "shadow"),
+        ("numpy", "shadow"),
+        ("pyarrow", "shadow"),
+        ("tensorboard", "shadow"),
+        ("packaging", "shadow"),
+        ("tqdm", "shadow"),
+        ("yaml", "shadow"),
+        ("pyyaml", "shadow"),
+        ("jinja2", "shadow"),
+        ("click", "shadow"),
+        ("pytest", "shadow"),
+        ("wandb", "shadow"),
+        ("deepspeed", "shadow"),
+        ("ruff", "shadow"),
         ("../escape", "not a path"),
         ("a/b", "not a path"),
     ],
@@ -223,16 +257,77 @@ def test_new_renders_into_an_existing_empty_folder_without_force(tmp_path):
     assert (tmp_path / "my-proj" / "src" / "my_proj" / "train.py").is_file()
 
 
-def test_new_with_force_overwrites_template_files_and_keeps_the_users_other_files(tmp_path):
+def test_new_refuses_every_dependency_in_the_templates_pyproject(tmp_path):
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((template_root() / "pyproject.toml.jinja").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = {re.match(r"[A-Za-z0-9._-]+", r).group() for r in requirements}
+    assert {"torch", "accelerate", "pyyaml"} <= names
+    for name in sorted(names):
+        with pytest.raises(AmptplError, match="would shadow"):
+            render_project(name, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_templates_dependencies_are_read_the_same_without_tomllib(monkeypatch):
+    """Python 3.10 has no tomllib: the fallback reads the same names from the template's pyproject.toml."""
+    with_tomllib = render_mod._template_dependencies()
+    assert {"torch", "accelerate", "pyyaml", "pytest"} <= with_tomllib
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now raises ImportError
+    assert render_mod._template_dependencies() == with_tomllib
+
+
+def test_new_refuses_a_name_already_importable_from_this_python(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "zz_amptpl_installed").mkdir(parents=True)
+    (site / "zz_amptpl_installed" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    result = cli.invoke(app, ["new", "zz-amptpl-installed", "--dir", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "would shadow the installed package 'zz_amptpl_installed'" in line
+    assert str(site / "zz_amptpl_installed" / "__init__.py") in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_force_does_not_count_the_project_itself_as_an_installed_package(tmp_path, monkeypatch):
+    """Re-rendering a project that is importable (installed editable, or a folder on sys.path) is allowed."""
+    render_project("zz-self", tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "zz-self" / "src"))
+    monkeypatch.syspath_prepend(str(tmp_path / "zz-self"))  # a plain folder, like the cwd under `python -m`
+    result = cli.invoke(app, ["new", "zz-self", "--dir", str(tmp_path), "--force"])
+    assert result.exit_code == 0, result.output
+
+
+def test_new_with_force_backs_up_each_file_it_overwrites_and_leaves_identical_and_other_files_alone(tmp_path):
     render_project("my-proj", tmp_path)
     project = tmp_path / "my-proj"
+    train, readme, config = project / "src/my_proj/train.py", project / "README.md", project / "src/my_proj/config.py"
+    template = {p: p.read_bytes() for p in (train, readme)}
+    train.write_text(train.read_text() + "# my edit\n")
+    readme.write_text("# My README\n")
+    edited = {p: p.read_bytes() for p in (train, readme)}
     (project / "notes.txt").write_text("mine")
-    (project / "pyproject.toml").write_text("edited")
+    config_inode = config.stat().st_ino
+
     result = cli.invoke(app, ["new", "my-proj", "--dir", str(tmp_path), "--force"])
     assert result.exit_code == 0, result.output
+    for path in (train, readme):
+        assert path.read_bytes() == template[path]
+        backup = path.with_name(path.name + ".amptpl-backup")
+        assert backup.read_bytes() == edited[path]
+        rel = path.relative_to(project).as_posix()
+        assert f"  {rel}: overwritten, backup at {rel}.amptpl-backup" in result.stdout.splitlines()
+    assert config.stat().st_ino == config_inode  # identical: not rewritten
     assert (project / "notes.txt").read_text() == "mine"
-    assert 'name = "my-proj"' in (project / "pyproject.toml").read_text()
-    assert json.loads((project / ".amptpl.json").read_text())["answers"]["force"] is True
+    assert "already identical to the template's, left alone" in result.stdout
+
+    # again: a second backup never replaces the first
+    train.write_text("# another edit\n")
+    result = cli.invoke(app, ["new", "my-proj", "--dir", str(tmp_path), "--force"])
+    assert result.exit_code == 0, result.output
+    assert train.with_name("train.py.amptpl-backup").read_bytes() == edited[train]
+    assert train.with_name("train.py.amptpl-backup-2").read_text() == "# another edit\n"
 
 
 def test_new_leaves_no_staging_folder_behind(tmp_path):
@@ -383,25 +478,37 @@ def test_add_again_accepts_identical_files(tmp_path):
     assert "already up to date" in result.stdout
 
 
-def test_add_refuses_to_overwrite_a_modified_file_without_force_and_leaves_everything_untouched(tmp_path):
-    add_core(tmp_path)
-    edited = tmp_path / "amp" / "__init__.py"
-    edited.write_text("# my edit\n")
-    before = {p: p.read_bytes() for p in (tmp_path / "amp").rglob("*") if p.is_file()}
+def test_a_first_add_refuses_to_overwrite_a_different_file_without_force_and_writes_nothing(tmp_path):
+    (tmp_path / "amp").mkdir()
+    mine = tmp_path / "amp" / "__init__.py"
+    mine.write_text("# my own amp package\n")
     result = cli.invoke(app, ["add", str(tmp_path)])
     assert result.exit_code == 2
     line = one_error_line(result)
-    assert str(edited) in line and "--force" in line
-    assert {p: p.read_bytes() for p in (tmp_path / "amp").rglob("*") if p.is_file()} == before
+    assert str(mine) in line and "--force" in line
+    assert tree(tmp_path) == {"amp", "amp/__init__.py"}
+    assert mine.read_text() == "# my own amp package\n"
 
 
-def test_add_with_force_overwrites_a_modified_file(tmp_path):
+def test_a_first_add_with_force_overwrites_a_different_file_and_backs_it_up(tmp_path):
+    (tmp_path / "amp").mkdir()
+    mine = tmp_path / "amp" / "__init__.py"
+    mine.write_text("# my own amp package\n")
+    result = cli.invoke(app, ["add", str(tmp_path), "--force"])
+    assert result.exit_code == 0, result.output
+    assert mine.read_bytes() == core_files()["__init__.py"]
+    assert (tmp_path / "amp" / "__init__.py.amptpl-backup").read_text() == "# my own amp package\n"
+    assert "  __init__.py: overwritten, backup at __init__.py.amptpl-backup" in result.stdout.splitlines()
+
+
+def test_add_again_keeps_a_file_you_edited_when_the_core_did_not_change(tmp_path):
     add_core(tmp_path)
     edited = tmp_path / "amp" / "__init__.py"
     edited.write_text("# my edit\n")
-    result = cli.invoke(app, ["add", str(tmp_path), "--force"])
+    result = cli.invoke(app, ["add", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert edited.read_bytes() == core_files()["__init__.py"]
+    assert edited.read_text() == "# my edit\n"
+    assert any("__init__.py" in line and "keep yours" in line for line in result.stdout.splitlines())
 
 
 def test_add_refuses_a_destination_that_does_not_exist(tmp_path):

@@ -23,6 +23,7 @@ from .add import SNIPPET, add_core
 from .errors import AmptplError
 from .render import render_project
 from .runner import run_project
+from .update import Plan, plan_table, update_project
 
 app = typer.Typer(
     name="amptpl",
@@ -107,7 +108,10 @@ def new(
     ] = Path("."),
     force: Annotated[
         bool,
-        typer.Option("--force", help="Write into a non-empty folder: overwrite template files, keep others."),
+        typer.Option(
+            "--force",
+            help="Write into a non-empty folder: overwrite template files (backing up any that differ), keep others.",
+        ),
     ] = False,
 ) -> None:
     """Create a mixed-precision training project NAME that trains out of the box, on CPU or GPU."""
@@ -126,6 +130,10 @@ def new(
     for key in sorted(groups):
         count = f"  ({_files(groups[key])})" if key.endswith("/") else ""
         out.print(f"  {key}{count}", markup=False)
+    if result.unchanged:
+        out.print(f"{_files(len(result.unchanged))} already identical to the template's, left alone", markup=False)
+    for rel, backup in result.backups.items():
+        out.print(f"  {rel.as_posix()}: overwritten, backup at {backup.as_posix()}", style="yellow", markup=False)
 
     where = _shown(result.path)
     out.print("\n[bold]Next steps[/]")
@@ -188,28 +196,111 @@ def add(
         Path, typer.Argument(help="Existing package folder of your repo; the core goes to DEST/amp/.")
     ],
     force: Annotated[
-        bool, typer.Option("--force", help="Overwrite files in DEST/amp/ that differ from amptpl's copy.")
+        bool,
+        typer.Option(
+            "--force",
+            help="First copy: overwrite files in DEST/amp/ that differ (backed up). Upgrade: ignore git changes.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be written (for an upgrade, the plan); write nothing.")
     ] = False,
 ) -> None:
     """Copy the AMP core into DEST/amp/ of an existing repo and print the lines to add to its training loop.
 
-    Never overwrites a file you changed unless --force; identical files are left alone.
+    Never overwrites a file you changed unless --force; identical files are left alone. Run again on the same
+    DEST to upgrade the core: files you did not change are replaced, files you changed are merged.
     """
     try:
-        result = add_core(dest, force)
+        result = add_core(dest, force, dry_run)
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot copy the AMP core: {exc}", code=1)
 
     out = _out()
+    if result.upgrade is not None and result.upgrade.shown:
+        out.print(plan_table(result.upgrade, _plan_title(result.upgrade, "Upgraded the AMP core in", dry_run)))
     unchanged = f", {_files(len(result.unchanged))} already up to date" if result.unchanged else ""
+    verb = "Would copy" if dry_run else "Copied"
+    written = "to write (dry run: nothing written)" if dry_run else "written"
     out.print(
-        f"Copied the AMP core to {_shown(result.path)}: {_files(len(result.files))} written{unchanged}",
+        f"{verb} the AMP core to {_shown(result.path)}: {_files(len(result.files))} {written}{unchanged}",
         markup=False,
     )
     for rel in result.files:
-        out.print(f"  {rel.as_posix()}", markup=False)
+        backup = result.backups.get(rel)
+        note = f": overwritten, backup at {backup.as_posix()}" if backup else ""
+        out.print(f"  {rel.as_posix()}{note}", markup=False)
     # Plain text, verbatim: the diffs must survive a copy-paste into `patch -p1 YOUR_SCRIPT.py`.
     out.print("\nAdd to your training loop the + lines below (diffs against typical scripts):\n", markup=False)
     out.print(SNIPPET, markup=False, end="")
+    if result.upgrade is not None and _print_conflicts(out, result.upgrade, dry_run) and not dry_run:
+        raise typer.Exit(1)
+
+
+@app.command()
+def update(
+    project: Annotated[Path, typer.Argument(metavar="PROJECT", help="The project folder (default: the current one).")] = Path("."),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (file, action); write nothing.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Update even though git shows uncommitted changes in the project.")
+    ] = False,
+    adopt: Annotated[
+        bool,
+        typer.Option(
+            "--adopt",
+            help="Take the current files as the base (a project made before `update` existed): files that differ"
+            " from the template are replaced, each backed up next to itself.",
+        ),
+    ] = False,
+) -> None:
+    """Update a generated project to this amptpl's template, keeping your edits.
+
+    Replaces files you did not change, keeps files only you changed, merges files you both changed
+    (conflict markers where you changed the same lines: listed at the end, exit code 1).
+    Adds new template files; files you deleted stay deleted; files the template dropped are removed
+    unless you changed them. Refuses uncommitted git changes in the project unless --force.
+    """
+    try:
+        plan = update_project(project, dry_run=dry_run, force=force, adopt=adopt)
+    except AmptplError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail(
+            "interrupted: each file is either old or new and .amptpl.json is unchanged; run the update again to "
+            "finish (with --force if git now shows the files it wrote)",
+            code=130,
+        )
+    except OSError as exc:
+        _fail(f"cannot update the project: {exc}", code=1)
+
+    out = _out()
+    if not plan.shown:
+        out.print(f"{_shown(plan.root)} is up to date with amptpl {plan.to_version}", markup=False)
+        return
+    out.print(plan_table(plan, _plan_title(plan, "Updated", dry_run)))
+    if plan.up_to_date:
+        out.print(f"{_files(plan.up_to_date)} already up to date", markup=False)
+    if _print_conflicts(out, plan, dry_run) and not dry_run:
+        raise typer.Exit(1)
+
+
+def _plan_title(plan: Plan, done: str, dry_run: bool) -> str:
+    versions = f"amptpl {plan.from_version} -> {plan.to_version}"
+    if dry_run:
+        return f"Plan for {_shown(plan.root)}: {versions} (dry run: nothing written)"
+    return f"{done} {_shown(plan.root)}: {versions}"
+
+
+def _print_conflicts(out: Console, plan: Plan, dry_run: bool) -> bool:
+    """List the conflicted files last, where they are seen; True when there are any."""
+    if not plan.conflicts:
+        return False
+    n = _files(len(plan.conflicts))
+    head = f"{n} would conflict" if dry_run else f"Conflicts in {n}: resolve the <<<<<<< ======= >>>>>>> markers"
+    out.print(f"\n{head}:", style="bold red", markup=False)
+    for change in plan.conflicts:
+        note = f"  ({change.note})" if change.note else ""
+        out.print(f"  {change.path.as_posix()}{note}", markup=False)
+    return True

@@ -9,11 +9,16 @@ The template contract:
 
 Everything is validated and rendered in memory before the first byte is written, so bad input leaves no
 partial output. A new project is written into a temporary folder next to the target and renamed into place.
+
+Besides the rendered files, a project gets ``.amptpl.json`` (amptpl version, answers, a sha256 of every file
+written) and ``.amptpl/base/`` (those files as written): what ``amptpl update`` merges against (``manifest``).
+With ``force`` into a non-empty folder, a file that differs from the template's is backed up next to itself
+(``NAME.amptpl-backup``) before it is overwritten; identical files and the user's other files are left alone.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import keyword
 import os
 import re
@@ -21,7 +26,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -30,6 +35,7 @@ import jinja2
 
 from . import __version__
 from .errors import AmptplError
+from .manifest import MANIFEST, STATE_DIR, FileData, backup_path, commit, is_executable, write_atomic
 from .resources import configs_root, template_root
 
 if TYPE_CHECKING:
@@ -37,15 +43,21 @@ if TYPE_CHECKING:
 
 # PEP 508 distribution name.
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
-# Third-party modules the generated project imports (or is run with): a package with one of these names would
-# shadow it inside the project (`import torch` would find the project's own package first under src/).
+# Third-party modules the generated project imports, is run or tested with, or that its dependencies import at
+# run time: a package with one of these names would shadow it inside the project (`import torch` would find
+# the project's own package first under src/). The distributions in the template's pyproject.toml are added
+# at run time (see `_template_dependencies`).
 IMPORTED_BY_PROJECT = frozenset(
-    {"torch", "accelerate", "datasets", "evaluate", "typer", "rich", "yaml", "numpy", "pytest", "amptpl"}
-)
+    {
+        "torch", "accelerate", "datasets", "evaluate", "rich", "yaml",
+        "safetensors", "huggingface_hub", "numpy", "pyarrow", "tensorboard", "transformers", "packaging",
+        "psutil", "tqdm", "fsspec", "filelock", "requests", "jinja2", "typer", "click", "pytest", "ruff",
+        "matplotlib", "wandb", "deepspeed", "amptpl",
+    }
+)  # fmt: skip
 SKIP_DIRS = frozenset({"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"})
 SKIP_SUFFIXES = (".pyc", ".pyo")
 JINJA_SUFFIX = ".jinja"
-MANIFEST = ".amptpl.json"
 # A Jinja marker that survived rendering. `${{ ... }}` is a GitHub Actions expression, not Jinja: a workflow
 # rendered through `{% raw %}` keeps it legitimately.
 LEFTOVER_RE = re.compile(r"(?<!\$)\{\{|\{%")
@@ -53,23 +65,25 @@ LEFTOVER_RE = re.compile(r"(?<!\$)\{\{|\{%")
 
 @dataclass(frozen=True)
 class RenderResult:
-    """What ``render_project`` wrote: the project folder, its import package and its files (relative)."""
+    """What ``render_project`` wrote: the project folder, its import package and its files (relative).
+
+    ``files`` are all the template's files (``.amptpl.json`` included); ``unchanged`` those that were already
+    there with the same content (left alone); ``backups`` maps each overwritten file to its backup.
+    """
 
     path: Path
     package: str
     files: list[Path]
+    unchanged: list[Path] = field(default_factory=list)
+    backups: dict[Path, Path] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Planned:
-    data: bytes
-    executable: bool = False
-
-
-def package_name(name: str) -> str:
+def package_name(name: str, target: Path | None = None) -> str:
     """Validate a project (distribution) name and return its import package name.
 
     ``my-proj`` -> ``my_proj``. Raises ``AmptplError`` with one line saying what is wrong and what is allowed.
+    A package that would shadow the standard library, a dependency of the project, or a package already
+    importable here is refused (one found inside ``target``, the project itself, is not counted).
     """
     if "/" in name or "\\" in name or (os.altsep and os.altsep in name) or ".." in name:
         raise AmptplError(
@@ -96,26 +110,85 @@ def package_name(name: str) -> str:
             f"project name {name!r} gives package {package!r}, which would shadow the standard-library "
             f"module {package!r}; choose another name (e.g. {package}-train)"
         )
-    if package in IMPORTED_BY_PROJECT:
+    if package in IMPORTED_BY_PROJECT or package in _template_dependencies():
         raise AmptplError(
             f"project name {name!r} gives package {package!r}, which would shadow the {package!r} package "
-            f"the project imports; choose another name (e.g. my-{package})"
+            f"the project depends on; choose another name (e.g. my-{package})"
+        )
+    origin = _importable_elsewhere(package, target)
+    if origin is not None:
+        raise AmptplError(
+            f"project name {name!r} gives package {package!r}, which would shadow the installed package "
+            f"{package!r} ({origin}); choose another name (e.g. my-{package})"
         )
     return package
+
+
+def _normalized(distribution: str) -> str:
+    """A distribution name as the package name `package_name` would make of it (PEP 503, with '_')."""
+    return re.sub(r"[-_.]+", "_", distribution).lower()
+
+
+def _template_dependencies() -> frozenset[str]:
+    """The distributions the template's pyproject.toml depends on (optional ones too), normalized."""
+    try:
+        text = (template_root() / "pyproject.toml.jinja").read_text(encoding="utf-8")
+    except (AmptplError, OSError, UnicodeDecodeError):
+        return frozenset()
+    try:
+        import tomllib  # 3.11+; the Jinja placeholders in this file sit inside TOML strings
+    except ImportError:  # Python 3.10: the quoted requirement strings of the dependency arrays
+        blocks = re.findall(r"^dependencies\s*=\s*\[(.*?)\]", text, re.M | re.S)
+        extras = re.search(r"^\[project\.optional-dependencies\]$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+        blocks += re.findall(r"=\s*\[(.*?)\]", extras.group(1), re.S) if extras else []
+        requirements = [r for block in blocks for r in re.findall(r'"([^"]*)"', block)]
+    else:
+        try:
+            project = tomllib.loads(text).get("project", {})
+        except tomllib.TOMLDecodeError:
+            return frozenset()
+        requirements = list(project.get("dependencies", []))
+        for extra in project.get("optional-dependencies", {}).values():
+            requirements += extra
+    names = (re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", r) for r in requirements if isinstance(r, str))
+    return frozenset(_normalized(m.group(1)) for m in names if m)
+
+
+def _importable_elsewhere(package: str, target: Path | None) -> str | None:
+    """Where ``package`` would be imported from in this Python, or None (not found, or only a plain folder).
+
+    ``find_spec`` on a top-level name locates the package without importing it (torch stays unimported).
+    A namespace package (a folder without ``__init__.py``, e.g. the project folder in the current directory
+    under ``python -m``) and a package inside ``target`` (the project itself, installed editable) do not count.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin in (None, "namespace"):
+        return None
+    origin = spec.origin
+    if target is not None and origin not in ("built-in", "frozen"):
+        try:
+            if Path(origin).resolve().is_relative_to(target.resolve()):
+                return None
+        except OSError:
+            pass
+    return origin
 
 
 def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: bool = False) -> RenderResult:
     """Render the template into ``parent_dir/name`` and return what was written.
 
     Refuses (``AmptplError``, nothing written) an invalid name, a target that is a file, and a non-empty
-    target unless ``force``. With ``force`` the template's files are overwritten and the user's other files
-    are left alone.
+    target unless ``force``. With ``force`` a file that differs from the template's is backed up next to
+    itself and overwritten; identical files and the user's other files are left alone.
     """
-    package = package_name(name)
     parent = Path(parent_dir).expanduser()
+    target = parent / name
+    package = package_name(name, target)
     if parent.exists() and not parent.is_dir():
         raise AmptplError(f"--dir {parent} is not a directory")
-    target = parent / name
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise AmptplError(f"{target} exists and is not a directory; choose another name or --dir")
@@ -125,24 +198,35 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
                 "(your other files are kept)"
             )
 
-    planned = plan_files(name, package, force)
+    planned = plan_files(name, package)
+    manifest = {
+        "template_version": __version__,
+        "project_name": name,
+        "package": package,
+        "answers": {"name": name},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    files = sorted([Path(p) for p in planned] + [Path(MANIFEST)])
     if target.is_dir():
         _check_no_collisions(target, planned)
-        _write_in_place(target, planned)
-    else:
-        _write_new(target, planned)
-    return RenderResult(path=target, package=package, files=sorted(Path(p) for p in planned))
+        unchanged, backups = _write_in_place(target, planned)
+        commit(target, planned, manifest)
+        return RenderResult(target, package, files, unchanged, backups)
+    _write_new(target, planned, manifest)
+    return RenderResult(target, package, files)
 
 
-def plan_files(name: str, package: str, force: bool = False) -> dict[PurePosixPath, _Planned]:
+def plan_files(name: str, package: str) -> dict[PurePosixPath, FileData]:
     """Render every output file in memory: relative path -> content. Raises if the template is broken."""
     context = {"project_name": name, "package": package, "amptpl_version": __version__}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    planned: dict[PurePosixPath, _Planned] = {}
+    planned: dict[PurePosixPath, FileData] = {}
 
-    def add(rel: PurePosixPath, item: _Planned, source: str) -> None:
+    def add(rel: PurePosixPath, item: FileData, source: str) -> None:
         if rel in planned:
             raise AmptplError(f"template bug: {source} and another source both write {rel}")
+        if rel.parts[0] in (STATE_DIR, MANIFEST):
+            raise AmptplError(f"template bug: {source} writes {rel}, which is amptpl's own bookkeeping")
         planned[rel] = item
 
     for parts, entry in iter_files(template_root()):
@@ -156,21 +240,12 @@ def plan_files(name: str, package: str, force: bool = False) -> dict[PurePosixPa
             if match := LEFTOVER_RE.search(text):
                 line = text.count("\n", 0, match.start()) + 1
                 raise AmptplError(f"template bug: {source} line {line} still contains {match.group()!r}")
-            add(PurePosixPath(*rel_parts), _Planned(text.encode("utf-8")), source)
+            add(PurePosixPath(*rel_parts), FileData(text.encode("utf-8")), source)
         else:
-            add(PurePosixPath(*rel_parts), _Planned(entry.read_bytes(), _is_executable(entry)), source)
+            add(PurePosixPath(*rel_parts), FileData(entry.read_bytes(), _is_executable(entry)), source)
 
     for parts, entry in iter_files(configs_root()):
-        add(PurePosixPath("configs", *parts), _Planned(entry.read_bytes()), "configs/" + "/".join(parts))
-
-    manifest = {
-        "template_version": __version__,
-        "project_name": name,
-        "package": package,
-        "answers": {"name": name, "force": force},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    add(PurePosixPath(MANIFEST), _Planned((json.dumps(manifest, indent=2) + "\n").encode()), "amptpl")
+        add(PurePosixPath("configs", *parts), FileData(entry.read_bytes()), "configs/" + "/".join(parts))
     return planned
 
 
@@ -200,9 +275,12 @@ def _is_executable(entry: Traversable) -> bool:
     return isinstance(entry, Path) and bool(entry.stat().st_mode & 0o111)
 
 
-def _check_no_collisions(target: Path, planned: dict[PurePosixPath, _Planned]) -> None:
+def _check_no_collisions(target: Path, planned: dict[PurePosixPath, FileData]) -> None:
     """In an existing folder, every output path must be free or a file, and every parent free or a folder."""
-    for rel in planned:
+    for folder in (target / STATE_DIR, target / STATE_DIR / "base"):  # where the base is kept
+        if folder.exists() and not folder.is_dir():
+            raise AmptplError(f"cannot write the base to {folder}: it is a file; move it or choose another --dir")
+    for rel in [*planned, PurePosixPath(MANIFEST)]:
         path = target / rel
         if path.is_dir():
             raise AmptplError(
@@ -217,29 +295,38 @@ def _check_no_collisions(target: Path, planned: dict[PurePosixPath, _Planned]) -
                 )
 
 
-def write_atomic(path: Path, data: bytes, executable: bool = False) -> None:
-    """Write through a temporary name and rename, so a file is either old or new, never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.amptpl-tmp")
-    tmp.write_bytes(data)
-    if executable:  # give execute permission wherever read permission is set, like `chmod +x`
-        mode = tmp.stat().st_mode
-        tmp.chmod(mode | ((mode & 0o444) >> 2))
-    os.replace(tmp, path)
+def _write_in_place(
+    target: Path, planned: dict[PurePosixPath, FileData]
+) -> tuple[list[Path], dict[Path, Path]]:
+    """Write into an existing folder: identical files are left alone, a differing one is backed up first.
 
-
-def _write_in_place(target: Path, planned: dict[PurePosixPath, _Planned]) -> None:
+    Returns the unchanged files and ``{file: backup}``, relative to ``target``.
+    """
+    unchanged: list[Path] = []
+    backups: dict[Path, Path] = {}
     for rel, item in planned.items():
-        write_atomic(target / rel, item.data, item.executable)
+        path = target / rel
+        if path.is_file() and not path.is_symlink():
+            old = path.read_bytes()
+            if old == item.data:
+                unchanged.append(Path(rel))
+                continue
+            backup = backup_path(path)
+            write_atomic(backup, old, is_executable(path))
+            backups[Path(rel)] = backup.relative_to(target)
+        write_atomic(path, item.data, item.executable)
+    return sorted(unchanged), backups
 
 
-def _write_new(target: Path, planned: dict[PurePosixPath, _Planned]) -> None:
+def _write_new(target: Path, planned: dict[PurePosixPath, FileData], manifest: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not mkdtemp) so the folder gets the user's umask, not 0o700.
     staging = target.parent / f".{target.name}.amptpl-tmp-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        _write_in_place(staging, planned)
+        for rel, item in planned.items():
+            write_atomic(staging / rel, item.data, item.executable)
+        commit(staging, planned, manifest)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
