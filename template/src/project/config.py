@@ -171,6 +171,45 @@ def _type_name(tp: Any) -> str:
     )
 
 
+_NO = object()  # a reader's "this value is not of my type"
+
+
+def _read_bool(value: Any) -> Any:
+    return value if isinstance(value, bool) else _NO
+
+
+def _read_int(value: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+
+
+def _read_float(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return _NO
+
+
+def _read_str(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML 1.1 reads `precision: no` as false
+        return "yes" if value else "no"
+    return str(value) if isinstance(value, (str, int, float)) else _NO
+
+
+def _read_list(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    return _NO
+
+
+_READERS = {bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
+
+
 def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
     """Check ``value`` against the field type ``tp``; ints are accepted where floats are expected.
 
@@ -181,37 +220,14 @@ def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
         if tp is str:
             return value
         value = parse_value(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            # nan slips through every range check (nan > 0 is False, and so is nan <= 0): refuse it here
-            if not math.isfinite(number):
-                raise ConfigError(f"{key}: must be a finite number, got {shown}")
-            return number
-    elif tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads `precision: no` as false
-            return "yes" if value else "no"
-        if isinstance(value, (str, int, float)):
-            return str(value)
-    elif typing.get_origin(tp) is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-            return [str(v) for v in value]
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    reader = _read_list if typing.get_origin(tp) is list else _READERS.get(tp)
+    out = reader(value) if reader is not None else _NO
+    if out is _NO:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    # nan slips through every range check (nan > 0 is False, and so is nan <= 0): refuse it here
+    if tp is float and not math.isfinite(out):
+        raise ConfigError(f"{key}: must be a finite number, got {shown}")
+    return out
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -1,294 +1,294 @@
 """Train the byte-level language model with Accelerate mixed precision.
 
-    python -m PACKAGE.train [--config configs/fp16.yaml] [key=value ...]
+    python -m PACKAGE.train [--config configs/fp16.yaml] [key=value ...]     (--help lists every key)
     accelerate launch -m PACKAGE.train amp.precision=bf16
 
-Sections run in a fixed order: config, accelerator and precision, data, model, resume, loop, the end.
+Sections run in a fixed order: config, session (accelerator and precision), data, model, resume, loop, the end.
+The AMP machinery lives in ``amp/`` (one AmpSession); this file is the loop you read and change.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, replace
-from importlib.metadata import version
-from pathlib import Path
+from typing import Any
 
-import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from .config import Config, ConfigError, ConfigExit, parse_args, resume_changes, to_dict, to_yaml
 
-from . import __version__, data
-from .amp import precision
-from .amp.checkpoint import CheckpointError, CheckpointManager, Progress, StopSignal, find_resume, trim_log
-from .amp.console import TrainConsole, summary_table
-from .amp.distributed import any_rank, mean_over_ranks
-from .amp.monitor import AmpMonitor
-from .config import Config, ConfigError, flat, parse_args, to_dict, to_yaml
-from .metrics import load_metric
-from .model import ByteLM, lm_loss, param_groups
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
+                   "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                   "trackio": "trackio"}
 
 
-def run(cfg: Config, switch: dict | None = None) -> int | dict:
-    """Train; returns the exit code, or a precision switch (dict) asked for by the collapse guard."""
-    # ----------------------------------------------------------------------------
-    # accelerator and precision: say what was asked, what runs, and why
-    # No CUDA: run on the CPU, also under a multi-GPU launch config (gloo ranks, not N separate 1-process runs)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    res = precision.resolve(cfg.amp.precision, state.device)
-    scaler_kw = precision.scaler_kwargs(**asdict(cfg.amp.scaler))
-    for name in cfg.log.trackers:
-        if name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("log.trackers: tensorboard is not installed (pip install tensorboard)")
-    accelerator = Accelerator(
-        **precision.accelerator_kwargs(res, scaler_kw),
-        cpu=state.device.type == "cpu",
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with=cfg.log.trackers or None,
-        project_dir=cfg.out_dir,
-        # a seeded sampler: the data order depends only on (seed, epoch), so resume is exact
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-    )
-    precision.install_cpu_fp16_scaler(accelerator, scaler_kw)  # before prepare, or fp16 on CPU is fp32
-    precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
-    set_seed(cfg.seed)
-    main = accelerator.is_main_process
-    console = TrainConsole(cfg.train.max_steps, live=cfg.log.live, enabled=main)
-    say = console.log
-    say(res.line())
-    say(f"world_size={accelerator.num_processes} distributed_type={accelerator.distributed_type.value} "
-        f"device={accelerator.device} scaler={type(accelerator.scaler).__name__ if accelerator.scaler else 'none'}")
-    say("config:\n" + to_yaml(cfg).rstrip())
+# ----------------------------------------------------------------------------
+# building blocks shared with bench.py: the data, the model, the optimizer and its schedule
 
-    # ----------------------------------------------------------------------------
-    # data: real text that needs no download (the stdlib's sources unless data.files says otherwise)
+
+def build_data(cfg: Config, accelerator: Any) -> tuple[Any, Any]:
+    """(train_loader, val_loader) over byte blocks of real text; refuses fewer blocks than one global batch."""
+    from . import data
+
     with accelerator.main_process_first():
         files = [] if cfg.data.hub_name else data.resolve_files(cfg.data.files, cfg.data.max_bytes)
         train_ds, val_ds = data.load_splits(files, cfg.data.hub_name, cfg.data.text_column, cfg.data.seq_len,
                                             cfg.data.val_fraction)
+    data.check_enough(len(train_ds), cfg.train.batch_size, accelerator.num_processes)
     train_loader = data.make_loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers)
     val_loader = data.make_loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
-    say(f"data: {len(train_ds)} train / {len(val_ds)} val blocks of {cfg.data.seq_len + 1} bytes")
+    return train_loader, val_loader
 
-    # ----------------------------------------------------------------------------
-    # model, optimizer, schedule
+
+def build_model(cfg: Config) -> Any:
+    """The model, with ``amp.fp32_modules`` kept in float32."""
+    from .amp import precision
+    from .model import ByteLM
+
     model = ByteLM(cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head, cfg.model.dropout)
     if cfg.amp.fp32_modules:
         try:
-            say(f"fp32 modules: {', '.join(precision.keep_in_fp32(model, cfg.amp.fp32_modules))}")
+            precision.keep_in_fp32(model, cfg.amp.fp32_modules)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.95))
-    # A prepared scheduler steps once per process per optimizer step (Accelerate's convention), and not at
-    # all on a skipped step, so the schedule is written in optimizer steps: i // num_processes.
+    return model
+
+
+def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, Any]:
+    """AdamW and a warm-up + cosine schedule written in optimizer steps.
+
+    A prepared scheduler steps once per process per optimizer step (Accelerate's convention), and not at all on a
+    step the GradScaler skipped, so the schedule divides its counter by the number of processes.
+    """
+    import torch
+
+    from .model import param_groups
+
     t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
 
     def lr_at(i: int) -> float:
-        s = i // accelerator.num_processes
+        s = i // num_processes
         if s < t.warmup_steps:
             return (s + 1) / (t.warmup_steps + 1)
         frac = min(1.0, (s - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
         return (t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))) / t.lr
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler
-    )
-    monitor = AmpMonitor(accelerator.scaler, scale_fn=precision.engine_loss_scale(accelerator, model))
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress, monitor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
-    def meta() -> dict:
-        return {"step": progress.step, "epoch": progress.epoch, "template_version": __version__,
-                "precision": {"requested": res.requested, "effective": res.effective, "reason": res.reason},
-                "scaler_kwargs": scaler_kw if res.uses_scaler else None, "precision_switches": monitor.switches,
-                "torch": torch.__version__, "accelerate": version("accelerate"), "config": to_dict(cfg)}
 
-    ckpt = CheckpointManager(accelerator, cfg.out_dir, cfg.checkpoint.keep, meta)
+def check_trackers(names: list[str]) -> None:
+    """A tracker that is not installed is one line saying how to install it (Accelerate would only warn)."""
+    for name in names:
+        module = TRACKER_MODULES.get(name)
+        if module is None:
+            raise ConfigError(f"log.trackers: unknown tracker {name!r} (one of {', '.join(TRACKER_MODULES)})")
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"log.trackers: {name} is not installed (pip install {module})")
 
-    # ----------------------------------------------------------------------------
-    # resume: model, optimizer, scheduler, scaler, RNG, data position and AMP statistics
-    path, notices = find_resume(cfg.out_dir, cfg.resume)
-    if path is not None:
-        notices += ckpt.load(path, res.effective, scaler_kw if res.uses_scaler else None)
-    monitor.sync_scale()  # the scale in effect now, restored or fresh
-    if switch is not None:  # recorded in the monitor: checkpoint metadata and the summary carry it
-        monitor.switches.append(switch)
-        notices.append(f"precision switch: {switch['from']} -> {switch['to']} at step {switch['step']} "
-                       f"({switch['reason']})")
-    for line in notices:
-        say(line)
-    if cfg.log.trackers:
-        accelerator.init_trackers(Path(cfg.out_dir).name, config=flat(to_dict(cfg)))
 
-    # ----------------------------------------------------------------------------
-    # the loop
-    stop = StopSignal()
-    metrics_file = Path(cfg.out_dir) / "metrics.jsonl"
-    if main:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        if path is not None and (n := trim_log(metrics_file, progress.step)):
-            say(f"resume: dropped {n} metrics.jsonl records logged after step {progress.step}")
-    tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len * accelerator.num_processes
-    grad_norm = None
-    step = start = progress.step
-    warned = None
+def resume_check(cfg: Config):
+    """Refuse a checkpoint of another experiment (model shape, data); list the settings that changed but fit."""
 
-    def log_record(record: dict) -> None:
-        accelerator.log(record, step=step)
-        if main:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+    def check(meta: dict) -> list[str]:
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(saved, dict):
+            return []
+        incompatible, changed = resume_changes(saved, cfg)
+        if incompatible:
+            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in incompatible)
+            raise ConfigError(f"resume: {cfg.out_dir} holds a checkpoint of another experiment ({diffs}); "
+                              "start fresh with resume=none (the old run is moved aside) or use another out_dir")
+        if changed:
+            return ["resume: settings changed since the checkpoint: "
+                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)]
+        return []
 
-    def batches():
-        while True:
-            loader = train_loader
-            if progress.batch_in_epoch:
-                loader = accelerator.skip_first_batches(train_loader, progress.batch_in_epoch)
-            loader.set_epoch(progress.epoch)
-            for batch in loader:
-                progress.batch_in_epoch += 1
-                yield batch
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    return check
 
-    def evaluate() -> dict:
-        model.eval()
-        metric = load_metric() if main else None
-        with torch.no_grad():
-            for i, (x, y) in enumerate(val_loader):
-                if cfg.eval.batches and i >= cfg.eval.batches:
-                    break
-                with accelerator.autocast():
-                    logits = model(x)
-                # metrics in float32, outside autocast
-                nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-                preds, refs, nll = accelerator.gather_for_metrics((logits.argmax(-1), y, nll))
-                if main:
-                    metric.add_batch(predictions=preds.flatten(), references=refs.flatten(), nll=nll.flatten().double())
-        model.train()
-        out = metric.compute() if main else {}
-        return {f"val/{k}": v for k, v in out.items()}
 
-    it = batches()
+def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int) -> dict[str, float]:
+    """Held-out loss, accuracy and perplexity, computed in float32 outside autocast from per-batch sums."""
+    import torch
+    import torch.nn.functional as F
+
+    t0 = time.perf_counter()
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for i, (x, y) in enumerate(loader):
+            if max_batches and i >= max_batches:
+                break
+            with accelerator.autocast():
+                logits = model(x)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+            per_sample = torch.stack([(logits.argmax(-1) == y).sum(1).double(),
+                                      torch.full_like(nll[:, 0], y.shape[1], dtype=torch.float64),
+                                      nll.double().sum(1)], 1)
+            # gather per sample (it drops the samples Accelerate repeats to even out the last batch), sum per batch
+            rows.append(accelerator.gather_for_metrics(per_sample).sum(0))
     model.train()
-    console.start_clock(step, progress.samples_seen, progress.tokens_seen)
-    with console:
+    if metric is None:  # not the main process
+        return {}
+    sums = torch.stack(rows).tolist() if rows else []  # one transfer for the whole eval
+    metric.add_batch(correct=[int(r[0]) for r in sums], count=[int(r[1]) for r in sums], nll_sum=[r[2] for r in sums])
+    out = {f"val/{k}": v for k, v in metric.compute().items()}
+    out["val/time_s"] = time.perf_counter() - t0
+    return out
+
+
+def forever(amp: Any, loader: Any):
+    """Batches across epochs, from the resumed position on."""
+    while True:
+        yield from amp.batches(loader)
+
+
+# ----------------------------------------------------------------------------
+# the run
+
+
+def run(cfg: Config, switch: dict | None = None) -> int:
+    """Train to ``train.max_steps``; returns the exit code. The guard's stop and fallback arrive as exceptions."""
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from .amp import AmpSession, precision
+    from .amp.guard import GuardPolicy
+    from .metrics import load_metric
+    from .model import lm_loss
+
+    check_trackers(cfg.log.trackers)
+    t = cfg.train
+    # ----------------------------------------------------------------------------
+    # session: precision (requested, in effect, why), the Accelerator, scaler, lock, console
+    with AmpSession(
+        cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=GuardPolicy(**asdict(cfg.amp.guard)),
+        log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps, config=to_dict(cfg),
+        live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
+        log_with=cfg.log.trackers or None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    ) as amp:
+        accelerator = amp.accelerator
+        precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
+        set_seed(cfg.seed)
+        amp.say("config:\n" + to_yaml(cfg).rstrip())
+
+        # ----------------------------------------------------------------------------
+        # data: real text that needs no download (the stdlib's sources unless data.files says otherwise)
+        train_loader, val_loader = build_data(cfg, accelerator)
+        amp.say(f"data: {len(train_loader.dataset)} train / {len(val_loader.dataset)} val blocks of "
+                f"{cfg.data.seq_len + 1} bytes")
+
+        # ----------------------------------------------------------------------------
+        # model, optimizer, schedule
+        model = build_model(cfg)
+        if cfg.amp.fp32_modules:
+            amp.say(f"fp32 modules: {', '.join(n for n, m in model.named_modules() if getattr(m, '_amp_fp32', 0))}")
+        optimizer, scheduler = build_optimizer(cfg, model, accelerator.num_processes)
+        model, optimizer, train_loader, val_loader, scheduler = amp.prepare(
+            model, optimizer, train_loader, val_loader, scheduler
+        )
+
+        # ----------------------------------------------------------------------------
+        # resume: model, optimizer, scheduler, scaler, RNG, data position and AMP statistics
+        amp.resume(cfg.resume, check=resume_check(cfg))
+        if switch is not None:  # recorded in the monitor: checkpoint metadata and the summary carry it
+            amp.monitor.switches.append(switch)
+            amp.say(f"precision switch: {switch['from']} -> {switch['to']} at step {switch['step']} "
+                    f"({switch['reason']})")
+        start = amp.step
+        if start >= t.max_steps:
+            amp.say(f"nothing to do: the checkpoint is at step {start} and train.max_steps is {t.max_steps}; "
+                    "raise train.max_steps to train on")
+            amp.close(completed=False)
+            return 0
+        if cfg.log.trackers:
+            from .config import flat
+
+            accelerator.init_trackers(os.path.basename(os.path.normpath(cfg.out_dir)), config=flat(to_dict(cfg)))
+        metric = load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
+
+        # ----------------------------------------------------------------------------
+        # the loop: the once-in-a-while blocks, then one optimizer step
+        batches = forever(amp, train_loader)
+        model.train()
         while True:
-            last_step = step == cfg.train.max_steps
-            tick = step > start and (last_step or step % cfg.log.every == 0)
-            if tick:  # the only place the loop reads device values (one sync per interval)
-                m = monitor.flush()
-                m["train/lr"] = scheduler.get_last_lr()[0]
-                m = mean_over_ranks(accelerator, m)
-                log_record(m)
-                console.update(step=step, samples=progress.samples_seen, tokens=progress.tokens_seen,
-                               loss=m.get("train/loss"), lr=m["train/lr"], scale=monitor.scale, epoch=progress.epoch,
-                               scale_trend=list(monitor.trend), skipped=monitor.skipped,
-                               skip_rate=m["amp/skip_rate"], recent_skip_rate=monitor.recent_skip_rate,
-                               consecutive_skips=monitor.consecutive_skips, grad_norm=monitor.last_grad_norm,
-                               precision=res.effective, world_size=accelerator.num_processes,
-                               peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
-                problem = monitor.check(cfg.amp.guard.min_scale, cfg.amp.guard.max_consecutive_skips)
-                if cfg.amp.guard.action != "warn" and any_rank(accelerator, problem is not None):
-                    problem = problem or "another process tripped the AMP guard"
-                    say(monitor.diagnosis(problem, res.effective), style="red")
-                    saved = ckpt.save(step)
-                    if cfg.amp.guard.action == "fallback" and res.effective != "fp32":
-                        native_bf16 = precision.resolve("auto", accelerator.device).effective == "bf16"
-                        target = "bf16" if res.effective == "fp16" and native_bf16 else "fp32"
-                        return {"step": step, "from": res.effective, "to": target, "reason": problem, "path": str(saved)}
-                    say(f"stopped by the AMP guard; state saved to {saved}")
-                    accelerator.end_training()
-                    return 3
-                if problem and problem != warned:
-                    say(f"warning: {problem} (amp.guard.action=warn)", style="yellow")
-                warned = problem
+            step = amp.step
+            last_step = step >= t.max_steps
             if last_step or (cfg.eval.every and step > start and step % cfg.eval.every == 0):
-                ev = evaluate()
-                log_record(ev)
-                say(" | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                ev = evaluate(model, val_loader, accelerator, metric, cfg.eval.batches)
+                amp.log(ev)
+                amp.say(" | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step > start and (last_step or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                say(f"checkpoint: {ckpt.save(step)}")
-            if stop.requested(accelerator, tick) and not last_step:
-                saved = ckpt.save(step)
-                say(f"stopped by {stop.signame} at step {step}; state saved to {saved}. "
-                    f"Resume with the same command (resume=auto) or resume={saved}")
-                accelerator.end_training()
-                return 0
+                amp.save()
             if last_step:
                 break
 
             # one optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step
-            loss_sum = None
-            for _ in range(cfg.train.grad_accum):
-                x, y = next(it)
+            for _ in range(t.grad_accum):
+                x, y = next(batches)
                 with accelerator.accumulate(model):
                     loss = lm_loss(model(x), y)  # the prepared model autocasts; the loss is float32
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # unscales first in fp16; inf max_norm only measures
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+                    grad_norm = None
+                    if accelerator.sync_gradients:  # unscales first in fp16; inf max_norm only measures
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
                     optimizer.step()
                     scheduler.step()  # holds when the scaler skipped the step
                     optimizer.zero_grad(set_to_none=True)
-                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            step += 1
-            progress.step = step
-            progress.samples_seen += cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-            progress.tokens_seen += tokens_per_batch * cfg.train.grad_accum
-            monitor.record(step, loss_sum / cfg.train.grad_accum, grad_norm)
+                amp.after_step(loss, grad_norm)  # no device read; at log ticks: console, metrics, guard, signals
 
-    # ----------------------------------------------------------------------------
-    # the end: AMP summary
-    summary = {"precision": res.effective, **monitor.summary(), "precision_switches": monitor.switches}
-    if accelerator.num_processes > 1:  # the scaler sees all-reduced gradients: every rank skips the same steps
-        skipped = accelerator.gather(torch.tensor([monitor.skipped], device=accelerator.device))
-        summary["amp/skipped_steps_per_rank"] = skipped.tolist()
-    if main:
-        (Path(cfg.out_dir) / "amp_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        console.print_table(summary_table(summary))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        # ----------------------------------------------------------------------------
+        # the end: leaving the session saves if needed, prints and writes the AMP summary, ends training
     return 0
+
+
+GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, "
+              "amp.guard.max_consecutive_skips; to try: --config configs/fp16_safe.yaml (lower "
+              "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[lm_head,'*.norm*'], a lower train.lr")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse the config, train, and turn bad input into one line and exit code 2."""
-    try:
+    try:  # before torch is imported: a bad key is reported at once
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        switch = None
-        while True:
-            try:
-                result = run(cfg, switch)
-                if isinstance(result, int):
-                    return result
-                # the guard asked for another precision: continue from the checkpoint just saved, in this
-                # process (the process group and data cache stay; Accelerate's precision state is rebuilt)
-                switch = result
-                cfg = replace(cfg, resume=switch["path"], amp=replace(cfg.amp, precision=switch["to"]))
-            finally:
-                # Accelerate keeps its precision in process-wide singletons; clearing them lets the next
-                # run() (a fallback, or another main() call in the same process) choose its own
-                AcceleratorState._reset_state(reset_partial_state=False)
-                GradientState._reset_state()
-    except (ConfigError, CheckpointError, data.DataError) as e:
+    except ConfigExit as e:
+        print(e.text)
+        return 0
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .amp.checkpoint import CheckpointError
+    from .amp.guard import GuardFallback, GuardStop
+    from .amp.session import RunLockedError, StopTraining
+    from .data import DataError
+    switch = None
+    while True:
+        try:
+            return run(cfg, switch)
+        except StopTraining as stop:
+            print(f"resume: run the same command (resume=auto) or pass resume={stop.path}")
+            return 0
+        except GuardStop:
+            print(GUARD_HINT)
+            return 3
+        except GuardFallback as fb:
+            # continue from the checkpoint just saved, in this process (the process group and data cache stay;
+            # Accelerate's precision state is rebuilt below)
+            switch = fb.record()
+            cfg = replace(cfg, resume=fb.path, amp=replace(cfg.amp, precision=fb.to))
+        except (ConfigError, CheckpointError, DataError, RunLockedError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            # Accelerate keeps its precision in process-wide singletons; clearing them lets the next run()
+            # (a fallback, or another main() in the same process) choose its own
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Skip interpreter teardown: DDP keeps gloo's worker threads alive past end_training(), and one that
-        # releases a Python tensor while Python finalizes aborts the finished run (SIGABRT, "terminate called
-        # without an active exception"). Files are closed, trackers finished and streams flushed by now.
-        logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

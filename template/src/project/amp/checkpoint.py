@@ -35,8 +35,6 @@ from typing import Any
 
 import torch
 
-from .distributed import any_rank
-
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
@@ -116,8 +114,7 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
     notices: list[str] = []
     if resume == "none":
         if list_checkpoints(out_dir):
-            notices.append(f"resume=none: starting fresh although {Path(out_dir) / CHECKPOINTS} holds checkpoints; "
-                           "saves at the same step numbers will replace them")
+            notices.append(f"resume: starting fresh as asked, although {Path(out_dir) / CHECKPOINTS} holds checkpoints")
         return None, notices
     if resume != "auto":
         path = Path(resume)
@@ -153,23 +150,29 @@ def trim_log(path: str | Path, step: int) -> int:
 class StopSignal:
     """SIGTERM/SIGINT (what schedulers send before preemption) ask for a save-and-exit at the next step.
 
-    A second Ctrl-C stops at once. Under several processes the ranks agree at log ticks (``any_rank``),
-    so they all save the same step.
+    A second Ctrl-C stops at once. :meth:`restore` puts the previous handlers back (the session does it when the
+    run ends, so a Ctrl-C after an in-process run is not swallowed).
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signame: str | None = None
+        self._previous: dict[int, Any] = {}
         for sig in signals:
-            signal.signal(sig, self._handle)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                break
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signame is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signame = signal.Signals(signum).name
 
-    def requested(self, accelerator: Any, tick: bool) -> bool:
-        # one process: every step; several: only at ticks, where all ranks take part in the collective
-        return (tick or accelerator.num_processes == 1) and any_rank(accelerator, self.signame is not None)
+    def restore(self) -> None:
+        """Reinstall the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -267,11 +270,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, path: str | Path, precision: str, scaler_kwargs: dict[str, Any] | None) -> list[str]:
+    def load(self, path: str | Path, precision: str, scaler_kwargs: dict[str, Any] | None,
+             rescale_schedulers: bool = False) -> list[str]:
         """Load a checkpoint into the prepared objects; returns one-line notices for the console.
 
         The scaler is handled here, for all nine pairs of fp32/bf16/fp16: scale and growth tracker come
         from the checkpoint when both runs are fp16, while the current run's scaler knobs win.
+        ``rescale_schedulers``: for schedules written in optimizer steps (a prepared scheduler steps once per
+        process per optimizer step), move their position when the number of processes changed.
         """
         acc = self.accelerator
         path = Path(path)
@@ -282,15 +288,17 @@ class CheckpointManager:
         notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
         saved_world = meta.get("world_size")
         if saved_world is not None and saved_world != acc.num_processes:
-            # a prepared scheduler steps once per process per optimizer step: rescale its position so the
-            # schedule goes on from the same optimizer step
-            for sched in acc._schedulers:
-                inner = getattr(sched, "scheduler", sched)
-                inner.last_epoch = inner.last_epoch * acc.num_processes // saved_world
+            if rescale_schedulers:
+                # a prepared scheduler steps once per process per optimizer step: rescale its position so the
+                # schedule goes on from the same optimizer step
+                for sched in acc._schedulers:
+                    inner = getattr(sched, "scheduler", sched)
+                    inner.last_epoch = inner.last_epoch * acc.num_processes // saved_world
+            schedule = ("the schedule at the same optimizer step" if rescale_schedulers
+                        else "the scheduler's own position")
             notices.append(
                 f"resume: checkpoint was saved by {saved_world} processes, this run has {acc.num_processes}: "
-                "weights, optimizer and scheduler carry over (the schedule at the same optimizer step); "
-                "the data order per process changes"
+                f"weights, optimizer and scheduler carry over ({schedule}); the data order per process changes"
             )
         notices += self._load_scaler(path, meta, precision, scaler_kwargs or {})
         return notices

@@ -7,16 +7,15 @@ process should create a :class:`TrainConsole` with ``enabled=True``.
     console = TrainConsole(total_steps=1000, live=True, enabled=accelerator.is_main_process)
     with console:
         ...
-        console.update(step=step, loss=..., scale=..., ...)   # at log ticks
-        console.log("checkpoint saved")                      # prints above the panel
-    console.summary_table(monitor.summary())
+        console.update(Status(step=step, loss=..., scale=..., ...))   # at log ticks; a typo is a TypeError
+        console.log("checkpoint saved")                               # prints above the panel
+    console.print_table(summary_table(monitor.summary()))
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ class Status:
     total_steps: int = 0
     epoch: int = 0
     precision: str = "fp32"
-    loss: float | None = None  # smoothed (EMA of interval means)
+    loss: float | None = None  # mean over the log interval (and over processes): the value in metrics.jsonl
     lr: float | None = None
     scale: float | None = None
     scale_trend: Sequence[float] = field(default_factory=list)
@@ -87,13 +86,18 @@ def _num(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _progress(s: Status, pct: bool = True) -> str:
+    if not s.total_steps:  # total unknown (an epoch loop): the step alone
+        return str(s.step)
+    return f"{s.step}/{s.total_steps}" + (f" ({100 * s.step / s.total_steps:.0f}%)" if pct else "")
+
+
 def render(s: Status) -> Table:
     """The live panel as a two-column table."""
     t = Table(title=f"training · {s.precision} · world_size={s.world_size}", show_header=False, expand=False)
     t.add_column("field", style="bold cyan", no_wrap=True)
     t.add_column("value", no_wrap=True)
-    pct = 100 * s.step / s.total_steps if s.total_steps else 0
-    t.add_row("step", f"{s.step}/{s.total_steps} ({pct:.0f}%)  epoch {s.epoch}")
+    t.add_row("step", f"{_progress(s)}  epoch {s.epoch}")
     t.add_row("loss", _num(s.loss, ".4f"))
     t.add_row("lr", _num(s.lr, ".2e"))
     if s.scale is not None:
@@ -113,7 +117,7 @@ def render(s: Status) -> Table:
 
 def plain_line(s: Status) -> str:
     """One line per log interval, no control codes."""
-    parts = [f"step {s.step}/{s.total_steps}", f"loss {_num(s.loss, '.4f')}", f"lr {_num(s.lr, '.1e')}"]
+    parts = [f"step {_progress(s, pct=False)}", f"loss {_num(s.loss, '.4f')}", f"lr {_num(s.lr, '.1e')}"]
     if s.scale is not None:
         parts += [f"scale {fmt_scale(s.scale)}", f"skipped {s.skipped} ({100 * s.skip_rate:.1f}%)"]
     if s.grad_norm is not None:
@@ -140,23 +144,21 @@ def summary_table(summary: dict[str, Any], title: str = "AMP summary") -> Table:
 class TrainConsole:
     """Live panel on a terminal (refreshed at most ``refresh_per_second``), plain lines otherwise."""
 
-    def __init__(self, total_steps: int, live: bool = True, enabled: bool = True, console: Console | None = None,
-                 refresh_per_second: float = 4.0):
+    def __init__(self, total_steps: int | None = None, live: bool | None = True, enabled: bool = True,
+                 console: Console | None = None, refresh_per_second: float = 4.0):
         self.enabled = enabled
         self.console = console or Console(stderr=False)
-        self.status = Status(total_steps=total_steps)
+        self.status = Status(total_steps=total_steps or 0)
         # interactive, not just a terminal: on TERM=dumb rich's Live draws only once, at exit
-        self.use_live = enabled and live and self.console.is_interactive
+        self.use_live = enabled and live is not False and self.console.is_interactive
         self._live: Live | None = None
         self._refresh = refresh_per_second
-        self._ema: float | None = None
-        self._t0 = time.perf_counter()
-        self._tick = (self._t0, 0, 0, 0)  # time, step, samples, tokens
 
     def __enter__(self) -> TrainConsole:
-        if self.use_live:
+        if self.use_live and self._live is None:
+            # redirect_stdout: a print() in the user's loop lands above the panel instead of tearing it
             self._live = Live(render(self.status), console=self.console, refresh_per_second=self._refresh,
-                              transient=False, redirect_stdout=False, redirect_stderr=False)
+                              transient=False, redirect_stdout=True, redirect_stderr=False)
             self._live.__enter__()
         return self
 
@@ -177,34 +179,17 @@ class TrainConsole:
         if not self.console.is_terminal:
             sys.stdout.flush()
 
-    def start_clock(self, step: int, samples: int = 0, tokens: int = 0) -> None:
-        """Reset the throughput clock (after setup, or after a resume at ``step``)."""
-        self._t0 = time.perf_counter()
-        self._tick = (self._t0, step, samples, tokens)
-
-    def update(self, *, step: int, samples: int, tokens: int, loss: float | None = None, **fields: Any) -> None:
-        """Refresh at a log tick; ``samples``/``tokens`` are cumulative counts over all processes."""
+    def update(self, status: Status) -> None:
+        """Show ``status`` (a :class:`Status` built at a log tick): the panel, or one plain line."""
+        if not isinstance(status, Status):
+            raise TypeError(f"TrainConsole.update takes a Status, got {type(status).__name__}")
+        self.status = status
         if not self.enabled:
             return
-        s = self.status
-        now = time.perf_counter()
-        t_prev, step_prev, samples_prev, tokens_prev = self._tick
-        dt = max(now - t_prev, 1e-9)
-        if step > step_prev:
-            s.samples_per_s = (samples - samples_prev) / dt
-            s.tokens_per_s = (tokens - tokens_prev) / dt
-            s.eta_s = (s.total_steps - step) * dt / (step - step_prev)
-        self._tick = (now, step, samples, tokens)
-        if loss is not None and math.isfinite(loss):
-            self._ema = loss if self._ema is None else 0.7 * self._ema + 0.3 * loss
-        s.loss = self._ema if loss is None or math.isfinite(loss) else loss
-        s.step = step
-        for k, v in fields.items():
-            setattr(s, k, v)
         if self._live is not None:
-            self._live.update(render(s))
+            self._live.update(render(status))
         else:
-            self.log(plain_line(s))
+            self.log(plain_line(status))
 
     def print_table(self, table: Table) -> None:
         if self.enabled:

@@ -14,7 +14,7 @@ the scale did not grow. This comes from the scaler itself, so it stays right whe
     monitor.record(step, loss, grad_norm)
     if step % log_every == 0:
         metrics = monitor.flush()                       # {"train/loss": ..., "amp/scale": ...}
-        problem = monitor.check(guard_min_scale, guard_max_skips)
+        problem = monitor.check(min_scale, max_consecutive_skips)   # a guard.Problem or None
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections import deque
 from typing import Any
 
 import torch
+
+from .guard import Problem
 
 _ON_DEVICE = object()  # placeholder in AmpMonitor._pending for a value still on the device
 
@@ -189,34 +191,32 @@ class AmpMonitor:
 
     # ------------------------------------------------------------------ collapse guard
 
-    def check(self, min_scale: float, max_consecutive_skips: int) -> str | None:
-        """A one-line diagnosis when the loss scale has collapsed or losses keep coming out non-finite."""
+    def check(self, min_scale: float, max_consecutive_skips: int) -> Problem | None:
+        """What the collapse guard should know: a collapsed loss scale, or too many skips or non-finite losses in a row."""
         if self.scale is not None and self.scale < min_scale:  # a GradScaler's or scale_fn's (DeepSpeed)
-            return f"loss scale collapsed to {self.scale:.3g} (< amp.guard.min_scale={min_scale:g})"
+            return Problem("scale_collapsed", f"loss scale collapsed to {self.scale:.3g} (below {min_scale:g})")
         if self.consecutive_skips >= max_consecutive_skips:
-            return (
-                f"{self.consecutive_skips} optimizer steps in a row were skipped for inf/NaN gradients "
-                f"(amp.guard.max_consecutive_skips={max_consecutive_skips})"
-            )
+            return Problem("skips", f"{self.consecutive_skips} optimizer steps in a row were skipped for inf/NaN "
+                                    f"gradients (limit {max_consecutive_skips})")
         if self.consecutive_nonfinite >= max_consecutive_skips:
-            return (f"the loss was non-finite for {self.consecutive_nonfinite} steps in a row "
-                    f"(amp.guard.max_consecutive_skips={max_consecutive_skips})")
+            return Problem("nonfinite_loss", f"the loss was non-finite for {self.consecutive_nonfinite} steps in a row "
+                                             f"(limit {max_consecutive_skips})")
         return None
 
-    def diagnosis(self, problem: str, precision: str) -> str:
-        """A multi-line explanation for the console: what happened, the scale history, what to try."""
+    def diagnosis(self, problem: Problem, precision: str) -> str:
+        """A multi-line explanation: what happened, the scale history, what to try."""
         hist = ", ".join(f"{s}:{v:.3g}" for s, v in self.history[-8:]) or "none (no scaler)"
         tips = [
-            "lower amp.scaler.init_scale (e.g. --config configs/fp16_safe.yaml)",
-            "use amp.precision=bf16 where the hardware supports it (no loss scaling needed)",
-            "run the unstable parts in fp32: amp.fp32_modules=[lm_head,'*.norm']",
-            "lower train.lr or keep train.grad_clip on",
+            "lower the GradScaler's init_scale (e.g. 1024)",
+            "use bf16 where the hardware supports it (no loss scaling needed)",
+            "run the unstable modules in fp32 (precision.keep_in_fp32)",
+            "lower the learning rate or clip gradients",
         ]
         if precision != "fp16":
-            tips = ["lower train.lr, check the data for bad values, keep train.grad_clip on",
-                    "run the unstable parts in fp32: amp.fp32_modules=[...]"]
+            tips = ["lower the learning rate, check the data for bad values, clip gradients",
+                    "run the unstable modules in fp32 (precision.keep_in_fp32)"]
         return "\n".join(
-            [f"AMP guard: {problem}",
+            [f"AMP guard: {problem.message}",
              f"  steps {self.steps}, skipped {self.skipped}, non-finite losses {self.nonfinite_losses}",
              f"  scale history (step:scale): {hist}",
              "  what to try:"] + [f"   - {t}" for t in tips]
@@ -279,3 +279,6 @@ class AmpMonitor:
         cross-precision resume, rather than the one this monitor's saved statistics last saw. Reads once.
         """
         self._prev_scale = (scaler_state(self.scaler) or (None,))[0]
+        if self.scaler is None and self.scale_fn is None:
+            # resumed from an fp16 checkpoint into a run without loss scaling: its scale is history, not "now"
+            self.scale = None

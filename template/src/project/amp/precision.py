@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -89,13 +90,41 @@ def cpu_bf16_feature() -> str | None:
     return None
 
 
-def resolve(requested: str, device: torch.device | str) -> Resolution:
-    """Resolve ``auto|fp32|bf16|fp16`` (``no`` = fp32) for ``device`` and give the reason."""
-    device = torch.device(device)
-    req = "fp32" if requested in ("no", "fp32") else requested
+def _normalise(name: str | None) -> str | None:
+    if name is None:
+        return None
+    name = str(name).strip().lower()
+    return {"no": "fp32", "float32": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "auto": "auto"}.get(name, name)
+
+
+def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
+    """Resolve ``auto|fp32|bf16|fp16`` (``no`` = fp32, None = auto) for ``device`` and give the reason.
+
+    ``launcher``: what ``accelerate launch`` asked for (``ACCELERATE_MIXED_PRECISION``, from ``--mixed_precision``
+    or the user's ``accelerate config``). ``auto`` follows a launcher's fp16/bf16; an explicit precision that differs
+    from it wins, and the reason says both. The launcher's ``no`` is also what it passes when nothing was asked, so
+    ``auto`` still picks by hardware then.
+    """
+    req = _normalise(requested) or "auto"
     if req not in PRECISIONS:
-        raise ValueError(f"amp.precision: must be one of auto|fp32|bf16|fp16, got {requested!r}")
+        raise ValueError(f"precision must be one of auto|fp32|bf16|fp16 (or no), got {requested!r}")
+    launch = _normalise(launcher)
+    if launch == "fp8":
+        raise ValueError("the launcher asked for mixed_precision fp8, which this AMP core does not run; "
+                         "use fp16 or bf16 (accelerate launch --mixed_precision ...)")
+    if req == "auto" and launch in ("bf16", "fp16"):
+        r = _resolve(launch, torch.device(device))
+        return Resolution(requested or "auto", r.effective, f"the launcher asked for {launch}; {r.reason}", r.device_type)
+    r = _resolve(req, torch.device(device))
+    if req != "auto" and launch in ("bf16", "fp16") and launch != r.effective:
+        return Resolution(requested, r.effective, f"{r.reason}; the launcher asked for {launch}, "
+                          "the explicit precision wins", r.device_type)
+    return Resolution(requested or "auto", r.effective, r.reason, r.device_type)
+
+
+def _resolve(req: str, device: torch.device) -> Resolution:
     kind = device.type
+    requested = req
     if kind == "cuda":
         name = torch.cuda.get_device_name(device)
         bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -127,7 +156,19 @@ def resolve(requested: str, device: torch.device | str) -> Resolution:
 # Accelerator set-up
 
 
+SCALER_DEFAULTS = {"init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+
+
 def scaler_kwargs(init_scale: float, growth_factor: float, backoff_factor: float, growth_interval: int) -> dict[str, Any]:
+    """GradScaler settings as plain numbers, checked: a bad value would silently misreport skipped steps."""
+    if not (math.isfinite(init_scale) and init_scale > 0):
+        raise ValueError(f"GradScaler init_scale must be a finite number > 0, got {init_scale!r}")
+    if not (math.isfinite(growth_factor) and growth_factor > 1):
+        raise ValueError(f"GradScaler growth_factor must be a finite number > 1, got {growth_factor!r}")
+    if not 0 < backoff_factor < 1:
+        raise ValueError(f"GradScaler backoff_factor must be in (0, 1), got {backoff_factor!r}")
+    if int(growth_interval) < 1:
+        raise ValueError(f"GradScaler growth_interval must be >= 1, got {growth_interval!r}")
     return {
         "init_scale": float(init_scale),
         "growth_factor": float(growth_factor),
@@ -199,10 +240,23 @@ def _autocast_device(t: Any, default: str) -> str:
     return t.device.type if isinstance(t, torch.Tensor) else default
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError, ValueError):  # an unknown device type on this torch build
+        return False
+
+
 @contextlib.contextmanager
-def fp32_region(device_type: str = "cuda") -> Iterator[None]:
-    """Run the enclosed code with autocast off (cast low-precision inputs with ``.float()`` inside)."""
-    with torch.autocast(device_type=device_type, enabled=False):
+def fp32_region(device_type: str | None = None) -> Iterator[None]:
+    """Run the enclosed code with autocast off (cast low-precision inputs with ``.float()`` inside).
+
+    Without ``device_type`` it turns off whichever autocast is in effect (CPU bf16, CUDA fp16, ...).
+    """
+    kinds = [device_type] if device_type else [d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "npu") if _autocast_on(d)]
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            stack.enter_context(torch.autocast(device_type=kind, enabled=False))
         yield
 
 
