@@ -3,7 +3,8 @@
 Direct runs are ``python -m <package>.train key=value ...`` with ``PROJECT/src`` on ``PYTHONPATH``, so a
 project runs without being installed. Distributed runs go through ``accelerate launch`` (run as
 ``python -m accelerate.commands.launch`` so the interpreter is the one amptpl runs under). amptpl adds nothing
-to the distributed engine: it only assembles the command line.
+to the distributed engine: it only assembles the command line, and passes SIGTERM/SIGINT/SIGHUP on to the
+run's whole process group (``run_forwarding_signals``), so a stopped ``amptpl run`` never leaves it behind.
 
 This module never imports torch: whether a GPU is present is asked of a child process.
 """
@@ -16,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -145,14 +147,67 @@ def run_project(
     """Build the command (see ``build_run_command``), show it through ``echo``, run it; return its exit code.
 
     ``echo`` gets the command as one shell line, with the environment variables amptpl sets in front.
-
-    A child killed by a signal returns ``128 + signal`` (the shell convention), Ctrl-C returns 130.
+    SIGTERM, SIGINT and SIGHUP sent to amptpl go to the whole run (see ``run_forwarding_signals``), so a
+    scheduler's SIGTERM or a Ctrl-C lets the training save and exit; amptpl then returns its exit code.
     """
     argv, env, cwd = build_run_command(project_dir, launch_config, num_processes, overrides)
     if echo is not None:
         echo(format_command(argv, env))
+    return run_forwarding_signals(argv, env, cwd)
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if os.name == "posix" else ()
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N, as a shell says
+
+
+def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | os.PathLike[str]) -> int:
+    """Run ``argv`` in its own process group, forward stop signals to that group, return its exit code.
+
+    A plain child would be left behind by a SIGTERM to amptpl (it dies with 143 and the training runs on,
+    orphaned, never saving), and a terminal's Ctrl-C would reach it and every process it started at once.
+    Here the child leads a new process group, so only amptpl gets the terminal's signals; SIGTERM, SIGINT and
+    SIGHUP are passed on with ``os.killpg`` to the whole group (``accelerate launch``, its ranks, data-loader
+    workers), every time they arrive: a second Ctrl-C is forwarded too, and the training's own handler
+    decides what it means. amptpl waits for the child to exit and restores its handlers afterwards. A signal
+    that amptpl was told to ignore (``nohup``: SIGHUP) is left ignored, as the child inherits it. The run
+    still writes to the terminal, but it is not the terminal's foreground group, so it cannot read from it:
+    to stop at a ``breakpoint()``, run ``python -m PACKAGE.train`` directly.
+
+    Returns the child's exit code, ``128 + N`` when it died of signal N.
+    """
+    if not FORWARDED_SIGNALS or threading.current_thread() is not threading.main_thread():
+        # no process groups, or not allowed to set signal handlers (only the main thread may): run it plainly
+        return _exit_code(subprocess.run(list(argv), check=False, env=env, cwd=cwd).returncode)
+
+    child: list[subprocess.Popen] = []  # set once started; a signal before that is held in `pending`
+    pending: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not child:
+            pending.append(signum)
+            return
+        name = signal.Signals(signum).name
+        # os.write, not print: a handler may interrupt a print in progress
+        os.write(2, f"amptpl run: {name} sent to the run; waiting for it to exit\n".encode())
+        try:
+            os.killpg(child[0].pid, signum)
+        except ProcessLookupError:  # it has already exited; wait() collects it
+            pass
+
+    previous = {}
+    for sig in FORWARDED_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, forward)
     try:
-        code = subprocess.run(argv, check=False, env=env, cwd=cwd).returncode
-    except KeyboardInterrupt:  # the child got the same SIGINT and has stopped
-        return 128 + signal.SIGINT
-    return 128 - code if code < 0 else code
+        # process_group=0 (3.11+) keeps the child in this session, on this terminal; setpgid before 3.11
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        child.append(subprocess.Popen(list(argv), env=env, cwd=cwd, **group))
+        for signum in pending:
+            forward(signum, None)
+        return _exit_code(child[0].wait())  # wait() resumes after each handler runs (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
