@@ -1,0 +1,262 @@
+"""Export a training checkpoint as a model anyone can load: ``model.safetensors``, ``config.json``, ``README.md``.
+
+    python -m PACKAGE.export runs/default/checkpoints/step_0000500     # -> runs/default/final/
+    python -m PACKAGE.export runs/default --out my-model               # the run's newest complete checkpoint
+
+The exported directory needs neither this project's config nor the optimizer state:
+``ByteLM.from_pretrained(dir)`` rebuilds the model from ``config.json`` (the constructor arguments).
+A bad checkpoint gets one line ``error: ...`` naming the path, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .amp.checkpoint import CHECKPOINTS, CheckpointError, check_complete, find_resume, read_meta
+from .model import ByteLM
+
+PACKAGE = __package__  # the package name also when run as `python -m PACKAGE.export` (__name__ is __main__)
+WEIGHTS = "model.safetensors"
+EXPORT_FILES = {"config.json", WEIGHTS, "README.md"}  # what an export holds; only these may be replaced
+
+
+class ExportError(ValueError):
+    """A checkpoint or destination that cannot be used; the message is one line naming the path."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+# ----------------------------------------------------------------------------
+# Reading a checkpoint
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint of a run directory (``out_dir``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path}: no such checkpoint or run directory")
+    if (path / "meta.json").exists():
+        return path
+    if not (path / CHECKPOINTS).is_dir():
+        raise ExportError(f"{path}: neither a checkpoint (no meta.json) nor a run directory (no {CHECKPOINTS}/)")
+    # the same rule as resume=auto: the newest complete checkpoint (`latest` names it, or lags it by one
+    # save when a run died between the rename and the update of `latest`)
+    found, _ = find_resume(path, "auto")
+    if found is None:
+        raise ExportError(f"{path / CHECKPOINTS}: no complete checkpoint")
+    return found
+
+
+def _model_args(meta: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The ByteLM constructor arguments from the resolved training config stored in meta.json."""
+    config = meta.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(data, dict):
+        raise ExportError(f"{where}: meta.json has no config.model / config.data (not written by this project?)")
+    args = {"seq_len": data.get("seq_len"), **{k: model.get(k) for k in ("d_model", "n_layer", "n_head", "dropout")}}
+    for key, value in args.items():
+        name = f"config.{'data' if key == 'seq_len' else 'model'}.{key}"
+        if key == "dropout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ExportError(f"{where}: meta.json {name} must be a number in [0, 1), got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ExportError(f"{where}: meta.json {name} must be an integer >= 1, got {value!r}")
+    if args["d_model"] % args["n_head"]:
+        raise ExportError(f"{where}: meta.json config.model.d_model {args['d_model']} is not a multiple of "
+                          f"n_head {args['n_head']}")
+    return args
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ByteLM, dict[str, Any], Path]:
+    """Build the ByteLM of a checkpoint (or of a run's newest one) and load its weights.
+
+    Returns (model in eval mode, meta.json, the checkpoint directory). Raises ExportError with one line
+    naming the path when the checkpoint is missing or incomplete, has no ``model.safetensors``, or holds
+    weights that do not fit the config it records.
+    """
+    path = find_checkpoint(path)
+    weights = path / WEIGHTS
+    try:
+        meta = read_meta(path)
+        if not isinstance(meta, dict):
+            raise ExportError(f"{path}: meta.json is not a JSON object")
+        if not weights.is_file():
+            others = sorted(p.name for p in path.iterdir() if p.name.startswith("pytorch_model"))
+            hint = (f" (it holds {', '.join(others)}: save or merge the weights as safetensors, "
+                    "e.g. `accelerate merge-weights`)") if others else ""
+            raise ExportError(f"{path}: no {WEIGHTS}{hint}")
+        check_complete(path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    model = ByteLM(**_model_args(meta, path))
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{weights}: unreadable ({e})") from None
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in sorted(expected.keys() - state.keys())]
+    problems += [f"unexpected {k}" for k in sorted(state.keys() - expected.keys())]
+    problems += [f"{k} is {tuple(state[k].shape)}, config wants {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ExportError(f"{weights}: weights do not fit the config in meta.json ({'; '.join(problems[:3])}{more})")
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta, path
+
+
+# ----------------------------------------------------------------------------
+# Writing the export
+
+
+def _val_loss(meta: dict[str, Any], ckpt: Path) -> float | None:
+    """val/loss at the checkpoint: from meta.json if the run stored it, else from the run's metrics.jsonl."""
+    for source in (meta, meta.get("metrics") or {}):
+        if isinstance(source, dict) and isinstance(source.get("val/loss"), (int, float)):
+            return float(source["val/loss"])
+    log = ckpt.parent.parent / "metrics.jsonl"
+    step, found = meta.get("step"), None
+    if not isinstance(step, int) or not log.is_file():
+        return None
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "val/loss" in rec and rec.get("step", math.inf) <= step:
+            found = float(rec["val/loss"])
+    return found
+
+
+def model_card(model: ByteLM, meta: dict[str, Any], ckpt: Path) -> str:
+    """The README.md of an export: what the model is, how it was trained, how to load and sample it."""
+    cfg = model._hub_mixin_config or {}
+    n_params = sum(p.numel() for p in model.parameters())
+    prec = meta.get("precision") or {}
+    effective, requested = prec.get("effective", "unknown"), prec.get("requested")
+    trained_in = effective if requested in (None, effective) else f"{effective} (requested {requested})"
+    switches = meta.get("precision_switches") or []
+    if switches:
+        trained_in += ", switched " + ", ".join(f"{s.get('from')} -> {s.get('to')} at step {s.get('step')}"
+                                                for s in switches)
+    rows = [
+        ("what", "GPT-style decoder over raw bytes (vocabulary 256, no tokenizer)"),
+        ("parameters", f"{n_params:,}"),
+        ("context", f"{cfg.get('seq_len')} bytes"),
+        ("layers / width / heads", f"{cfg.get('n_layer')} / {cfg.get('d_model')} / {cfg.get('n_head')}"),
+        ("trained in", trained_in),
+        ("optimizer steps", str(meta.get("step", "unknown"))),
+    ]
+    val = _val_loss(meta, ckpt)
+    if val is not None:
+        rows.append(("val loss", f"{val:.4f} nats/byte (perplexity {math.exp(val):.2f})"))
+    rows.append(("from checkpoint", ckpt.name))
+    tags = "".join(f"- {t}\n" for t in ByteLM._hub_mixin_info.model_card_data.tags or [])
+    table = "".join(f"| {k} | {v} |\n" for k, v in rows)
+    return f"""---
+tags:
+{tags}---
+
+# ByteLM
+
+A small byte-level language model trained with `{PACKAGE}` (HuggingFace Accelerate, mixed precision).
+
+| | |
+| --- | --- |
+{table}
+## Use
+
+```python
+import torch
+from {PACKAGE}.model import ByteLM
+
+model = ByteLM.from_pretrained("path/to/this/folder")   # config.json holds the constructor arguments
+out = model.generate(torch.tensor([list(b"def ")]), 200, temperature=0.8, top_k=50)
+print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+```
+
+or `python -m {PACKAGE}.sample path/to/this/folder --prompt "def "`.
+"""
+
+
+def _check_destination(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"{dest}: exists and is not a directory; pass another --out")
+    if dest.is_dir():
+        foreign = sorted(p.name for p in dest.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:
+            raise ExportError(f"{dest}: exists and is not an exported model (holds {', '.join(foreign[:3])}); "
+                              "pass another --out")
+
+
+def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the model of a training checkpoint as ``model.safetensors`` + ``config.json`` + ``README.md``.
+
+    ``ckpt_dir`` is a checkpoint (``out_dir/checkpoints/step_NNNNNNN``) or a run directory (its newest
+    complete checkpoint). ``out_dir`` defaults to ``final/`` beside ``checkpoints/``. A previous export
+    there is replaced; any other non-empty directory is refused. The new export appears whole: it is
+    written beside the destination and renamed into place. Call on the main process only.
+    Returns the export directory; raises ExportError (one line naming the path) on bad input.
+    """
+    model, meta, ckpt = load_checkpoint(ckpt_dir)
+    dest = Path(out_dir) if out_dir is not None else ckpt.resolve().parents[1] / "final"
+    _check_destination(dest)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # model.safetensors + config.json (and the mixin's generic card, replaced next)
+    (tmp / "README.md").write_text(model_card(model, meta, ckpt))
+    # safetensors creates its file owner-only (0600); an export is for sharing: the umask's mode, as the card has
+    os.chmod(tmp / WEIGHTS, (tmp / "README.md").stat().st_mode & 0o777)
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m PACKAGE.export CKPT [--out DIR]``; returns the exit code."""
+    parser = ArgParser(prog=f"python -m {PACKAGE}.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", help="a checkpoint directory (out_dir/checkpoints/step_NNNNNNN) or a run's out_dir")
+    parser.add_argument("--out", default=None, help="export directory (default: final/ beside checkpoints/)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = find_checkpoint(args.ckpt)
+        dest = export(ckpt, args.out)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: cannot write the export ({e.strerror or e})", file=sys.stderr)
+        return 1
+    print(f"exported {ckpt} -> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
