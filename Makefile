@@ -43,6 +43,7 @@ lint: venv ## ruff on the CLI, the template and the tests
 
 bench: install ## side-by-side benchmarks (ratios, printed)
 	$(PY) benchmarks/amp_overhead.py --quick
+	$(PY) benchmarks/cli.py
 
 clean: ## remove the venv and build outputs
 	rm -rf $(VENV) build dist runs

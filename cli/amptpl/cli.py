@@ -1,8 +1,9 @@
 """The ``amptpl`` command line: thin Typer commands over ``render``, ``add`` and ``runner``.
 
 Each command calls one library function and prints its result. Bad input is one red ``Error: ...`` line on
-stderr and exit status 2; nothing is written. Nothing here imports torch, so ``amptpl new`` and
-``amptpl --help`` stay fast.
+stderr and exit status 2; nothing is written. Nothing here imports torch, and each command imports its
+library module (and rich) itself, so ``amptpl new`` and ``amptpl --help`` load only what they use
+(``python benchmarks/cli.py`` measures it).
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from . import __version__
-from .add import SNIPPET, add_core
 from .errors import AmptplError
-from .render import render_project
-from .runner import run_project
-from .update import Plan, plan_table, update_project
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .update import Plan
 
 app = typer.Typer(
     name="amptpl",
@@ -38,10 +38,14 @@ app = typer.Typer(
 def _out() -> Console:
     # Made per call, not at import, so it sees the current stdout and environment (NO_COLOR, COLUMNS);
     # soft_wrap keeps a long path on one line.
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
+    from rich.console import Console
+
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"Error: {message}", style="red", markup=False
     )
@@ -115,6 +119,10 @@ def new(
     ] = False,
 ) -> None:
     """Create a mixed-precision training project NAME that trains out of the box, on CPU or GPU."""
+    from rich.markup import escape
+
+    from .render import render_project
+
     try:
         result = render_project(name, directory, force)
     except AmptplError as exc:
@@ -181,6 +189,8 @@ def run(
         out.print(line, style="dim", markup=False)
         sys.stdout.flush()  # before the child writes to the same stdout
 
+    from .runner import run_project
+
     try:
         code = run_project(project, launch_config, num_processes, positional, echo=echo)
     except AmptplError as exc:
@@ -188,6 +198,35 @@ def run(
     except OSError as exc:
         _fail(f"cannot start the run: {exc}", code=1)
     raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (stable keys: see amptpl/doctor.py) for tools.")
+    ] = False,
+) -> None:
+    """Check this machine for training: versions, devices, bf16/fp16/TF32, the accelerate config, what
+    `accelerate launch` starts, what amp.precision=auto picks here and why, and the project in this folder.
+
+    Works without torch (it says how to install it). Exits 1 when something is broken, naming it in one line.
+    """
+    from .doctor import diagnose, render_text
+
+    report = diagnose()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        out = _out()
+        out.print(f"amptpl doctor (amptpl {__version__})", style="bold", markup=False)
+        for line in render_text(report):
+            out.print(line, markup=False)
+        for line in report.warnings:
+            out.print(f"warning: {line}", style="yellow", markup=False)
+    if report.problems:
+        _fail("broken: " + "; ".join(report.problems), code=1)
 
 
 @app.command()
@@ -211,6 +250,9 @@ def add(
     Never overwrites a file you changed unless --force; identical files are left alone. Run again on the same
     DEST to upgrade the core: files you did not change are replaced, files you changed are merged.
     """
+    from .add import SNIPPET, add_core
+    from .update import plan_table
+
     try:
         result = add_core(dest, force, dry_run)
     except AmptplError as exc:
@@ -262,6 +304,8 @@ def update(
     Adds new template files; files you deleted stay deleted; files the template dropped are removed
     unless you changed them. Refuses uncommitted git changes in the project unless --force.
     """
+    from .update import plan_table, update_project
+
     try:
         plan = update_project(project, dry_run=dry_run, force=force, adopt=adopt)
     except AmptplError as exc:
