@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .amp.checkpoint import CheckpointError
     from .amp.guard import GuardFallback, GuardStop
-    from .amp.session import RunLockedError, StopTraining
+    from .amp.session import OutputDirError, RunLockedError, StopTraining
     from .data import DataError
     switch = None
     while True:
@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, CheckpointError, DataError, RunLockedError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except OutputDirError as e:
+            print(f"error: out_dir: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a fault of the machine (a full disk while saving): one line, exit 1
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         finally:
             # Accelerate keeps its precision in process-wide singletons; clearing them lets the next run()
             # (a fallback, or another main() in the same process) choose its own

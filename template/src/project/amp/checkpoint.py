@@ -23,8 +23,10 @@ the run's GradScalerKwargs), and every decision is returned as a one-line notice
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -45,6 +47,10 @@ MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0",
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming the path."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount): one line naming the path and the cause."""
 
 
 @dataclass
@@ -77,13 +83,44 @@ def _step_of(path: Path) -> int | None:
 
 def read_meta(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(path) / META).read_text())
+        meta = json.loads((Path(path) / META).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable {META} ({e.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: {META} does not hold a JSON object")
+    return meta
 
 
-def check_complete(path: Path) -> None:
-    """Raise CheckpointError unless ``path`` looks like a complete checkpoint of ours."""
+# Parts whose loss costs only bit-exactness (Accelerate skips an unreadable RNG state silently): a notice, not a refusal
+SOFT_PARTS = re.compile(r"^random_states_\d+\.pkl$")
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _bad_part(path: Path, name: str, want: Any) -> str | None:
+    """Why the recorded part ``name`` does not verify, or None when it does."""
+    part = path / name
+    if not part.is_file():
+        return "missing"
+    if isinstance(want, dict):  # size and sha256 recorded at save (older checkpoints list names only)
+        if part.stat().st_size != want.get("size"):
+            return f"{part.stat().st_size} bytes, {want.get('size')} when saved"
+        if "sha256" in want and _digest(part)["sha256"] != want["sha256"]:
+            return "content differs from what was saved"
+    return None
+
+
+def check_complete(path: Path) -> list[str]:
+    """Raise CheckpointError unless ``path`` is a complete checkpoint whose parts verify against meta.json.
+
+    Returns notices for parts that only cost bit-exactness (an RNG state that does not verify).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -92,24 +129,52 @@ def check_complete(path: Path) -> None:
         raise CheckpointError(f"{path}: {META} does not mark it complete")
     if not any((path / f).exists() for f in MODEL_FILES):
         raise CheckpointError(f"{path}: no model weights ({' or '.join(MODEL_FILES[:2])})")
-    for name in meta.get("files", []):
-        if not (path / name).exists():
-            raise CheckpointError(f"{path}: missing {name}")
+    files = meta.get("files", [])
+    recorded = files if isinstance(files, dict) else dict.fromkeys(files)
+    notices = []
+    for name, want in sorted(recorded.items()):
+        why = _bad_part(path, name, want)
+        if why is None:
+            continue
+        if SOFT_PARTS.match(name):
+            notices.append(f"resume: {path / name} is unreadable ({why}): the resume is not bit-exact "
+                           "(that process's RNG state is lost)")
+        else:
+            raise CheckpointError(f"{path / name}: {why}")
+    return notices
+
+
+UNREADABLE = 2**62  # the save sequence given to a checkpoint whose meta.json cannot be read
+
+
+def _order(path: Path) -> tuple[int, int]:
+    """(save sequence, step): the run's own history, so a checkpoint saved later sorts later whatever its step.
+
+    Checkpoints from before the sequence existed have 0 (then the step decides); one whose meta.json is unreadable
+    sorts newest, so that ``resume=auto`` looks at it first and says why it skips it.
+    """
+    try:
+        meta = json.loads((path / META).read_text())
+        seq = int(meta.get("seq", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        seq = UNREADABLE
+    return seq, _step_of(path) or 0
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Checkpoint directories under ``out_dir/checkpoints``, oldest first (complete or not)."""
+    """Checkpoint directories under ``out_dir/checkpoints``, oldest first by when they were saved (complete or not)."""
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
-    return [p for _, p in sorted(found)]
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_order)
 
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
     """Pick the checkpoint to resume from: ``none``, ``auto`` (newest complete one) or a path.
 
-    Returns (path or None, notices). A ``resume=PATH`` that is missing or incomplete raises CheckpointError.
+    Returns (path or None, notices). A ``resume=PATH`` that is missing, incomplete or corrupt raises CheckpointError;
+    under ``auto`` such a checkpoint is skipped with a notice naming the bad part.
     """
     notices: list[str] = []
     if resume == "none":
@@ -120,13 +185,11 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"resume: no such checkpoint: {path}")
-        check_complete(path)
-        return path, notices
+        return path, check_complete(path)
     # newest complete wins; `latest` can lag by one save if a crash came between the rename and its update
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            check_complete(path)
-            return path, notices
+            return path, notices + check_complete(path)
         except CheckpointError as e:
             notices.append(f"resume: skipping incomplete checkpoint ({e})")
     return None, notices
@@ -135,13 +198,22 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
 def trim_log(path: str | Path, step: int) -> int:
     """Drop JSON-lines records past ``step`` (logged after the checkpoint a run resumes from); returns how many.
 
-    A run killed after its last checkpoint logged steps that the resumed run will log again.
+    A run killed after its last checkpoint logged steps that the resumed run will log again. A line that is not
+    a JSON object (half written when the process was killed) is dropped too.
     """
     path = Path(path)
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= step]
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+
+    def keep(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step
+
+    kept = [ln for ln in lines if ln.strip() and keep(ln)]
     if len(kept) != len(lines):
         _atomic_write(path, "".join(kept))
     return len(lines) - len(kept)
@@ -238,12 +310,20 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
         # Accelerate writes scaler.pt from every rank to the same path; let only the main process write it
-        with _scaler_hidden(acc, hide=not acc.is_main_process):
-            acc.save_state(str(tmp))
+        try:
+            with _scaler_hidden(acc, hide=not acc.is_main_process):
+                acc.save_state(str(tmp))
+        except Exception as e:  # OSError, or safetensors' own error type for the same faults (a full disk)
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({first})") from e
         acc.wait_for_everyone()
         if acc.is_main_process:
             meta = json.loads((tmp / META).read_text())
-            meta["files"] = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != META)
+            # size and hash of every part, checked on resume: a truncated or damaged file is found before loading
+            meta["files"] = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
+            meta["seq"] = 1 + max((o for p in list_checkpoints(self.root.parent) if (o := _order(p)[0]) != UNREADABLE),
+                                  default=0)
             meta["complete"] = True
             _atomic_write(tmp / META, json.dumps(meta, indent=2, default=str))
             _fsync_dir(tmp)
@@ -262,7 +342,9 @@ class CheckpointManager:
         return final
 
     def _rotate(self) -> None:
-        ckpts = list_checkpoints(self.root.parent)
+        # oldest first by save order: a run resumed from an older checkpoint keeps its own new saves; a checkpoint
+        # whose meta.json cannot be read is not this run's to delete
+        ckpts = [p for p in list_checkpoints(self.root.parent) if _order(p)[0] != UNREADABLE]
         for old in ckpts[: max(0, len(ckpts) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".tmp-step_*"):
@@ -284,7 +366,11 @@ class CheckpointManager:
         meta = read_meta(path)
         notices = []
         with _scaler_hidden(acc, hide=True):
-            acc.load_state(str(path))
+            try:
+                acc.load_state(str(path))
+            except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise CheckpointError(f"{path}: cannot be loaded into this run ({type(e).__name__}: {first})") from None
         notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
         saved_world = meta.get("world_size")
         if saved_world is not None and saved_world != acc.num_processes:

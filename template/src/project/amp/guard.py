@@ -62,11 +62,13 @@ def decide(policy: GuardPolicy, problem: Problem | None, *, precision: str, nati
            warned: str | None) -> Decision:
     """The guard's decision for this log tick. ``warned``: the kind already warned about (warn once per kind).
 
-    A fallback with nowhere to go (already fp32) stops instead.
+    A fallback with nowhere to go (already fp32) stops instead. A loss that stays non-finite without loss scaling
+    (fp32, bf16) stops even under ``warn``: every such step already wrote NaN into the weights, so going on
+    would only end in a run that exits 0 with a ruined model.
     """
     if problem is None:
         return Decision("ok")
-    if policy.action == "warn":
+    if policy.action == "warn" and not (problem.kind == "nonfinite_loss" and precision != "fp16"):
         return Decision("ok" if problem.kind == warned else "warn", problem)
     if policy.action == "fallback":
         to = fallback_target(precision, native_bf16)

@@ -62,6 +62,10 @@ class RunLockedError(RuntimeError):
     """Another live run holds ``out_dir``; the message is one line naming its PID and host."""
 
 
+class OutputDirError(RuntimeError):
+    """``out_dir`` cannot be created or written (a file in the way, a read-only filesystem); one line."""
+
+
 @dataclass
 class Tick:
     """What one log tick found: the metrics logged, the console status, the guard's decision, a stop request."""
@@ -259,7 +263,11 @@ class AmpSession:
                 self._lock_taken = _acquire_lock(self.out_dir / LOCK)
             except RunLockedError as e:
                 error = str(e)
+            except OSError as e:
+                error = f"{self.out_dir}: cannot be used as the output directory ({e.strerror or e})"
         if any_rank(self.accelerator, error is not None):
+            if error is not None and "output directory (" in error:
+                raise OutputDirError(error)
             raise RunLockedError(error or f"{self.out_dir} is locked by another run (seen by the main process)")
 
     def _release_lock(self) -> None:
@@ -619,4 +627,4 @@ def _acquire_lock(path: Path) -> bool:
     raise RunLockedError(f"could not take the lock {path}; another run keeps creating it")
 
 
-__all__ = ["AmpSession", "RunLockedError", "StopTraining", "Tick", "GuardStop", "GuardFallback", "has_accelerator"]
+__all__ = ["AmpSession", "OutputDirError", "RunLockedError", "StopTraining", "Tick", "GuardStop", "GuardFallback", "has_accelerator"]
