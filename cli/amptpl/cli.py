@@ -173,15 +173,23 @@ def run(
             "--num-processes", help="Run N processes with `accelerate launch` (CPU ranks without a GPU)."
         ),
     ] = None,
+    bench: Annotated[
+        bool,
+        typer.Option(
+            "--bench",
+            help="Time fp32/bf16/fp16 (tf32 on CUDA) side by side: `python -m PACKAGE.bench` instead of training;"
+            " its options pass through, e.g. --steps 5 --precisions fp32,bf16.",
+        ),
+    ] = False,
 ) -> None:
     """Train a generated project: [bold]amptpl run myproj train.max_steps=200 amp.precision=fp16[/].
 
     Runs `python -m PACKAGE.train` with PROJECT/src on PYTHONPATH (no install needed), or `accelerate launch`
-    with --launch-config / --num-processes. Exits with the training run's exit code.
+    with --launch-config / --num-processes; `python -m PACKAGE.bench` with --bench. Exits with the run's exit code.
     """
     positional = list(args or [])
     project = "."
-    if positional and "=" not in positional[0]:
+    if positional and "=" not in positional[0] and not positional[0].startswith("-"):
         project = positional.pop(0)
     out = _out()
 
@@ -192,7 +200,7 @@ def run(
     from .runner import run_project
 
     try:
-        code = run_project(project, launch_config, num_processes, positional, echo=echo)
+        code = run_project(project, launch_config, num_processes, positional, echo=echo, bench=bench)
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -72,10 +72,13 @@ def build_run_command(
     launch_config: str | os.PathLike[str] | None = None,
     num_processes: int | None = None,
     overrides: Sequence[str] = (),
+    bench: bool = False,
 ) -> tuple[list[str], dict[str, str], Path]:
     """Return ``(argv, env, cwd)`` that run the project's training with ``overrides`` (``key=value`` strings).
 
     - neither option: ``python -m PACKAGE.train ...``;
+    - ``bench``: ``python -m PACKAGE.bench ...`` (one process; ``overrides`` may hold its options, e.g. ``--steps 5``,
+      which the bench checks itself);
     - ``launch_config``: ``accelerate launch --config_file FILE -m PACKAGE.train ...`` (FILE is looked up
       relative to the current directory first, then the project);
     - ``num_processes``: ``accelerate launch --num_processes N ...``, ``--multi_gpu`` when N > 1, and
@@ -85,10 +88,12 @@ def build_run_command(
     if not project.is_dir():
         raise AmptplError(f"project directory {project_dir} does not exist")
     package = read_package(project)
-    for override in overrides:
+    for override in () if bench else overrides:
         key, sep, _ = override.partition("=")
         if not sep or not key.strip():
             raise AmptplError(f"{override!r} is not a key=value override (e.g. train.max_steps=200)")
+    if bench and (launch_config is not None or num_processes is not None):
+        raise AmptplError("--bench runs one process; drop --launch-config and --num-processes")
     if launch_config is not None and num_processes is not None:
         raise AmptplError("--launch-config and --num-processes cannot be used together; pick one")
     if num_processes is not None and num_processes < 1:
@@ -97,7 +102,7 @@ def build_run_command(
     env = dict(os.environ)
     src = str(project / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
-    module = ["-m", f"{package}.train", *overrides]
+    module = ["-m", f"{package}.{'bench' if bench else 'train'}", *overrides]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
 
     if launch_config is not None:
@@ -143,6 +148,7 @@ def run_project(
     num_processes: int | None = None,
     overrides: Sequence[str] = (),
     echo: Callable[[str], None] | None = None,
+    bench: bool = False,
 ) -> int:
     """Build the command (see ``build_run_command``), show it through ``echo``, run it; return its exit code.
 
@@ -150,7 +156,7 @@ def run_project(
     SIGTERM, SIGINT and SIGHUP sent to amptpl go to the whole run (see ``run_forwarding_signals``), so a
     scheduler's SIGTERM or a Ctrl-C lets the training save and exit; amptpl then returns its exit code.
     """
-    argv, env, cwd = build_run_command(project_dir, launch_config, num_processes, overrides)
+    argv, env, cwd = build_run_command(project_dir, launch_config, num_processes, overrides, bench=bench)
     if echo is not None:
         echo(format_command(argv, env))
     return run_forwarding_signals(argv, env, cwd)

@@ -1,0 +1,523 @@
+"""Time this project's training step in each precision on this machine, side by side.
+
+    python -m PACKAGE.bench                                   # fp32, bf16, fp16 (and tf32 on a CUDA GPU)
+    python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 model.d_model=512 train.batch_size=64
+    python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
+
+Each precision runs in a fresh process (``--worker PREC``), so no precision inherits another's allocator,
+autocast cache or Accelerate state. The worker builds the data, the model and the optimizer with train.py's
+own builders inside an AmpSession (fp16 goes through the real GradScaler path, on a CPU too), runs the warm-up
+steps, then ``--repeats`` timed blocks of ``--steps`` optimizer steps with train.py's loop body, synchronising
+the device only at the end of each block, and prints one JSON line that this process reads.
+
+The table has the median step time over the blocks (with min-max), samples/s, tokens/s, peak memory
+(CUDA: ``max_memory_allocated``; CPU: the worker's peak RSS, interpreter and libraries included), skipped
+steps, the training loss after the last step, and speed-up and memory against fp32 (always measured: it is
+the reference). It says what ``amp.precision=auto`` picks here and whether the measurement agrees, and marks a
+precision this device only emulates instead of passing its number off as a real one. fp32 runs with TF32 off;
+the tf32 row (CUDA, Ampere+) is fp32 with TF32 matmuls on. Results go to ``out_dir/bench.json`` or ``--json``.
+Bad input is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
+
+PACKAGE = __package__ or "project"
+PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+ROW_PREFIX = '{"bench_row": '  # the one stdout line of a worker that the parent reads
+NOISE = 0.05  # two step times within 5% are a tie
+# how much slower than fp32 a CPU without fast kernels may run these, at worst (for the estimate line only:
+# it varies from ~2x to these with the CPU, the torch build and the model)
+SLOWDOWN = {"fp16": 30.0, "bf16": 10.0}
+
+
+class BenchError(ValueError):
+    """Bad bench input; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BenchError(f"{message} (see --help)")
+
+
+@dataclass
+class Options:
+    steps: int = 10
+    warmup: int = 2
+    repeats: int = 3
+    precisions: list[str] | None = None  # None: fp32, bf16, fp16, and tf32 on a CUDA GPU
+    json_path: str | None = None
+    plot: str | None = None
+    worker: str | None = None
+    config_args: list[str] = field(default_factory=list)  # --config FILE and key=value, in the order given
+
+
+def parse(argv: list[str]) -> tuple[Options, Config]:
+    """Bench options and the project config (``--config`` files and ``key=value`` overrides, as train.py reads them)."""
+    p = _Parser(prog=f"python -m {PACKAGE}.bench", description=__doc__.split("\n\n")[0],
+                epilog=f"key=value and --config FILE set the config as for training (python -m {PACKAGE}.train --help)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported (default 3)")
+    p.add_argument("--precisions", help="comma-separated: fp32,bf16,fp16,tf32 (default fp32,bf16,fp16; tf32 too on CUDA)")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="a YAML config file; may repeat")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default out_dir/bench.json)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the step times and speed-ups (needs matplotlib)")
+    p.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=64")
+    args = p.parse_intermixed_args(argv)
+    for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+        if value < low:
+            raise BenchError(f"{flag} must be >= {low}, got {value}")
+    for o in args.overrides:
+        if "=" not in o or o.startswith("="):
+            raise BenchError(f"{o!r}: not a key=value override or a bench option (see --help)")
+    opts = Options(args.steps, args.warmup, args.repeats, json_path=args.json_path, plot=args.plot, worker=args.worker,
+                   config_args=[a for path in args.config for a in ("--config", path)] + args.overrides)
+    if args.precisions is not None:
+        opts.precisions = _precisions(args.precisions)
+    cfg = parse_args(opts.config_args)
+    return opts, cfg
+
+
+def _precisions(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names:
+        raise BenchError("--precisions: give at least one of fp32, bf16, fp16, tf32")
+    for n in names:
+        if n not in PRECISIONS:
+            raise BenchError(f"--precisions: {n!r} is not one of fp32, bf16, fp16, tf32")
+    # fp32 first: the reference for the ratios, and the time the estimates of slow precisions start from
+    return ["fp32"] + [n for i, n in enumerate(names) if n != "fp32" and n not in names[:i]]
+
+
+# ----------------------------------------------------------------------------
+# what a device runs natively: said in the table instead of a misleading number
+
+
+def device_note(prec: str, device: Any) -> str:
+    """Empty when ``prec`` runs natively on ``device``; else why its number is not a real speed (or ``n/a``)."""
+    import torch
+
+    from .amp import precision
+
+    kind = torch.device(device).type
+    if prec == "tf32":
+        if kind != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+            return "n/a: TF32 needs an Ampere+ CUDA GPU"
+        return ""
+    if kind == "cpu" and prec == "bf16" and precision.cpu_bf16_feature() is None:
+        return "emulated (no AVX512-BF16/AMX): slow by design"
+    if kind == "cpu" and prec == "fp16":
+        return "no fast fp16 CPU kernels: correctness path"
+    if kind == "cuda" and prec == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "emulated (no native bf16 on this GPU): slow by design"
+    return ""
+
+
+# ----------------------------------------------------------------------------
+# the worker: one precision in a fresh process
+
+
+def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
+    """One optimizer step, the body of train.py's loop: accumulate, backward, clip, step, schedule, zero_grad."""
+    from .model import lm_loss
+
+    accelerator, t = amp.accelerator, cfg.train
+    loss = None
+    for _ in range(t.grad_accum):
+        x, y = next(batches)
+        with accelerator.accumulate(model):
+            loss = lm_loss(model(x), y)
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        amp.after_step(loss, grad_norm)
+    return loss
+
+
+def _sync(device: Any) -> None:
+    """Wait for the device's queued work (CPU ops are synchronous)."""
+    import torch
+
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def _peak_memory(device: Any) -> tuple[float | None, str]:
+    """Peak memory in MiB and what it measures."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None, "unavailable"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak RSS of the process"
+
+
+def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
+    """Build everything through train.py's builders in an AmpSession, warm up, time the blocks; one row."""
+    import tempfile
+
+    import torch
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from .amp import AmpSession, precision
+    from .train import build_data, build_model, build_optimizer, forever
+
+    t = cfg.train
+    total = opts.warmup + opts.steps * opts.repeats
+    with tempfile.TemporaryDirectory(prefix="bench-") as out_dir, AmpSession(
+        "fp32" if prec == "tf32" else prec, out_dir, scaler=asdict(cfg.amp.scaler), guard="warn",
+        log_every=total + 1, keep=1, live=False, gradient_accumulation_steps=t.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    ) as amp:
+        device = amp.accelerator.device
+        row: dict[str, Any] = {"precision": prec, "effective": amp.resolution.effective, "device": str(device),
+                               "note": device_note(prec, device)}
+        auto = precision.resolve("auto", device)
+        row["auto"] = {"pick": auto.effective, "reason": auto.reason}
+        if row["note"].startswith("n/a"):
+            amp.close(completed=False)
+            return {**row, "status": "n/a"}
+        # fp32 is TF32-free; tf32 is fp32 with TF32 on; bf16/fp16 keep amp.tf32 for their fp32 parts, as in training
+        precision.set_tf32(prec == "tf32" or (prec in ("bf16", "fp16") and cfg.amp.tf32), cfg.amp.cudnn_benchmark)
+        set_seed(cfg.seed)
+        train_loader, _ = build_data(cfg, amp.accelerator)
+        model = build_model(cfg)
+        optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
+        model, optimizer, train_loader, scheduler = amp.prepare(model, optimizer, train_loader, scheduler)
+        amp.resume("none")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batches = forever(amp, train_loader)
+        model.train()
+        try:
+            row.update(_timed(amp, model, optimizer, scheduler, batches, cfg, opts, device))
+        except torch.OutOfMemoryError:
+            amp.close(completed=False)
+            return {**row, "status": "oom", "note": "out of memory"}
+        amp.monitor.flush()  # the skipped-step count: one read, after the timing
+        row.update(status="ok", skipped_steps=amp.monitor.skipped, steps=amp.step, scale=amp.monitor.scale)
+        row["peak_mem_mib"], row["peak_mem_kind"] = _peak_memory(device)
+        amp.close(completed=False)  # no final checkpoint or summary: nothing of a benchmark is kept
+    return row
+
+
+def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config, opts: Options,
+           device: Any) -> dict[str, Any]:
+    """Warm-up steps, then the timed blocks; a sync only at the end of each block."""
+    loss = None
+    for _ in range(opts.warmup):
+        loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
+    _sync(device)
+    times, samples, tokens = [], [], []
+    p = amp.progress
+    for _ in range(opts.repeats):
+        s0, k0 = p.samples_seen, p.tokens_seen
+        t0 = time.perf_counter()
+        for _ in range(opts.steps):
+            loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt / opts.steps)
+        samples.append((p.samples_seen - s0) / dt)
+        tokens.append((p.tokens_seen - k0) / dt)
+    return {"step_time_s": statistics.median(times), "step_time_min_s": min(times), "step_time_max_s": max(times),
+            "step_times_s": times, "samples_per_s": statistics.median(samples),
+            "tokens_per_s": statistics.median(tokens), "loss": float(loss) if loss is not None else None}
+
+
+def worker_main(opts: Options, cfg: Config) -> int:
+    """``--worker PREC``: measure one precision and print its row as one JSON line."""
+    from .amp.session import RunLockedError
+    from .data import DataError
+
+    try:
+        row = measure(opts.worker, replace(cfg, resume="none"), opts)
+    except (ConfigError, DataError, RunLockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    print(ROW_PREFIX + json.dumps(row) + "}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# the parent: one worker per precision, then the table
+
+
+def _device_type() -> str:
+    """The device the workers will use, without touching the GPU: cuda, cpu or another accelerator."""
+    import torch
+
+    from .amp.session import has_accelerator
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes") or not has_accelerator():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "other"
+
+
+def _worker_command(prec: str, opts: Options) -> tuple[list[str], dict[str, str]]:
+    argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--worker", prec, "--steps", str(opts.steps),
+            "--warmup", str(opts.warmup), "--repeats", str(opts.repeats), *opts.config_args]
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])  # the package importable as in this process
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    return argv, env
+
+
+def run_worker(prec: str, opts: Options) -> dict[str, Any]:
+    """Run one precision in a fresh process; its row, or a failed row with the worker's last error line."""
+    argv, env = _worker_command(prec, opts)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(ROW_PREFIX):
+            return json.loads(line)["bench_row"]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(errors) if ln.startswith("error:")), errors[-1] if errors else "no output")
+    if proc.returncode == 2 and last.startswith("error:"):
+        raise BenchError(last.removeprefix("error:").strip())
+    return {"precision": prec, "status": "failed", "note": f"exit code {proc.returncode}: {last.strip()[:200]}"}
+
+
+def _estimate(prec: str, rows: list[dict[str, Any]], opts: Options, device_type: str) -> str | None:
+    """One line before a precision this CPU runs slowly, with the time it may take."""
+    if device_type != "cpu":
+        return None
+    note = device_note(prec, "cpu")
+    if not note or prec not in SLOWDOWN:
+        return None
+    ref = next((r for r in rows if r["precision"] == "fp32" and r.get("status") == "ok"), None)
+    steps = opts.warmup + opts.steps * opts.repeats
+    guess = ""
+    if ref is not None:
+        guess = (f"; it may run up to ~{SLOWDOWN[prec]:.0f}x slower than fp32: up to about "
+                 f"{fmt_duration(ref['step_time_s'] * SLOWDOWN[prec] * steps)} for {steps} steps")
+    return f"{prec}: {note}{guess} (fewer --steps/--repeats, or leave it out of --precisions, to save time)"
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Speed-up (fp32 step time / this one) and memory ratio (this / fp32) on every measured row."""
+    ref = next((r for r in rows if r["precision"] == "fp32" and r.get("status") == "ok"), None)
+    for r in rows:
+        ok = ref is not None and r.get("status") == "ok"
+        r["speedup_vs_fp32"] = ref["step_time_s"] / r["step_time_s"] if ok else None
+        mem, ref_mem = r.get("peak_mem_mib"), ref.get("peak_mem_mib") if ref else None
+        r["memory_vs_fp32"] = mem / ref_mem if ok and mem and ref_mem else None
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``amp.precision=auto`` picks here, the fastest measured precision, and whether they agree."""
+    auto = next((r["auto"] for r in rows if "auto" in r), None)
+    if auto is None:
+        return {"pick": None, "reason": None, "fastest": None, "agrees": None, "text": "no precision was measured"}
+    out = {**auto, "fastest": None, "agrees": None}
+    head = f"auto picks {auto['pick']} here ({auto['reason']})"
+    measured = [r for r in rows if r.get("status") == "ok" and r["precision"] in ("fp32", "bf16", "fp16")]
+    pick = next((r for r in measured if r["precision"] == auto["pick"]), None)
+    if not measured:
+        return {**out, "text": f"{head}; nothing was measured to compare"}
+    fastest = min(measured, key=lambda r: r["step_time_s"])
+    out["fastest"] = fastest["precision"]
+    if pick is None:
+        return {**out, "text": f"{head}; {auto['pick']} was not measured (add it to --precisions)"}
+    ratio = pick["step_time_s"] / fastest["step_time_s"]
+    out["agrees"] = ratio <= 1 + NOISE
+    if fastest is pick:
+        text = f"{head}; the measurement agrees: {auto['pick']} is the fastest"
+    elif out["agrees"]:
+        text = (f"{head}; the measurement agrees: {auto['pick']} is within {100 * NOISE:.0f}% of the fastest "
+                f"({fastest['precision']}, {100 * (ratio - 1):.1f}% faster: noise)")
+    else:
+        text = f"{head}; the measurement disagrees: {fastest['precision']} was {ratio:.2f}x faster here"
+    return {**out, "text": text}
+
+
+# ----------------------------------------------------------------------------
+# output: the table, bench.json, the plot
+
+
+def fmt_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{max(seconds, 0):.0f}s"
+
+
+def _ms(r: dict[str, Any]) -> str:
+    return f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}-{1e3 * r['step_time_max_s']:.1f})"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def table(rows: list[dict[str, Any]], title: str) -> Any:
+    """The rich table: one row per precision, the ratios against fp32 beside its numbers; notes go below it."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, caption_justify="left")
+    for name in ("precision", "ms/step\n(min-max)", "samples/s", "tokens/s", "peak\nMiB", "loss", "skipped",
+                 "speed-up\nvs fp32", "memory\nvs fp32"):
+        t.add_column(name, justify="left" if name == "precision" else "right", no_wrap=True)
+    notes = []
+    for r in rows:
+        name = r["precision"]
+        if r.get("note"):
+            notes.append(f"{name}: {r['note']}")
+            name += " *"
+        if r.get("status") != "ok":
+            t.add_row(name, r.get("status", "-"), *["-"] * 7)
+            continue
+        mem = "-" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:,.0f}"
+        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
+        t.add_row(name, _ms(r), f"{r['samples_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}", mem, loss,
+                  f"{r['skipped_steps']}/{r['steps']}", _x(r["speedup_vs_fp32"]), _x(r["memory_vs_fp32"]))
+    if notes:
+        t.caption = "\n".join(f"* {n}" for n in notes)
+    return t
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write atomically: a temporary file, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Step time per precision (bars, min-max whiskers) and the speed-up against fp32."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    names = [r["precision"] for r in ok]
+    med = [1e3 * r["step_time_s"] for r in ok]
+    err = [[1e3 * (r["step_time_s"] - r["step_time_min_s"]) for r in ok],
+           [1e3 * (r["step_time_max_s"] - r["step_time_s"]) for r in ok]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(names, med, yerr=err, capsize=4, color="#4c72b0")
+    a.set_ylabel("ms per optimizer step (median, min-max)")
+    b.bar(names, [r["speedup_vs_fp32"] or 0 for r in ok], color="#55a868")
+    b.axhline(1.0, color="grey", lw=0.8)
+    b.set_ylabel("speed-up vs fp32")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _check_plot(opts: Options) -> None:
+    if opts.plot is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BenchError("--plot needs matplotlib (pip install matplotlib)") from None
+
+
+def _check_json(path: Path) -> None:
+    if path.is_dir():
+        raise BenchError(f"--json: {path} is a directory; give a file path such as {path / 'bench.json'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise BenchError(f"--json: {parent} is a file, not a directory")
+
+
+def run(opts: Options, cfg: Config) -> int:
+    """Every precision in its own worker, then the table, the verdict, bench.json and the plot."""
+    import torch
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(highlight=False, soft_wrap=True, width=120)  # a log file or pipe: the whole table
+    _check_plot(opts)
+    json_path = Path(opts.json_path) if opts.json_path else Path(cfg.out_dir) / "bench.json"
+    _check_json(json_path)
+    device_type = _device_type()
+    if opts.precisions is None:
+        opts.precisions = ["fp32", "bf16", "fp16"] + (["tf32"] if device_type == "cuda" else [])
+    t, m = cfg.train, cfg.model
+    setup = (f"{opts.warmup} warm-up + {opts.repeats} x {opts.steps} timed optimizer steps; batch {t.batch_size} "
+             f"x grad_accum {t.grad_accum}, seq_len {cfg.data.seq_len}; model d_model={m.d_model} "
+             f"n_layer={m.n_layer} n_head={m.n_head}")
+    out.print(f"bench: {setup}", markup=False)
+    rows: list[dict[str, Any]] = []
+    for i, prec in enumerate(opts.precisions, 1):
+        if prec == "tf32" and device_type != "cuda":
+            rows.append({"precision": "tf32", "status": "n/a", "note": "n/a: TF32 needs an Ampere+ CUDA GPU"})
+            continue
+        line = _estimate(prec, rows, opts, device_type)
+        if line:
+            out.print(line, style="yellow", markup=False)
+        out.print(f"[{i}/{len(opts.precisions)}] {prec} ...", markup=False)
+        t0 = time.perf_counter()
+        rows.append(run_worker(prec, opts))
+        out.print(f"[{i}/{len(opts.precisions)}] {prec}: {rows[-1]['status']} in {fmt_duration(time.perf_counter() - t0)}",
+                  markup=False)
+    add_ratios(rows)
+    v = verdict(rows)
+    device = next((r["device"] for r in rows if "device" in r), device_type)
+    title = f"{PACKAGE} on {device}: {setup}"
+    out.print(table(rows, f"bench: {PACKAGE} on {device}"))
+    out.print(v["text"], markup=False)
+    if device_type == "cpu":
+        out.print("peak memory on a CPU is the worker's peak RSS, interpreter and libraries included: the ratios "
+                  "understate the difference in the model's own memory", style="dim", markup=False)
+    report = {"package": PACKAGE, "device": device, "device_type": device_type, "torch": torch.__version__,
+              "settings": {"steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
+                           "precisions": opts.precisions, "args": opts.config_args},
+              "config": to_dict(cfg), "auto": v, "rows": rows}
+    write_json(json_path, report)
+    out.print(f"wrote {json_path}", markup=False)
+    if opts.plot:
+        plot(Path(opts.plot), rows, title)
+        out.print(f"wrote {opts.plot}", markup=False)
+    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bench options and config overrides; bad input is one line and exit code 2."""
+    try:
+        opts, cfg = parse(sys.argv[1:] if argv is None else argv)
+        if opts.worker:
+            return worker_main(opts, cfg)
+        return run(opts, cfg)
+    except ConfigExit as e:
+        print(e.text)
+        return 0
+    except (BenchError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
