@@ -129,7 +129,9 @@ class LogConfig:
 
     every: int = 10  # steps between log lines / metric reads (the only device syncs of the monitor)
     live: bool = True  # rich live panel on a terminal; plain lines when false or not a TTY
-    trackers: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
+    trackers: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard] or [wandb]
+    run_name: str = ""  # the trackers' project/run name; empty = the name of out_dir
+    tracker_kwargs: dict = field(default_factory=dict)  # per tracker, e.g. {wandb: {entity: me, tags: [amp]}}
 
 
 @dataclass
@@ -166,7 +168,7 @@ RESUME_IGNORED = ("resume",)
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         tp, "a list of strings" if typing.get_origin(tp) is list else str(tp)
     )
 
@@ -249,6 +251,9 @@ def set_key(cfg: Config, key: str, value: Any, text: bool = False) -> None:
             allowed = ", ".join(types_)
             raise ConfigError(f"{key}: unknown key{_did_you_mean(key)} (allowed under {where}: {allowed})")
         tp = types_[part]
+        if tp is dict or typing.get_origin(tp) is dict:
+            _set_mapping(node, part, parts[i + 1 :], key, value, text)
+            return
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 if text or not isinstance(value, dict):
@@ -261,6 +266,23 @@ def set_key(cfg: Config, key: str, value: Any, text: bool = False) -> None:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
             node = getattr(node, part)
+
+
+def _set_mapping(node: Any, part: str, rest: list[str], key: str, value: Any, text: bool) -> None:
+    """A mapping-valued key: set whole (``log.tracker_kwargs={wandb: {entity: me}}``) or one entry by its dotted path
+    (``log.tracker_kwargs.wandb.entity=me``)."""
+    value = parse_value(value) if text else value
+    if not rest:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, e.g. {{wandb: {{entity: me}}}}, got {value!r}")
+        setattr(node, part, dict(value))
+        return
+    target = getattr(node, part)
+    for sub in rest[:-1]:
+        target = target.setdefault(sub, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{key}: {sub} already holds a value, not a mapping")
+    target[rest[-1]] = value
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from .config import Config, ConfigError, ConfigExit, parse_args, resume_changes, to_dict, to_yaml
+from .config import Config, ConfigError, ConfigExit, flat, parse_args, resume_changes, to_dict, to_yaml
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
                    "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
@@ -79,8 +78,12 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
 
-def check_trackers(names: list[str]) -> None:
+def check_trackers(names: list[str], kwargs: dict) -> None:
     """A tracker that is not installed is one line saying how to install it (Accelerate would only warn)."""
+    for name in kwargs:
+        if name not in names or not isinstance(kwargs[name], dict):
+            raise ConfigError(f"log.tracker_kwargs: {name!r} must be one of log.trackers ({', '.join(names) or 'none'}) "
+                              "and hold a mapping, e.g. {wandb: {entity: me}}")
     for name in names:
         module = TRACKER_MODULES.get(name)
         if module is None:
@@ -155,10 +158,11 @@ def run(cfg: Config, switch: dict | None = None) -> int:
 
     from .amp import AmpSession, precision
     from .amp.guard import GuardPolicy
+    from .export import export
     from .metrics import load_metric
     from .model import lm_loss
 
-    check_trackers(cfg.log.trackers)
+    check_trackers(cfg.log.trackers, cfg.log.tracker_kwargs)
     t = cfg.train
     # ----------------------------------------------------------------------------
     # session: precision (requested, in effect, why), the Accelerator, scaler, lock, console
@@ -166,7 +170,8 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=GuardPolicy(**asdict(cfg.amp.guard)),
         log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
-        log_with=cfg.log.trackers or None,
+        log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
+        tracker_config=flat(to_dict(cfg)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     ) as amp:
         accelerator = amp.accelerator
@@ -203,10 +208,6 @@ def run(cfg: Config, switch: dict | None = None) -> int:
                     "raise train.max_steps to train on")
             amp.close(completed=False)
             return 0
-        if cfg.log.trackers:
-            from .config import flat
-
-            accelerator.init_trackers(os.path.basename(os.path.normpath(cfg.out_dir)), config=flat(to_dict(cfg)))
         metric = load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
 
         # ----------------------------------------------------------------------------
@@ -221,8 +222,10 @@ def run(cfg: Config, switch: dict | None = None) -> int:
                 amp.log(ev)
                 amp.say(" | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step > start and (last_step or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                amp.save()
+                saved = amp.save()
             if last_step:
+                if accelerator.is_main_process:  # out_dir/final/: weights and config.json, no training code needed
+                    amp.say(f"model: {export(saved)} (ByteLM.from_pretrained, python -m {__package__}.sample)")
                 break
 
             # one optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step

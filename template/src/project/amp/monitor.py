@@ -75,6 +75,7 @@ class AmpMonitor:
         self._prev_scale: float | None = None
         self._interval_loss = 0.0
         self._interval_count = 0
+        self._interval_skips = 0
         # (step, (loss, grad_norm[, scale, growth tracker]) with _ON_DEVICE for values in packed, packed)
         self._pending: list[tuple[int, tuple[Any, ...], torch.Tensor | None]] = []
 
@@ -141,6 +142,7 @@ class AmpMonitor:
         self.recent_skips.append(int(skipped))
         if skipped:
             self.skipped += 1
+            self._interval_skips += 1
             self.consecutive_skips += 1
             self.max_consecutive_skips = max(self.max_consecutive_skips, self.consecutive_skips)
         else:
@@ -178,11 +180,13 @@ class AmpMonitor:
             out["amp/scale"] = self.scale
             self.trend.append(self.scale)
         out["amp/skipped_steps"] = float(self.skipped)
+        if self.scaler is not None or self.scale_fn is not None:
+            out["amp/overflows"] = float(self._interval_skips)  # in this log interval: spikes on a curve
         out["amp/skip_rate"] = self.skipped / self.steps if self.steps else 0.0
         out["amp/consecutive_skips"] = float(self.consecutive_skips)
         if self.nonfinite_losses:
             out["amp/nonfinite_losses"] = float(self.nonfinite_losses)
-        self._interval_loss, self._interval_count = 0.0, 0
+        self._interval_loss, self._interval_count, self._interval_skips = 0.0, 0, 0
         return out
 
     @property
@@ -246,7 +250,7 @@ class AmpMonitor:
     _STATE = (
         "steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses", "consecutive_nonfinite",
         "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "_history_stride", "last_step",
-        "last_grad_norm", "_prev_scale", "_interval_loss", "_interval_count",
+        "last_grad_norm", "_prev_scale", "_interval_loss", "_interval_count", "_interval_skips",
     )
 
     def state_dict(self) -> dict[str, Any]:

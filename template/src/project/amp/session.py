@@ -42,6 +42,7 @@ from .console import Status, TrainConsole, summary_table
 from .distributed import any_rank
 from .guard import Decision, GuardFallback, GuardPolicy, GuardStop, Problem, decide
 from .monitor import AmpMonitor
+from .tracking import JsonlTracker, resume_kwargs, run_ids
 
 METRICS = "metrics.jsonl"
 SUMMARY = "amp_summary.json"
@@ -167,6 +168,9 @@ class AmpSession:
         config: dict[str, Any] | None = None,
         live: bool | None = None,
         rescale_schedule_on_world_size_change: bool = False,
+        run_name: str | None = None,
+        tracker_kwargs: dict[str, dict] | None = None,
+        tracker_config: dict[str, Any] | None = None,
         **accelerator_kwargs: Any,
     ):
         from accelerate import Accelerator, PartialState
@@ -195,6 +199,14 @@ class AmpSession:
             {k: getattr(theirs, k) for k in _precision.SCALER_DEFAULTS} if theirs is not None else scaler or {})})
         kw = _precision.accelerator_kwargs(self.resolution, None if theirs is not None else self.scaler_kwargs)
         accelerator_kwargs.setdefault("project_dir", str(self.out_dir))
+        # metrics.jsonl is a tracker too: accelerator.log is the one sink for every record
+        user_trackers = accelerator_kwargs.pop("log_with", None) or []
+        user_trackers = [user_trackers] if isinstance(user_trackers, str) else list(user_trackers)
+        self.tracker_names = [t if isinstance(t, str) else t.name for t in user_trackers]
+        self.run_name = run_name or self.out_dir.resolve().name
+        self.tracker_kwargs, self.tracker_config = tracker_kwargs or {}, tracker_config
+        self._trackers_started = False
+        accelerator_kwargs["log_with"] = [JsonlTracker(self.out_dir / METRICS), *user_trackers]
         # a seeded sampler: the data order depends only on (seed, epoch), so a resume is exact
         accelerator_kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True))
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=kw["mixed_precision"],
@@ -323,6 +335,7 @@ class AmpSession:
         self.monitor.sync_scale()  # the scale in effect now, restored or fresh
         for line in notices:
             self.say(line)
+        self._start_trackers(read_meta(path) if path is not None else None)
         self._clock = _Clock(step=self.progress.step, samples=self.progress.samples_seen,
                              tokens=self.progress.tokens_seen)
         return notices
@@ -451,14 +464,20 @@ class AmpSession:
             _EXIT["code"] = 3
             raise exc
 
+    def _start_trackers(self, meta: dict[str, Any] | None) -> None:
+        """``init_trackers`` once; a resumed run continues its tracker runs (W&B id, TensorBoard purge_step)."""
+        if self._trackers_started:
+            return
+        self._trackers_started = True
+        kwargs = resume_kwargs(self.tracker_names, self.tracker_kwargs, (meta or {}).get("trackers"),
+                               self.progress.step if meta is not None else None)
+        self.accelerator.init_trackers(self.run_name, config=self.tracker_config, init_kwargs=kwargs)
+
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Log ``metrics`` (``split/name`` keys) at ``step`` (default: now) to the trackers and out_dir/metrics.jsonl."""
-        step = self.step if step is None else step
-        self.accelerator.log(metrics, step=step)
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / METRICS, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        """Log ``metrics`` (``split/name`` keys) at ``step`` (default: now) through ``accelerator.log``: every
+        tracker and out_dir/metrics.jsonl."""
+        self._start_trackers(None)
+        self.accelerator.log(metrics, step=self.step if step is None else step)
 
     def _lr(self) -> float | None:
         if self._scheduler is not None:
@@ -506,7 +525,8 @@ class AmpSession:
                 "precision": {"requested": res.requested, "effective": res.effective, "reason": res.reason},
                 "scaler_kwargs": self.scaler_kwargs if res.uses_scaler else None,
                 "precision_switches": self.monitor.switches, "torch": torch.__version__,
-                "accelerate": _version("accelerate"), "config": self.config}
+                "accelerate": _version("accelerate"), "config": self.config,
+                "trackers": run_ids(self.accelerator)}
 
     def save(self, quiet: bool = False) -> Path:
         """Save everything a resume needs as ``out_dir/checkpoints/step_NNNNNNN`` (every process must call it)."""

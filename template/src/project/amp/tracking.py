@@ -1,0 +1,76 @@
+"""``metrics.jsonl`` as an Accelerate tracker, and how each tracker picks up the same run after a resume.
+
+With :class:`JsonlTracker` in ``Accelerator(log_with=[...])``, ``accelerator.log`` is the one sink: the JSON-lines
+file, TensorBoard, W&B and the rest get the same records at the same steps.
+
+On resume, :func:`resume_kwargs` builds ``init_trackers(init_kwargs=...)`` so that a resumed run continues its
+tracker run instead of starting another: W&B gets the saved run id (``resume="allow"``); TensorBoard gets
+``purge_step`` so the events a killed run logged after its checkpoint are dropped, as ``metrics.jsonl`` drops them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker
+
+
+class JsonlTracker(GeneralTracker):
+    """One JSON object per ``accelerator.log`` call: ``{"step": N, "train/loss": ...}`` (main process only)."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        """The configuration goes into every checkpoint's meta.json instead."""
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}, default=float) + "\n")
+
+
+def run_ids(accelerator: Any) -> dict[str, str]:
+    """The ids of the tracker runs in progress that can be resumed (saved in checkpoint metadata)."""
+    ids: dict[str, str] = {}
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "wandb":
+            run = getattr(tracker, "run", None)
+            if getattr(run, "id", None):
+                ids["wandb"] = str(run.id)
+        elif tracker.name == "mlflow":
+            run = getattr(tracker, "active_run", None)
+            run_id = getattr(getattr(run, "info", None), "run_id", None)
+            if run_id:
+                ids["mlflow"] = str(run_id)
+    return ids
+
+
+def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, str] | None,
+                  step: int | None) -> dict[str, dict]:
+    """``init_kwargs`` for ``accelerator.init_trackers``: the user's, plus what continues a resumed run."""
+    kwargs = copy.deepcopy({k: dict(v) for k, v in (user or {}).items()})
+    if step is None:  # a fresh run
+        return kwargs
+    ids = saved_ids or {}
+    if "wandb" in names and "wandb" in ids:
+        kwargs.setdefault("wandb", {}).setdefault("id", ids["wandb"])
+        kwargs["wandb"].setdefault("resume", "allow")
+    if "mlflow" in names and "mlflow" in ids:
+        kwargs.setdefault("mlflow", {}).setdefault("run_id", ids["mlflow"])
+    if "tensorboard" in names:
+        # events at steps after the checkpoint were logged by the run that was killed: hide them
+        kwargs.setdefault("tensorboard", {}).setdefault("purge_step", step + 1)
+    return kwargs
