@@ -1,0 +1,439 @@
+"""The integration recipe that `amptpl add` prints is the one that runs.
+
+`amptpl add` prints unified diffs from plain example scripts (amptpl/recipes/) to the same scripts using the
+copied AMP core. Here the printed Accelerate diff is applied with `patch` to the plain Accelerate script in a
+throwaway package, and the result trains as a file, as a module and under `accelerate launch`, shows the loss
+scale, keeps the scaler in its checkpoints, resumes bitwise-exactly after SIGKILL, saves on SIGTERM and stops a
+collapsing loss scale. Everything runs on the CPU, offline.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from amptpl import recipe
+from amptpl.cli import app
+from amptpl.resources import CONFIGS_ENV, TEMPLATE_ENV, template_root
+
+TERMINAL = {"COLUMNS": "100", "TERMINAL_WIDTH": "100", "NO_COLOR": "1"}
+try:  # click < 8.2 mixes stderr into stdout unless told not to; 8.2 removed the argument
+    cli = CliRunner(env=TERMINAL, mix_stderr=False)
+except TypeError:
+    cli = CliRunner(env=TERMINAL)
+
+PATCH = shutil.which("patch")
+needs_patch = pytest.mark.skipif(PATCH is None, reason="needs the `patch` program")
+CASES = [("fp16", 1), ("fp16", 2), ("bf16", 1), ("bf16", 2)]
+# 512 rows, batch 16, 2 epochs: optimizer steps on 1 process and on 2 (each takes half of every batch list)
+FINAL_STEP = {1: 64, 2: 32}
+OUT = Path("runs", "example")  # the out_dir the recipe gives AmpSession, relative to the run's cwd
+
+
+@pytest.fixture(autouse=True)
+def _real_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test uses the installed template and recipes."""
+    monkeypatch.delenv(TEMPLATE_ENV, raising=False)
+    monkeypatch.delenv(CONFIGS_ENV, raising=False)
+
+
+def printed_diff(stdout: str, heading: str) -> str:
+    """Exactly the diff printed under ``heading``: every line after it up to the first that is not a diff line."""
+    lines = stdout.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    assert start is not None, f"{heading!r} is not in the output:\n{stdout}"
+    diff = []
+    for line in lines[start + 1:]:
+        if not line.startswith((" ", "+", "-", "@")):
+            break
+        diff.append(line)
+    return "".join(diff)
+
+
+def apply(diff: str, target: Path) -> None:
+    """``patch -p1 TARGET`` from TARGET's grandparent, with no fuzz: the diff applies exactly or the test fails."""
+    p = subprocess.run([PATCH, "-p1", "--fuzz=0", "--no-backup-if-mismatch", str(target)], input=diff, text=True,
+                       capture_output=True, cwd=target.parent.parent, check=False)
+    assert p.returncode == 0, f"the printed diff does not apply to {target}:\n{p.stdout}{p.stderr}"
+
+
+# ------------------------------------------------------------------------------------- the printed recipe
+
+
+def test_add_prints_an_accelerate_diff_that_adds_at_most_12_lines(tmp_path):
+    result = cli.invoke(app, ["add", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    diff = printed_diff(result.stdout, recipe.ACCELERATE.heading)
+    added = recipe.added_lines(diff)
+    assert 0 < len(added) <= 12, diff
+    assert f"{recipe.ACCELERATE.heading} ({len(added)} lines added):" in result.stdout
+    assert diff.startswith("--- a/train.py\n+++ b/train.py\n@@ ")
+
+
+def test_add_prints_both_recipes_and_where_each_line_is_explained(tmp_path):
+    result = cli.invoke(app, ["add", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert printed_diff(result.stdout, recipe.ACCELERATE.heading) == recipe.diff(recipe.ACCELERATE)
+    assert printed_diff(result.stdout, recipe.PYTORCH.heading) == recipe.diff(recipe.PYTORCH)
+    assert recipe.POINTER in result.stdout
+
+
+def test_the_readme_shows_the_accelerate_diff_exactly_as_add_prints_it():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Copying the AMP core into your repo\n", 1)[1].split("\n## ", 1)[0]
+    m = re.search(r"^```diff\n(.*?)^```$", section, re.S | re.M)
+    assert m, "the README section has no ```diff block"
+    assert m.group(1) == recipe.diff(recipe.ACCELERATE)
+
+
+def test_every_line_the_accelerate_recipe_adds_is_quoted_in_the_amp_core_docstring():
+    init = template_root() / "src" / "project" / "amp" / "__init__.py"
+    docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+    assert docstring, "amp/__init__.py has no module docstring"
+    missing = [line for line in recipe.added_lines(recipe.diff(recipe.ACCELERATE))
+               if line.strip() and line.strip() not in docstring]
+    assert not missing, f"amp/__init__.py's docstring does not quote: {missing}"
+
+
+@needs_patch
+@pytest.mark.parametrize("which", [recipe.ACCELERATE, recipe.PYTORCH], ids=["accelerate", "pytorch"])
+def test_the_printed_diff_turns_the_plain_example_into_the_amp_example_exactly(which, tmp_path):
+    result = cli.invoke(app, ["add", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "pkg" / "train.py"
+    target.parent.mkdir()
+    target.write_text(recipe.source(which.plain))
+    apply(printed_diff(result.stdout, which.heading), target)
+    assert target.read_text() == recipe.source(which.amp)
+
+
+# --------------------------------------------------------------------------------------- running scripts
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """Offline, unbuffered, no accelerate config of the user's, no inherited launcher or precision settings."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_") and k != "PYTHONPATH"}
+    e.update(HF_HOME=str(tmp_path_factory.mktemp("hf-home")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             PYTHONUNBUFFERED="1", NO_COLOR="1", COLUMNS="200")
+    return e
+
+
+@pytest.mark.parametrize("which", [recipe.ACCELERATE, recipe.PYTORCH], ids=["accelerate", "pytorch"])
+def test_the_plain_example_trains_unmodified_on_one_cpu_process(which, tmp_path, env):
+    script = tmp_path / "train.py"
+    script.write_text(recipe.source(which.plain))
+    p = subprocess.run([sys.executable, str(script), "--cpu"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^epoch 1: \{'accuracy': [0-9.]+\}$", p.stdout, re.M), p.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory) -> Path:
+    """A folder holding package ``mypkg``: the plain Accelerate example as ``mypkg/train.py``, then ``amptpl add
+    mypkg`` run there and exactly the Accelerate diff it printed applied with ``patch -p1``."""
+    if PATCH is None:
+        pytest.skip("needs the `patch` program")
+    root = tmp_path_factory.mktemp("repo")
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "train.py").write_text(recipe.source(recipe.ACCELERATE.plain))
+    # a narrow terminal: a diff line longer than the terminal must still print on one line
+    terminal = {**os.environ, "COLUMNS": "60", "NO_COLOR": "1"}
+    for key in (TEMPLATE_ENV, CONFIGS_ENV):
+        terminal.pop(key, None)
+    p = subprocess.run([sys.executable, "-m", "amptpl", "add", "mypkg"], cwd=root, env=terminal,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    apply(printed_diff(p.stdout, recipe.ACCELERATE.heading), root / "mypkg" / "train.py")
+    return root
+
+
+def train_cmd(root: Path, nproc: int, *args: str, module: bool = False) -> list[str]:
+    """The patched script as a file, as a module (``-m mypkg.train``) or under ``accelerate launch``."""
+    if module:
+        return [sys.executable, "-m", "mypkg.train", *args]
+    script = str(root / "mypkg" / "train.py")
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--main_process_port", str(free_port()), script, *args]
+
+
+def train_env(env: dict[str, str], root: Path, nproc: int, module: bool = False) -> dict[str, str]:
+    e = dict(env)
+    if nproc > 1:
+        e["ACCELERATE_USE_CPU"] = "1"  # CPU ranks, also on a machine with a GPU
+    if module:
+        e["PYTHONPATH"] = str(root)
+    return e
+
+
+def train(root: Path, cwd: Path, env: dict[str, str], nproc: int, *args: str,
+          module: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(root, nproc, *args, module=module), cwd=cwd,
+                          env=train_env(env, root, nproc, module), capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+class Started:
+    """A training run in the background, its own session; its output is collected by a thread as it comes."""
+
+    def __init__(self, root: Path, cwd: Path, env: dict[str, str], nproc: int, *args: str):
+        self.proc = subprocess.Popen(train_cmd(root, nproc, *args), cwd=cwd, env=train_env(env, root, nproc),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
+                                       daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, ready, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.output}"
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=60)
+        return code
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def checkpoints(cwd: Path) -> Path:
+    return cwd / OUT / "checkpoints"
+
+
+def latest(cwd: Path) -> str:
+    return (checkpoints(cwd) / "latest").read_text().strip()
+
+
+def log_lines(output: str) -> list[str]:
+    """The plain log-tick lines (``step 10/... | loss ... | ...``) the session prints off a terminal."""
+    return [line for line in output.splitlines() if re.match(r"step \d+", line) and " | loss " in line]
+
+
+def world_size(output: str) -> int | None:
+    m = re.search(r"^world_size=(\d+) ", output, re.M)
+    return int(m.group(1)) if m else None
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two checkpoints hold bitwise the same model weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs between {a} and {b}"
+
+
+@dataclass
+class Run:
+    cwd: Path
+    output: str
+
+
+@pytest.fixture(scope="module")
+def straight(patched, env, tmp_path_factory):
+    """Uninterrupted runs of the patched script, one per (precision, processes), made once and shared."""
+    runs: dict[tuple[str, int], Run] = {}
+
+    def get(prec: str, nproc: int) -> Run:
+        if (prec, nproc) not in runs:
+            cwd = tmp_path_factory.mktemp(f"straight-{prec}-{nproc}")
+            p = train(patched, cwd, env, nproc, "--mixed_precision", prec)
+            assert p.returncode == 0, p.stdout + p.stderr
+            runs[(prec, nproc)] = Run(cwd, p.stdout)
+        return runs[(prec, nproc)]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_the_patched_script_runs_as_a_file_and_as_a_module(form, patched, env, tmp_path):
+    args = ["--mixed_precision", "fp16"] if form == "file" else []
+    p = train(patched, tmp_path, env, 1, *args, module=form == "module")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert world_size(p.stdout) == 1, p.stdout
+    assert latest(tmp_path) == f"step_{FINAL_STEP[1]:07d}"
+    assert (tmp_path / OUT / "amp_summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+def test_the_patched_script_runs_two_ranks_under_accelerate_launch(prec, straight):
+    run = straight(prec, 2)
+    assert world_size(run.output) == 2, run.output
+    assert latest(run.cwd) == f"step_{FINAL_STEP[2]:07d}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("prec", "nproc"), CASES)
+def test_the_loss_scale_is_shown_and_fp16_checkpoints_hold_the_scaler(prec, nproc, straight):
+    run = straight(prec, nproc)
+    assert re.search(rf"^precision: requested {prec} -> {prec}\b", run.output, re.M), run.output
+    ticks = log_lines(run.output)
+    assert len(ticks) == FINAL_STEP[nproc] // 10, run.output
+    saved = sorted(checkpoints(run.cwd).glob("step_*"))
+    assert saved, f"no checkpoints in {checkpoints(run.cwd)}"
+    if prec == "fp16":
+        assert all(re.search(r"\| scale \d", line) for line in ticks), ticks
+        assert all((ckpt / "scaler.pt").is_file() for ckpt in saved)
+    else:  # bf16 needs no loss scaling: no scale to show and no scaler to save
+        assert not any((ckpt / "scaler.pt").exists() for ckpt in saved)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks through /proc")
+@pytest.mark.parametrize(("prec", "nproc"), CASES)
+def test_a_run_killed_after_its_first_checkpoint_resumes_to_bitwise_the_same_weights(
+    prec, nproc, patched, env, straight, tmp_path
+):
+    ref = straight(prec, nproc)
+    args = ("--mixed_precision", prec)
+    run = Started(patched, tmp_path, env, nproc, *args)
+    try:
+        run.wait_until((checkpoints(tmp_path) / "latest").exists, "the first checkpoint")
+        # a lost node or the OOM killer: the launcher and every rank die at once. torchrun starts each rank in
+        # a session of its own, so killing the launcher's process group alone would leave the ranks running.
+        ranks = child_pids(run.proc.pid) if nproc > 1 else []
+        for group in [run.proc.pid, *ranks]:
+            os.killpg(group, signal.SIGKILL)
+    finally:
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    if nproc > 1:
+        assert len(ranks) == nproc, f"expected {nproc} ranks under the launcher, found {ranks}"
+    deadline = time.monotonic() + 30
+    while not all(gone(pid) for pid in ranks):
+        assert time.monotonic() < deadline, "a rank outlived SIGKILL"
+        time.sleep(0.05)
+    killed_at = latest(tmp_path)
+    assert killed_at < f"step_{FINAL_STEP[nproc]:07d}" and not (tmp_path / OUT / "amp_summary.json").exists(), (
+        "the kill came after the run had finished: nothing was tested")
+
+    resumed = train(patched, tmp_path, env, nproc, *args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resume: loaded {OUT / 'checkpoints' / killed_at}" in resumed.stdout, resumed.stdout
+    assert world_size(resumed.stdout) == nproc
+    final = f"step_{FINAL_STEP[nproc]:07d}"
+    assert latest(tmp_path) == latest(ref.cwd) == final
+    assert_same_weights(checkpoints(ref.cwd) / final, checkpoints(tmp_path) / final)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks through /proc")
+@pytest.mark.parametrize(("prec", "nproc"), CASES)
+def test_sigterm_mid_run_saves_a_complete_checkpoint_and_exits_0(prec, nproc, patched, env, tmp_path):
+    """A preemption notice: SIGTERM to each training process. (Sent to `accelerate launch` alone, torchrun passes
+    it on to the ranks, which save and exit 0, but torchrun itself then exits 1 with a SignalException.)"""
+    run = Started(patched, tmp_path, env, nproc, "--mixed_precision", prec)
+    try:
+        run.wait_until(lambda: log_lines(run.output), "the first log line")
+        ranks = child_pids(run.proc.pid) if nproc > 1 else [run.proc.pid]
+        assert len(ranks) == nproc, ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        code = run.finish()
+    finally:
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+    assert code == 0, run.output
+    m = re.search(r"stopped by SIGTERM at step (\d+); state saved to (\S+)", run.output)
+    assert m, run.output
+    step = int(m.group(1))
+    assert 10 <= step < FINAL_STEP[nproc]
+    saved = checkpoints(tmp_path) / f"step_{step:07d}"
+    assert latest(tmp_path) == saved.name
+    assert json.loads((saved / "meta.json").read_text())["complete"] is True
+    assert (saved / "model.safetensors").is_file()
+    assert (saved / "scaler.pt").is_file() == (prec == "fp16")
+
+
+@pytest.mark.slow
+def test_the_guard_stops_a_run_started_at_a_loss_scale_of_1e38_with_exit_3(patched, env, tmp_path):
+    """A user sets an absurd initial loss scale on the recipe's AmpSession line: every fp16 step overflows."""
+    root = tmp_path / "repo"
+    shutil.copytree(patched, root)
+    script = root / "mypkg" / "train.py"
+    line = 'amp = AmpSession(args.mixed_precision, "runs/example", checkpoint_every=20, cpu=args.cpu)'
+    assert line in script.read_text()
+    script.write_text(script.read_text().replace(line, line[:-1] + ', scaler={"init_scale": 1e38})'))
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    p = train(root, cwd, env, 1, "--mixed_precision", "fp16")
+    assert p.returncode == 3, p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert any("AMP guard" in line for line in out.splitlines()), out
+    assert (checkpoints(cwd) / latest(cwd) / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@needs_patch
+def test_the_printed_pytorch_diff_makes_a_plain_pytorch_loop_train_in_fp16_with_the_scale_shown(env, tmp_path):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    script = tmp_path / "mypkg" / "train.py"
+    script.write_text(recipe.source(recipe.PYTORCH.plain))
+    result = cli.invoke(app, ["add", str(tmp_path / "mypkg")])
+    assert result.exit_code == 0, result.output
+    apply(printed_diff(result.stdout, recipe.PYTORCH.heading), script)
+    # the PyTorch recipe asks for "auto", which follows `accelerate launch --mixed_precision fp16`
+    p = train(tmp_path, tmp_path, {**env, "ACCELERATE_MIXED_PRECISION": "fp16"}, 1)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^precision: requested auto -> fp16\b", p.stdout, re.M), p.stdout
+    ticks = log_lines(p.stdout)
+    assert ticks and all(re.search(r"\| scale \d", line) for line in ticks), p.stdout
+    assert re.search(r"^epoch 1: \{'accuracy': [0-9.]+\}$", p.stdout, re.M), p.stdout
+    final = checkpoints(tmp_path) / latest(tmp_path)
+    assert final.name == f"step_{FINAL_STEP[1]:07d}" and (final / "scaler.pt").is_file()
