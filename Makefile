@@ -41,9 +41,11 @@ test-fast: install ## the quick tier only (no slow end-to-end runs)
 lint: venv ## ruff on the CLI, the template and the tests
 	$(VENV)/bin/ruff check cli template tests benchmarks
 
-bench: install ## side-by-side benchmarks (ratios, printed)
-	$(PY) benchmarks/amp_overhead.py --quick
+bench: install ## side-by-side benchmarks, quick sizes (ratios, printed; about 10 minutes on 2 CPU cores)
+	$(PY) benchmarks/overhead.py --quick
+	$(PY) benchmarks/precision.py --quick
 	$(PY) benchmarks/cli.py
+	$(PY) benchmarks/eval.py --quick
 
 clean: ## remove the venv and build outputs
 	rm -rf $(VENV) build dist runs

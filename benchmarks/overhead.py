@@ -1,0 +1,293 @@
+"""What the generated training loop costs next to a bare Accelerate loop, per precision, side by side.
+
+    python benchmarks/overhead.py            # a few minutes on 2 CPU cores
+    python benchmarks/overhead.py --quick    # about a minute
+
+Two loops train the same model on the same data, in one process per precision:
+
+    (A) bare Accelerate  Accelerator + prepare; for each batch: accumulate -> forward -> backward ->
+                         clip_grad_norm_ -> optimizer.step -> scheduler.step -> zero_grad
+    (B) generated loop   the same body, inside the template's AmpSession (the precision resolved and printed,
+                         the run lock, checkpoint registration, amp.batches() counting samples and tokens,
+                         amp.after_step() recording loss, grad norm and loss scale without a sync, and at every
+                         log.every steps one read, metrics.jsonl, the guard check and a console line)
+
+Both are built with train.py's builders (model, data, AdamW and its schedule, the same seed and clipping), so
+they run the same math: the final losses of A and B are printed side by side to show it. The template is
+imported from this checkout (template/src, package ``project``). Evaluation and checkpoint saves are left out
+of both: each is a once-in-a-while cost that the loops would share. fp16 on a CPU: a bare Accelerate loop
+runs ``mixed_precision="fp16"`` as plain fp32 there, so loop A gets the same CPU GradScaler as the session
+(``precision.install_cpu_fp16_scaler``), or A and B would not be doing the same work.
+
+Blocks of steps alternate A B / B A / A B ... (who goes first rotates), so a change in machine load hits both
+alike; the ratio B/A is taken within each round and the median over rounds is reported. Steps are timed in
+process CPU time by default (--clock cpu): on a shared machine the wall clock also counts the time other
+processes held the cores, which swamps a 1% difference; the wall-clock ratio is printed beside it. The last
+line is machine-readable:
+
+    RESULT overhead_vs_accelerate=<geometric mean over the precisions of the median B/A step-time ratio>
+
+It prints numbers and never fails on a slow machine: there is no threshold to pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+from _common import TEMPLATE_SRC, cpu_line, table, template_env
+
+ROW = "overhead-row: "
+# the model and data of each mode (config keys of the template); the rest of the config is its default
+MODES = {
+    "quick": {"model.d_model": 64, "model.n_layer": 2, "model.n_head": 4, "data.seq_len": 64, "train.batch_size": 8,
+              "data.max_bytes": 400_000},
+    "full": {"model.d_model": 128, "model.n_layer": 2, "model.n_head": 4, "data.seq_len": 128,
+             "train.batch_size": 16, "data.max_bytes": 1_500_000},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (about a minute)")
+    p.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
+    p.add_argument("--rounds", type=int, help="rounds of one A block and one B block (default 12, quick 8)")
+    p.add_argument("--block", type=int, default=10,
+                   help="optimizer steps per block; a multiple of log.every (10) gives every block the same ticks")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the clock of the RESULT line")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.mode = "quick" if args.quick else "full"
+    args.rounds = args.rounds or (8 if args.quick else 12)
+    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    for name in args.precisions:
+        if name not in ("fp32", "bf16", "fp16"):
+            p.error(f"--precisions: {name!r} is not one of fp32, bf16, fp16")
+    if args.rounds < 1 or args.block < 1 or args.warmup < 0:
+        p.error("--rounds and --block must be >= 1, --warmup >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# the worker: both loops for one precision, in this process
+
+
+def build_config(mode: str, out_dir: str, precision: str):
+    from project.config import parse_args as config_args
+
+    overrides = [f"{k}={v}" for k, v in MODES[mode].items()]
+    return config_args([*overrides, f"amp.precision={precision}", f"out_dir={out_dir}", "log.live=false",
+                        "train.max_steps=100000"])
+
+
+def forever_epochs(loader):
+    """A plain loop over epochs, as a bare script writes it (set_epoch keeps the seeded order per epoch)."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class Bare:
+    """(A) A bare Accelerate loop on train.py's model, data and optimizer."""
+
+    def __init__(self, cfg):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from project.amp import precision
+        from project.amp.session import has_accelerator
+        from project.train import build_data, build_model, build_optimizer
+
+        cpu = not has_accelerator()  # the device the session picks
+        res = precision.resolve(cfg.amp.precision, "cpu" if cpu else "cuda")
+        kw = precision.accelerator_kwargs(res, asdict(cfg.amp.scaler))
+        self.accelerator = Accelerator(
+            cpu=cpu, gradient_accumulation_steps=cfg.train.grad_accum, **kw,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+        precision.install_cpu_fp16_scaler(self.accelerator, asdict(cfg.amp.scaler))  # else fp16 runs as fp32 here
+        set_seed(cfg.seed)
+        train_loader, _ = build_data(cfg, self.accelerator)
+        model = build_model(cfg)
+        optimizer, scheduler = build_optimizer(cfg, model, 1)
+        self.model, self.optimizer, loader, self.scheduler = self.accelerator.prepare(
+            model, optimizer, train_loader, scheduler)
+        self.batches = forever_epochs(loader)
+        self.cfg = cfg
+        self.loss = None
+
+    def run(self, n: int) -> None:
+        from project.model import lm_loss
+
+        acc, t = self.accelerator, self.cfg.train
+        for _ in range(n * t.grad_accum):
+            x, y = next(self.batches)
+            with acc.accumulate(self.model):
+                loss = lm_loss(self.model(x), y)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.loss = loss.detach()
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+class Generated:
+    """(B) The generated loop: train.py's session set-up and loop body (eval and checkpoint saves left out)."""
+
+    def __init__(self, cfg):
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from project.amp import AmpSession
+        from project.amp.guard import GuardPolicy
+        from project.config import to_dict
+        from project.train import build_data, build_model, build_optimizer, forever
+
+        t = cfg.train
+        self.amp = AmpSession(
+            cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=GuardPolicy(**asdict(cfg.amp.guard)),
+            log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps, config=to_dict(cfg),
+            live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        )
+        set_seed(cfg.seed)
+        train_loader, _ = build_data(cfg, self.amp.accelerator)
+        model = build_model(cfg)
+        optimizer, scheduler = build_optimizer(cfg, model, self.amp.accelerator.num_processes)
+        self.model, self.optimizer, loader, self.scheduler = self.amp.prepare(model, optimizer, train_loader, scheduler)
+        self.amp.resume("none")
+        self.batches = forever(self.amp, loader)
+        self.cfg = cfg
+        self.loss = None
+
+    def run(self, n: int) -> None:
+        from project.model import lm_loss
+
+        amp, t = self.amp, self.cfg.train
+        accelerator = amp.accelerator
+        for _ in range(n):
+            for _ in range(t.grad_accum):
+                x, y = next(self.batches)
+                with accelerator.accumulate(self.model):
+                    loss = lm_loss(self.model(x), y)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                amp.after_step(loss, grad_norm)
+            self.loss = loss.detach()
+
+    def close(self) -> None:
+        self.amp.close(completed=False)
+
+
+def timed(loop, n: int) -> tuple[float, float]:
+    """Seconds per step of ``n`` steps: (process CPU time, wall time), with a device sync at the end on a GPU."""
+    import torch
+
+    c0, w0 = time.process_time(), time.perf_counter()
+    loop.run(n)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.process_time() - c0) / n, (time.perf_counter() - w0) / n
+
+
+def worker(args: argparse.Namespace) -> dict:
+    prec = args.worker
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        cfg = build_config(args.mode, os.path.join(tmp, "run"), prec)
+        loops = {"A": Bare(cfg), "B": Generated(cfg)}
+        for loop in loops.values():
+            loop.run(args.warmup)
+        times: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+        for r in range(args.rounds):
+            for name in ("AB" if r % 2 == 0 else "BA"):
+                times[name].append(timed(loops[name], args.block))
+        losses = {k: float(v.loss) for k, v in loops.items()}
+        skipped = loops["B"].amp.monitor
+        skipped.flush()
+        for loop in loops.values():
+            loop.close()
+    out = {"precision": prec, "effective": loops["B"].amp.resolution.effective, "losses": losses,
+           "skipped_B": skipped.skipped, "steps": args.warmup + args.rounds * args.block}
+    for i, clock in enumerate(("cpu", "wall")):
+        a = [x[i] for x in times["A"]]
+        b = [x[i] for x in times["B"]]
+        out[clock] = {"A_ms": 1e3 * statistics.median(a), "B_ms": 1e3 * statistics.median(b),
+                      "ratio": statistics.median(y / x for x, y in zip(a, b, strict=True)),
+                      "ratio_min": min(y / x for x, y in zip(a, b, strict=True)),
+                      "ratio_max": max(y / x for x, y in zip(a, b, strict=True))}
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the parent: one fresh process per precision, then the table
+
+
+def run_worker(prec: str, args: argparse.Namespace) -> dict:
+    argv = [sys.executable, __file__, "--worker", prec, "--rounds", str(args.rounds), "--block", str(args.block),
+            "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(argv, env=template_env(), capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(ROW):
+            return json.loads(line[len(ROW):])
+    raise SystemExit(f"the {prec} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, str(TEMPLATE_SRC))
+        print(ROW + json.dumps(worker(args)), flush=True)
+        return 0
+    import accelerate
+    import torch
+
+    model = " ".join(f"{k}={v}" for k, v in MODES[args.mode].items())
+    print(f"torch {torch.__version__}, accelerate {accelerate.__version__}, python {platform.python_version()}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(cpu_line())
+    print(f"mode {args.mode}: {model}; {args.rounds} rounds of {args.block}-step blocks per loop after "
+          f"{args.warmup} warm-up steps, A/B order alternating; log.every=10 (B reads the device once per 10 steps)")
+    rows, results = [], []
+    for prec in args.precisions:
+        t0 = time.perf_counter()
+        r = run_worker(prec, args)
+        results.append(r)
+        c, w = r["cpu"], r["wall"]
+        rows.append([prec, f"{c['A_ms']:.2f}", f"{c['B_ms']:.2f}", f"{c['ratio']:.4f}",
+                     f"{c['ratio_min']:.3f}-{c['ratio_max']:.3f}", f"{w['ratio']:.4f}",
+                     f"{r['losses']['A']:.6f} / {r['losses']['B']:.6f}", str(r["skipped_B"]),
+                     f"{time.perf_counter() - t0:.0f}s"])
+    print()
+    print(table(["precision", "A ms/step", "B ms/step", "B/A cpu", "B/A range", "B/A wall", "final loss A / B",
+                 "skipped", "took"], rows))
+    ratios = [r[args.clock]["ratio"] for r in results]
+    geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    print(f"\nms/step and ratios: medians over rounds, {'process CPU' if args.clock == 'cpu' else 'wall'} time "
+          "unless marked wall. A = bare Accelerate, B = the generated loop (AmpSession).")
+    print(f"overhead_vs_accelerate: geometric mean of the median B/A ratios over {', '.join(args.precisions)}, "
+          f"{args.clock} clock (target: at most 1.02 on a CPU)")
+    print(f"RESULT overhead_vs_accelerate={geo:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
