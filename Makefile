@@ -19,6 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# the local CPU build of PyTorch when this machine has it; otherwise pip picks one for the platform
 	$(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not available: installing torch from pyproject's range"
+	@# .[dev] = amptpl's tools + amptpl[train] (the generated project's stack: its tests train projects end to end)
 	$(PY) -m pip install -q ".[dev]"
 	touch $@
 
@@ -27,9 +28,11 @@ venv: $(VENV)/.deps ## create .venv with amptpl's dependencies
 install: venv ## (re)install amptpl from this checkout as a real wheel
 	$(PY) -m pip install -q --no-deps --force-reinstall .
 
-demo: install ## render build/demo and train it (about two minutes on a laptop CPU)
+demo: install ## render build/demo and train it: fp16 with a real loss scale, about a minute on 2 CPU cores
 	$(VENV)/bin/amptpl new $(notdir $(DEMO)) --dir $(dir $(DEMO)) --force
-	$(VENV)/bin/amptpl run $(DEMO) out_dir=runs/demo
+	@# configs/demo.yaml: fp16 with a CPU GradScaler on a small model, starting at a scale that overflows, so the
+	@# loss-scale panel, skipped steps, the recovery and the AMP summary show on every machine
+	$(VENV)/bin/amptpl run $(DEMO) --config=configs/demo.yaml
 
 test: install ## run every test: amptpl's own and, end to end, a generated project's
 	$(PY) -m pytest -q -rs --durations=15 -p no:cacheprovider; rc=$$?; \

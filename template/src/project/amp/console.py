@@ -108,8 +108,10 @@ def render(s: Status) -> Table:
     else:
         t.add_row("loss scale", f"none ({s.precision}: no loss scaling)")
     t.add_row("grad norm", _num(s.grad_norm, ".3f"))
-    t.add_row("throughput", f"{_num(s.samples_per_s, '.1f')} samples/s  {_num(s.tokens_per_s, ',.0f')} tok/s")
-    t.add_row("eta", fmt_duration(s.eta_s))
+    tokens = f"  {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else ""
+    t.add_row("throughput", f"{_num(s.samples_per_s, '.1f')} samples/s{tokens}")
+    if s.eta_s is not None:
+        t.add_row("eta", fmt_duration(s.eta_s))
     if s.peak_mem_gb is not None:
         t.add_row("peak memory", f"{s.peak_mem_gb:.2f} GiB")
     return t
@@ -122,9 +124,12 @@ def plain_line(s: Status) -> str:
         parts += [f"scale {fmt_scale(s.scale)}", f"skipped {s.skipped} ({100 * s.skip_rate:.1f}%)"]
     if s.grad_norm is not None:
         parts.append(f"gnorm {s.grad_norm:.3f}")
-    if s.tokens_per_s is not None:
+    if s.tokens_per_s:  # counted only for token inputs; otherwise samples/s
         parts.append(f"{s.tokens_per_s:,.0f} tok/s")
-    parts.append(f"eta {fmt_duration(s.eta_s)}")
+    elif s.samples_per_s:
+        parts.append(f"{s.samples_per_s:,.1f} samples/s")
+    if s.eta_s is not None:  # known only with a total number of steps
+        parts.append(f"eta {fmt_duration(s.eta_s)}")
     return " | ".join(parts)
 
 
