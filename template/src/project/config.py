@@ -82,6 +82,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay on 2-D weights (matrices, embeddings); none on biases and norms
     grad_accum: int = 1  # micro-steps per optimizer step
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    fused_optimizer: bool = False  # fused AdamW kernel (CUDA, or CPU with torch >= 2.4)
+    compile: bool = False  # torch.compile the model (inductor); the first steps pay for compilation
 
 
 @dataclass

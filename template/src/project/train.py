@@ -66,7 +66,8 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
     from .model import param_groups
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95))
+    fused = {"fused": True} if t.fused_optimizer else {}  # the session keeps skip detection right for fused
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), **fused)
 
     def lr_at(i: int) -> float:
         s = i // num_processes
@@ -173,6 +174,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
         tracker_config=flat(to_dict(cfg)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:
         accelerator = amp.accelerator
         precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)

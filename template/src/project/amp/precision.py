@@ -146,10 +146,48 @@ def _resolve(req: str, device: torch.device) -> Resolution:
         if req == "fp16":
             return Resolution(requested, "fp16", "as requested; CPU autocast with a CPU GradScaler", kind)
         return Resolution(requested, req, "as requested", kind)
-    # mps, xpu, npu ...: honour explicit requests, keep auto conservative
+    if kind == "mps":
+        return _resolve_mps(req)
+    # xpu, npu, mlu, ...: bf16 where the backend says it is native, else fp32 unless asked
+    backend = getattr(torch, kind, None)
+    bf16_ok = bool(getattr(backend, "is_bf16_supported", lambda: False)())
     if req == "auto":
-        return Resolution(requested, "fp32", f"no native mixed-precision rule for {kind} devices; choose bf16 or fp16 explicitly", kind)
+        if bf16_ok:
+            return Resolution(requested, "bf16", f"{kind} reports native bf16; no loss scaling needed", kind)
+        return Resolution(requested, "fp32", f"{kind} does not report native bf16; choose bf16 or fp16 explicitly", kind)
     return Resolution(requested, req, "as requested", kind)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _mps_macos14() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    check = getattr(mps, "is_macos_or_newer", None)
+    return bool(check(14, 0)) if check is not None else False
+
+
+def _resolve_mps(req: str) -> Resolution:
+    """Apple GPUs: autocast bf16 needs torch >= 2.6 and macOS 14, fp16 needs torch >= 2.5 (Accelerate's own limits)."""
+    tv = torch_version()
+    bf16_ok = tv >= (2, 6) and _mps_macos14()
+    fp16_ok = tv >= (2, 5)
+    version = f"torch {tv[0]}.{tv[1]}"
+    if req == "auto":
+        if bf16_ok:
+            return Resolution(req, "bf16", f"MPS runs bf16 autocast ({version}, macOS 14+); no loss scaling needed", "mps")
+        if fp16_ok:
+            return Resolution(req, "fp16", f"MPS: bf16 needs torch >= 2.6 and macOS 14, this is {version}; "
+                              "fp16 with a GradScaler", "mps")
+        return Resolution(req, "fp32", f"MPS mixed precision needs torch >= 2.5, this is {version}", "mps")
+    if req == "bf16" and not bf16_ok:
+        return Resolution(req, "fp32", f"bf16 on MPS needs torch >= 2.6 and macOS 14 ({version}): running fp32", "mps")
+    if req == "fp16" and not fp16_ok:
+        return Resolution(req, "fp32", f"fp16 on MPS needs torch >= 2.5 ({version}): running fp32", "mps")
+    return Resolution(req, req, "as requested", "mps")
 
 
 # ----------------------------------------------------------------------------

@@ -303,6 +303,8 @@ class AmpSession:
         self._optimizer = next((o for o in items if hasattr(o, "param_groups")), None)
         self._scheduler = next((o for o in items if hasattr(o, "get_last_lr")), None)
         self.monitor = AmpMonitor(acc.scaler, scale_fn=_precision.engine_loss_scale(acc, model))
+        for opt in acc._optimizers:
+            _fix_skip_flag(opt, acc.scaler)
         if self.ckpt is None:
             acc.register_for_checkpointing(self.progress, self.monitor)
             self.ckpt = CheckpointManager(acc, self.out_dir, self.keep, self._meta)
@@ -583,6 +585,31 @@ class AmpSession:
 
 # ----------------------------------------------------------------------------
 # helpers
+
+
+def _fix_skip_flag(opt: Any, scaler: Any) -> None:
+    """Keep ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
+
+    A fused optimizer takes the GradScaler's inf check into its own kernel, so Accelerate sees its step called and
+    reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. Here the
+    skip is read off the scale instead (it backs off exactly on a skipped step): one small device read per
+    optimizer step, in this configuration only.
+    """
+    inner = getattr(opt, "optimizer", None)
+    if scaler is None or not getattr(inner, "_step_supports_amp_scaling", False) or getattr(opt, "_amp_fixed", False):
+        return
+    step = opt.step
+
+    def checked_step(*args: Any, **kwargs: Any) -> Any:
+        if not opt.gradient_state.sync_gradients or getattr(scaler, "_scale", None) is None:
+            return step(*args, **kwargs)
+        before = scaler._scale.clone()
+        out = step(*args, **kwargs)
+        opt._is_overflow = bool((scaler._scale < before).item())
+        return out
+
+    opt.step = checked_step
+    opt._amp_fixed = True
 
 
 def _count(batch: Any) -> tuple[int, int]:
