@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 TINY = [
     "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
@@ -35,7 +36,9 @@ def test_generated_project_has_the_documented_layout(project):
     for rel in ["pyproject.toml", "README.md", ".github/workflows/ci.yml", "configs/fp16_safe.yaml",
                 "src/e2e_demo/amp/precision.py", "src/e2e_demo/amp/monitor.py", "src/e2e_demo/amp/checkpoint.py",
                 "src/e2e_demo/amp/console.py", "src/e2e_demo/config.py", "src/e2e_demo/data.py",
-                "src/e2e_demo/model.py", "src/e2e_demo/metrics.py", "src/e2e_demo/train.py", "tests/conftest.py"]:
+                "src/e2e_demo/model.py", "src/e2e_demo/metrics.py", "src/e2e_demo/train.py", "tests/conftest.py",
+                "src/e2e_demo/amp/session.py", "src/e2e_demo/amp/guard.py", "src/e2e_demo/amp/tracking.py",
+                "src/e2e_demo/export.py", "src/e2e_demo/sample.py", "src/e2e_demo/bench.py", "configs/demo.yaml"]:
         assert (project / rel).is_file(), rel
     train_py = (project / "src/e2e_demo/train.py").read_text().splitlines()
     assert len(train_py) <= 330, f"train.py has grown to {len(train_py)} lines"
@@ -76,6 +79,14 @@ def test_generated_project_installs_and_its_own_test_suite_passes(project, env, 
     r = subprocess.run([sys.executable, "-c", "import e2e_demo, sys; print(e2e_demo.__file__)"], env=run_env,
                        capture_output=True, text=True, cwd=tmp_path)
     assert str(site) in r.stdout
+    # the config is discoverable from the installed project: --help lists every key, --print-config resolves
+    r = subprocess.run([sys.executable, "-m", "e2e_demo.train", "--help"], env=run_env, capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and "train.lr" in r.stdout and "amp.scaler.init_scale" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "e2e_demo.train", "--print-config", "train.lr=0.01"], env=run_env,
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and yaml.safe_load(r.stdout)["train"]["lr"] == 0.01, r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was run
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"], cwd=project,
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
