@@ -113,18 +113,25 @@ def resume_check(cfg: Config):
     return check
 
 
-def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int) -> dict[str, float]:
-    """Held-out loss, accuracy and perplexity, computed in float32 outside autocast from per-batch sums."""
+def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int,
+             show: Any = None) -> dict[str, float]:
+    """Held-out loss, accuracy and perplexity, computed in float32 outside autocast from per-batch sums.
+
+    ``show("eval i/n")`` reports progress (the live panel's bar on a terminal).
+    """
     import torch
     import torch.nn.functional as F
 
     t0 = time.perf_counter()
     model.eval()
     rows = []
+    total = min(max_batches, len(loader)) if max_batches else len(loader)
     with torch.no_grad():
         for i, (x, y) in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
+            if show is not None:
+                show(f"eval {i + 1}/{total}")
             with accelerator.autocast():
                 logits = model(x)
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
@@ -134,6 +141,8 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
             # gather per sample (it drops the samples Accelerate repeats to even out the last batch), sum per batch
             rows.append(accelerator.gather_for_metrics(per_sample).sum(0))
     model.train()
+    if show is not None:
+        show(None)
     if metric is None:  # not the main process
         return {}
     sums = torch.stack(rows).tolist() if rows else []  # one transfer for the whole eval
@@ -220,7 +229,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
             step = amp.step
             last_step = step >= t.max_steps
             if last_step or (cfg.eval.every and step > start and step % cfg.eval.every == 0):
-                ev = evaluate(model, val_loader, accelerator, metric, cfg.eval.batches)
+                ev = evaluate(model, val_loader, accelerator, metric, cfg.eval.batches, amp.console.activity)
                 amp.log(ev)
                 amp.say(" | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step > start and (last_step or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):

@@ -50,6 +50,7 @@ class Status:
     eta_s: float | None = None
     peak_mem_gb: float | None = None
     world_size: int = 1
+    activity: str | None = None  # what runs between log ticks, e.g. "eval 12/20" (live panel only)
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:
@@ -114,7 +115,19 @@ def render(s: Status) -> Table:
         t.add_row("eta", fmt_duration(s.eta_s))
     if s.peak_mem_gb is not None:
         t.add_row("peak memory", f"{s.peak_mem_gb:.2f} GiB")
+    if s.activity:
+        t.add_row("now", _bar(s.activity))
     return t
+
+
+def _bar(activity: str, width: int = 20) -> str:
+    """``"eval 5/20"`` -> ``"eval ━━━━━─────────────── 5/20"``; other text as it is."""
+    label, _, count = activity.rpartition(" ")
+    done, _, total = count.partition("/")
+    if not (done.isdigit() and total.isdigit() and int(total) > 0):
+        return activity
+    filled = width * min(int(done), int(total)) // int(total)
+    return f"{label} {'━' * filled}{'─' * (width - filled)} {done}/{total}"
 
 
 def plain_line(s: Status) -> str:
@@ -195,6 +208,12 @@ class TrainConsole:
             self._live.update(render(status))
         else:
             self.log(plain_line(status))
+
+    def activity(self, text: str | None) -> None:
+        """Show what runs between log ticks (``"eval 3/20"``) in the live panel; nothing off a terminal."""
+        self.status.activity = text
+        if self._live is not None:
+            self._live.update(render(self.status))
 
     def print_table(self, table: Table) -> None:
         if self.enabled:
