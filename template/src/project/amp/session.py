@@ -564,16 +564,21 @@ class AmpSession:
                 if self.step > 0 and self._last_saved != self.step:
                     self.save()
                 summary = self.summary()
+                self._leave_console()  # the final panel first, the summary below it
                 if self.is_main:
                     (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
                     self.console.print_table(summary_table(summary))
                 self.accelerator.wait_for_everyone()
         finally:
             self._stop.restore()
-            if self._entered:
-                self.console.__exit__(None, None, None)
+            self._leave_console()
             self._release_lock()
             self.accelerator.end_training()
+
+    def _leave_console(self) -> None:
+        if self._entered:
+            self._entered = False
+            self.console.__exit__(None, None, None)
 
     def __enter__(self) -> AmpSession:
         return self
