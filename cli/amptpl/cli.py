@@ -30,7 +30,7 @@ app = typer.Typer(
     help="Mixed-precision training projects on HuggingFace Accelerate: correct, visible, resumable.",
     no_args_is_help=True,
     rich_markup_mode="rich",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -2,7 +2,11 @@
 
 Direct runs are ``python -m <package>.train key=value ...`` with ``PROJECT/src`` on ``PYTHONPATH``, so a
 project runs without being installed. Distributed runs go through ``accelerate launch`` (run as
-``python -m accelerate.commands.launch`` so the interpreter is the one amptpl runs under). amptpl adds nothing
+``python -m accelerate.commands.launch`` so the interpreter is the one chosen here). That Python is the
+project's own environment, ``PROJECT/.venv``, when it has one, else the one amptpl runs under
+(``project_python``). Before anything starts, a child of it must import torch and accelerate
+(``check_training_stack``): amptpl alone does not install them, and a missing one is one line saying what to
+install, not a traceback from the run. amptpl adds nothing
 to the distributed engine: it only assembles the command line, and passes SIGTERM/SIGINT/SIGHUP on to the
 run's whole process group (``run_forwarding_signals``), so a stopped ``amptpl run`` never leaves it behind.
 
@@ -26,11 +30,12 @@ from .errors import AmptplError
 MANIFEST = ".amptpl.json"
 
 
-def cuda_device_count() -> int:
-    """Number of CUDA GPUs, asked of a child Python so this process never imports torch (0 on any failure)."""
+def cuda_device_count(python: str | None = None) -> int:
+    """Number of CUDA GPUs, asked of a child ``python`` (default: this one) so this process never imports torch
+    (0 on any failure)."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            [python or sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
             check=False,
             capture_output=True,
             text=True,
@@ -55,6 +60,56 @@ def read_package(project_dir: Path) -> str:
     if not isinstance(package, str) or not package.isidentifier():
         raise AmptplError(f'{manifest}: "package" must be a Python identifier, got {package!r}')
     return package
+
+
+def project_python(project_dir: Path) -> str:
+    """The Python that runs the project: ``PROJECT/.venv``'s when the project has one, else amptpl's own.
+
+    A project set up with ``python -m venv .venv && .venv/bin/pip install -e .`` then trains in its own
+    environment even when amptpl was installed apart from it, without torch (``pipx install amptpl``). The
+    path is kept as found, not resolved: a venv's ``bin/python`` is a symlink whose target is another Python.
+    """
+    for rel in ("bin/python", "Scripts/python.exe"):  # POSIX, Windows
+        candidate = project_dir / ".venv" / rel
+        if candidate.is_file():
+            return str(candidate)
+    return sys.executable
+
+
+# Run by the project's Python: exit 1 with "module: Error: message" for the first of them that does not import.
+_STACK_CHECK = """\
+import importlib, sys
+for name in ("torch", "accelerate"):
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"{name}: {type(exc).__name__}: {first}")
+        sys.exit(1)
+"""
+
+
+def check_training_stack(python: str, env: dict[str, str], cwd: Path) -> None:
+    """Raise ``AmptplError`` (one line: which Python, what failed, what to install) unless a child ``python``
+    with ``env`` imports torch and accelerate. The run imports them next, so they are then in the page cache."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", _STACK_CHECK], env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False
+        )
+    except OSError as exc:
+        raise AmptplError(f"cannot start the project's Python {python}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise AmptplError(f"{python} took over 10 minutes to import torch and accelerate; nothing started") from exc
+    if proc.returncode == 0:
+        return
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    detail = lines[-1] if lines else f"exit code {proc.returncode}"
+    problem = "is not installed for" if "ModuleNotFoundError" in detail else "does not import with"
+    venv = f", or make {cwd / '.venv'} with it: amptpl run uses that Python" if python == sys.executable else ""
+    raise AmptplError(
+        f"the project's training stack {problem} {python} ({detail}): run `{python} -m pip install -e {cwd}` "
+        f'(or pip install "amptpl[train]"){venv}'
+    )
 
 
 def _find_launch_config(launch_config: str | os.PathLike[str], project_dir: Path) -> Path:
@@ -99,11 +154,12 @@ def build_run_command(
     if num_processes is not None and num_processes < 1:
         raise AmptplError(f"--num-processes must be at least 1, got {num_processes}")
 
+    python = project_python(project)
     env = dict(os.environ)
     src = str(project / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
     module = ["-m", f"{package}.{'bench' if bench else 'train'}", *overrides]
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch = [python, "-m", "accelerate.commands.launch"]
 
     if launch_config is not None:
         config = _find_launch_config(launch_config, project)
@@ -118,13 +174,13 @@ def build_run_command(
         ]  # fmt: skip
         if num_processes > 1:
             argv.append("--multi_gpu")
-        if cuda_device_count() == 0:
+        if (cuda_device_count() if python == sys.executable else cuda_device_count(python)) == 0:
             # `accelerate launch --cpu --num_processes 2` silently starts ONE process; `--multi_gpu` with
             # ACCELERATE_USE_CPU=1 starts N real ranks on the gloo backend.
             env["ACCELERATE_USE_CPU"] = "1"
         argv += module
     else:
-        argv = [sys.executable, *module]
+        argv = [python, *module]
     return argv, env, project
 
 
@@ -150,13 +206,16 @@ def run_project(
     echo: Callable[[str], None] | None = None,
     bench: bool = False,
 ) -> int:
-    """Build the command (see ``build_run_command``), show it through ``echo``, run it; return its exit code.
+    """Build the command (see ``build_run_command``), check that its Python imports torch and accelerate
+    (``check_training_stack``: ``AmptplError`` and nothing started if not), show it through ``echo``, run it;
+    return its exit code.
 
     ``echo`` gets the command as one shell line, with the environment variables amptpl sets in front.
     SIGTERM, SIGINT and SIGHUP sent to amptpl go to the whole run (see ``run_forwarding_signals``), so a
     scheduler's SIGTERM or a Ctrl-C lets the training save and exit; amptpl then returns its exit code.
     """
     argv, env, cwd = build_run_command(project_dir, launch_config, num_processes, overrides, bench=bench)
+    check_training_stack(argv[0], env, cwd)  # argv[0] is the project's Python, direct or under accelerate launch
     if echo is not None:
         echo(format_command(argv, env))
     return run_forwarding_signals(argv, env, cwd)
