@@ -412,6 +412,140 @@ def _project(cwd: Path, probe: Mapping[str, Any], package: str | None, manifest_
     return info
 
 
+def _read_manifest(here: Path, problems: list[str]) -> tuple[str | None, str | None]:
+    """``(package, manifest_error)`` of the project in ``here``; both None without a ``.amptpl.json``."""
+    if not (here / MANIFEST).exists():
+        return None, None
+    from .runner import read_package  # the same check as `amptpl run`
+
+    try:
+        return read_package(here), None
+    except AmptplError as exc:
+        problems.append(str(exc))
+        return None, str(exc)
+
+
+def _template_src(problems: list[str]) -> str:
+    """The installed template's ``src`` folder, whose ``project.amp.precision`` the probe asks ("" when unusable)."""
+    try:
+        from .resources import template_root
+
+        root = template_root()
+        if isinstance(root, Path) and (root / "src" / "project" / "amp" / "precision.py").is_file():
+            return str(root / "src")
+        auto_error = f"the installed template has no src/project/amp/precision.py (looked in {root})"
+    except AmptplError as exc:
+        auto_error = str(exc)
+    if auto_error:
+        problems.append(f"amptpl: {auto_error}")
+    return ""
+
+
+def _package_notes(packages: Mapping[str, Mapping[str, Any]], python: str, warnings: list[str],
+                   problems: list[str]) -> None:  # fmt: skip
+    """A problem per broken package; a warning with the install line per missing one."""
+    for name, entry in packages.items():
+        if entry["status"] == "broken":
+            what = f"{name} {entry['version']}" if entry["version"] else name
+            problems.append(f"{what} is installed but `import {name}` raises {entry['error']}")
+    if packages["torch"]["status"] == "missing":
+        warnings.append(f"torch is not installed in {python}: {INSTALL_TORCH}")
+    if packages["accelerate"]["status"] == "missing":
+        warnings.append("accelerate is not installed: pip install accelerate")
+    if packages["datasets"]["status"] == "missing":
+        warnings.append("datasets is not installed (the default example loads its data with it): pip install datasets")
+
+
+def _cuda(torch_info: Mapping[str, Any] | None, warnings: list[str], problems: list[str]) -> dict | None:
+    """The ``cuda`` section (None without torch); CUDA's warnings and errors become warnings and problems."""
+    if not torch_info:
+        return None
+    warnings.extend(f"CUDA: {w}" for w in torch_info["cuda_warnings"])
+    problems.extend(f"CUDA: torch.cuda raises {_err_line(e)}" for e in torch_info["cuda_errors"])
+    return {"available": torch_info["cuda_available"], "build": torch_info["cuda_build"] or torch_info["hip_build"],
+            "device_count": torch_info["device_count"], "warnings": torch_info["cuda_warnings"]}  # fmt: skip
+
+
+def _cpu(cpuinfo_path: str | os.PathLike[str], torch_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``cpu`` section: bf16 features from the CPU flags, and what torch says about them."""
+    flags = cpu_flags(cpuinfo_path)
+    torch_says = torch_info or {}
+    return {"flags_source": str(cpuinfo_path) if flags is not None else None, **cpu_bf16(flags),
+            "torch_capability": torch_says.get("cpu_capability"),
+            "torch_amx_tile": torch_says.get("cpu_amx_tile"),
+            "torch_avx512_bf16": torch_says.get("cpu_avx512_bf16")}  # fmt: skip
+
+
+def _accelerate(config_file: str, config: Mapping[str, Any] | None, config_error: str | None,
+                env: Mapping[str, str]) -> dict[str, Any]:  # fmt: skip
+    """The ``accelerate`` section: the default config's fields that decide a launch, and ACCELERATE_* variables."""
+    config = config or {}
+    mixed_precision = config.get("mixed_precision")  # YAML reads an unquoted `no` as false
+    return {
+        "config_file": config_file,
+        "config_exists": os.path.isfile(config_file),
+        "distributed_type": config.get("distributed_type"),
+        "num_processes": config.get("num_processes"),
+        "num_machines": config.get("num_machines"),
+        "mixed_precision": "no" if mixed_precision is False else mixed_precision,
+        "use_cpu": config.get("use_cpu"),
+        "config_error": config_error,
+        "env": {k: v for k, v in sorted(env.items()) if k.startswith("ACCELERATE_")},
+    }
+
+
+def _launch(config: Mapping[str, Any] | None, config_error: str | None, config_file: str, cuda: Mapping | None,
+            warnings: list[str], problems: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The ``launch`` section: what a plain ``accelerate launch`` starts; an unreadable config is a problem."""
+    if config_error:
+        problems.append(f"{config_file}: accelerate launch cannot read it ({config_error})")
+        return {"processes": 0, "distributed_type": None, "launcher": None,
+                "why": "it stops with an error: its default config cannot be read"}  # fmt: skip
+    launch, trap = predict_launch(config, cuda["device_count"] if cuda else 0)
+    if trap:
+        warnings.append(trap)
+    return launch
+
+
+def _auto(raw: Mapping[str, Any] | None, accelerate: Mapping[str, Any], packages: Mapping[str, Mapping[str, Any]],
+          problems: list[str]) -> dict[str, Any] | None:  # fmt: skip
+    """The ``auto_precision`` section from the probe's pick (None without torch); a failing pick is a problem."""
+    if raw is None:
+        return None
+    auto = {"device": raw["device"], "requested": raw.get("requested"), "effective": raw.get("effective"),
+            "reason": raw.get("reason"), "under_launch": None,
+            "error": _err_line(raw["error"]) if raw.get("error") else None}  # fmt: skip
+    mp = str(accelerate["mixed_precision"] or "no").lower()
+    pick = (raw.get("by_launcher") or {}).get(mp)
+    if pick and pick["effective"] != auto["effective"]:
+        auto["under_launch"] = {"mixed_precision": mp, **pick}
+    if auto["error"] and packages["accelerate"]["status"] == "ok":
+        problems.append(f"the template's precision.resolve('auto', {raw['device']!r}) raises {auto['error']}")
+    return auto
+
+
+def _project_notes(project: Mapping[str, Any] | None, package: str | None, manifest_error: str | None,
+                   warnings: list[str], problems: list[str]) -> None:  # fmt: skip
+    """A warning when the project's package is imported from elsewhere; a problem when looking it up failed."""
+    if project and project["installed"] and project["from_project_src"] is False:
+        warnings.append(
+            f"{package} is imported from {project['location']}, not from this project's src/: "
+            "edits here are not used; `pip install -e .` in this folder"
+        )
+    if project and project["error"] and project["error"] != manifest_error:
+        problems.append(f"project {package}: {project['error']}")
+
+
+def _python_info(python: str) -> dict[str, Any]:
+    return {
+        "version": platform.python_version(),
+        "executable": python,
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(terse=True),
+        "venv": sys.prefix != sys.base_prefix if python == sys.executable else None,
+    }
+
+
 def diagnose(
     python: str = sys.executable,
     cwd: str | os.PathLike[str] | None = None,
@@ -429,34 +563,11 @@ def diagnose(
     env = os.environ if environ is None else environ
     here = Path.cwd() if cwd is None else Path(cwd)
     warnings: list[str] = []
-    problems: list[str] = []
+    problems: list[str] = []  # each helper below adds its lines in this order: the order they are printed
 
     # the project in the current folder, before the probe (the probe looks its package up)
-    package = manifest_error = None
-    if (here / MANIFEST).exists():
-        from .runner import read_package  # the same check as `amptpl run`
-
-        try:
-            package = read_package(here)
-        except AmptplError as exc:
-            manifest_error = str(exc)
-            problems.append(manifest_error)
-
-    template_src = ""
-    auto_error = None
-    try:
-        from .resources import template_root
-
-        root = template_root()
-        if isinstance(root, Path) and (root / "src" / "project" / "amp" / "precision.py").is_file():
-            template_src = str(root / "src")
-        else:
-            auto_error = f"the installed template has no src/project/amp/precision.py (looked in {root})"
-    except AmptplError as exc:
-        auto_error = str(exc)
-    if auto_error:
-        problems.append(f"amptpl: {auto_error}")
-
+    package, manifest_error = _read_manifest(here, problems)
+    template_src = _template_src(problems)
     if probe is None:
         probe = run_probe(python, template_src, package or "", here)
     if probe.get("failed"):
@@ -464,87 +575,23 @@ def diagnose(
         problems.append(f"{python} {probe['failed']}{where}: that step of the install is broken")
 
     packages = _packages(probe)
-    for name, entry in packages.items():
-        if entry["status"] == "broken":
-            what = f"{name} {entry['version']}" if entry["version"] else name
-            problems.append(f"{what} is installed but `import {name}` raises {entry['error']}")
-    if packages["torch"]["status"] == "missing":
-        warnings.append(f"torch is not installed in {python}: {INSTALL_TORCH}")
-    if packages["accelerate"]["status"] == "missing":
-        warnings.append("accelerate is not installed: pip install accelerate")
-    if packages["datasets"]["status"] == "missing":
-        warnings.append("datasets is not installed (the default example loads its data with it): pip install datasets")
-
+    _package_notes(packages, python, warnings, problems)
     torch_info = probe.get("torch")
-    devices = torch_info["devices"] if torch_info else []
-    cuda = None
-    if torch_info:
-        cuda = {"available": torch_info["cuda_available"], "build": torch_info["cuda_build"] or torch_info["hip_build"],
-                "device_count": torch_info["device_count"], "warnings": torch_info["cuda_warnings"]}  # fmt: skip
-        warnings.extend(f"CUDA: {w}" for w in torch_info["cuda_warnings"])
-        problems.extend(f"CUDA: torch.cuda raises {_err_line(e)}" for e in torch_info["cuda_errors"])
-
-    flags = cpu_flags(cpuinfo_path)
-    cpu = {"flags_source": str(cpuinfo_path) if flags is not None else None, **cpu_bf16(flags),
-           "torch_capability": torch_info.get("cpu_capability") if torch_info else None,
-           "torch_amx_tile": torch_info.get("cpu_amx_tile") if torch_info else None,
-           "torch_avx512_bf16": torch_info.get("cpu_avx512_bf16") if torch_info else None}  # fmt: skip
+    cuda = _cuda(torch_info, warnings, problems)
+    cpu = _cpu(cpuinfo_path, torch_info)
 
     config_file = probe.get("default_config_file") or default_config_file(env)
     config, config_error = read_accelerate_config(config_file)
-    accelerate = {
-        "config_file": config_file,
-        "config_exists": os.path.isfile(config_file),
-        "distributed_type": (config or {}).get("distributed_type"),
-        "num_processes": (config or {}).get("num_processes"),
-        "num_machines": (config or {}).get("num_machines"),
-        # YAML reads an unquoted `no` as false
-        "mixed_precision": "no" if (config or {}).get("mixed_precision") is False else (config or {}).get("mixed_precision"),
-        "use_cpu": (config or {}).get("use_cpu"),
-        "config_error": config_error,
-        "env": {k: v for k, v in sorted(env.items()) if k.startswith("ACCELERATE_")},
-    }
-    if config_error:
-        problems.append(f"{config_file}: accelerate launch cannot read it ({config_error})")
-    if config_error:
-        launch = {"processes": 0, "distributed_type": None, "launcher": None,
-                  "why": "it stops with an error: its default config cannot be read"}  # fmt: skip
-    else:
-        launch, trap = predict_launch(config, cuda["device_count"] if cuda else 0)
-        if trap:
-            warnings.append(trap)
-
-    auto = None
-    if probe.get("auto") is not None:
-        raw = probe["auto"]
-        auto = {"device": raw["device"], "requested": raw.get("requested"), "effective": raw.get("effective"),
-                "reason": raw.get("reason"), "under_launch": None,
-                "error": _err_line(raw["error"]) if raw.get("error") else None}  # fmt: skip
-        mp = str(accelerate["mixed_precision"] or "no").lower()
-        pick = (raw.get("by_launcher") or {}).get(mp)
-        if pick and pick["effective"] != auto["effective"]:
-            auto["under_launch"] = {"mixed_precision": mp, **pick}
-        if auto["error"] and packages["accelerate"]["status"] == "ok":
-            problems.append(f"the template's precision.resolve('auto', {raw['device']!r}) raises {auto['error']}")
+    accelerate = _accelerate(config_file, config, config_error, env)
+    launch = _launch(config, config_error, config_file, cuda, warnings, problems)
+    auto = _auto(probe.get("auto"), accelerate, packages, problems)
 
     project = _project(here, probe, package, manifest_error)
-    if project and project["installed"] and project["from_project_src"] is False:
-        warnings.append(
-            f"{package} is imported from {project['location']}, not from this project's src/: "
-            "edits here are not used; `pip install -e .` in this folder"
-        )
-    if project and project["error"] and project["error"] != manifest_error:
-        problems.append(f"project {package}: {project['error']}")
-
-    python_info = {
-        "version": platform.python_version(),
-        "executable": python,
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(terse=True),
-        "venv": sys.prefix != sys.base_prefix if python == sys.executable else None,
-    }
-    return Report(python_info, packages, devices, cuda, cpu, torch_info["tf32"] if torch_info else None, auto,
-                  accelerate, launch, project, warnings, problems)  # fmt: skip
+    _project_notes(project, package, manifest_error, warnings, problems)
+    devices = torch_info["devices"] if torch_info else []
+    tf32 = torch_info["tf32"] if torch_info else None
+    return Report(_python_info(python), packages, devices, cuda, cpu, tf32, auto, accelerate, launch, project,
+                  warnings, problems)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -554,12 +601,9 @@ def _yes(value: bool | None) -> str:
     return "unknown" if value is None else "yes" if value else "no"
 
 
-def render_text(report: Report) -> list[str]:
-    """The one-screen report, as plain lines (no markup); warnings and problems are not included."""
-    rows: list[tuple[str, str]] = []
-    py = report.python
-    rows.append(("python", f"{py['version']}  {py['executable']}" + ("  (venv)" if py.get("venv") else "")))
-    for name, entry in report.packages.items():
+def _package_rows(packages: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str]]:
+    rows = []
+    for name, entry in packages.items():
         if entry["status"] == "ok":
             text = entry["version"] or "installed"
         elif entry["status"] == "missing":
@@ -569,7 +613,11 @@ def render_text(report: Report) -> list[str]:
         else:
             text = f"{entry['version'] or '?'} {entry['status'].upper()}: {entry['error']}"
         rows.append((name, text))
+    return rows
 
+
+def _device_rows(report: Report) -> list[tuple[str, str]]:
+    rows = []
     if report.cuda is None:
         rows.append(("devices", "unknown (needs torch)"))
     elif not report.devices:
@@ -579,7 +627,11 @@ def render_text(report: Report) -> list[str]:
         cap = dev["capability"]
         cap_text = f"sm_{cap[0]}{cap[1]}" if cap else "capability ?"
         rows.append(("devices" if dev["index"] == 0 else "", f"cuda:{dev['index']}  {dev['name']}  {cap_text}"))
+    return rows
 
+
+def _dtype_rows(report: Report) -> list[tuple[str, str]]:
+    """bf16 (each GPU, then the CPU's flags), fp16 and, with torch, the TF32 defaults."""
     cpu = report.cpu
     if cpu["flags_source"] is None:
         flags = "CPU flags unreadable"
@@ -589,7 +641,7 @@ def render_text(report: Report) -> list[str]:
     if torch_cpu:
         flags += "; torch says " + ", ".join(torch_cpu)
     bf16 = [f"cuda:{d['index']} {'native' if d['bf16_native'] else 'emulated only'}" for d in report.devices]
-    rows.append(("bf16", "; ".join([*bf16, flags])))
+    rows = [("bf16", "; ".join([*bf16, flags]))]
     fp16 = [f"cuda:{d['index']} tensor cores {_yes(d['fp16_tensor_cores'])}" for d in report.devices]
     if report.cuda is None:
         fp16 = ["unknown (needs torch)"]
@@ -598,20 +650,24 @@ def render_text(report: Report) -> list[str]:
         t = report.tf32
         rows.append(("tf32", f"matmul allow_tf32={t['matmul_allow_tf32']}, precision={t['float32_matmul_precision']}; "
                              f"cudnn allow_tf32={t['cudnn_allow_tf32']} (defaults; projects set amp.tf32)"))  # fmt: skip
+    return rows
 
-    auto = report.auto_precision
+
+def _auto_rows(auto: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     if auto is None:
-        rows.append(("auto", "unknown (needs torch)"))
-    elif auto["error"]:
-        rows.append(("auto", f"on {auto['device']}: the template's resolve() failed: {auto['error']}"))
-    else:
-        rows.append(("auto", f"amp.precision=auto -> {auto['effective']} on {auto['device']}: {auto['reason']}"))
-        if auto["under_launch"]:
-            u = auto["under_launch"]
-            rows.append(("", f"under accelerate launch (mixed_precision: {u['mixed_precision']}) -> "
-                             f"{u['effective']}: {u['reason']}"))  # fmt: skip
+        return [("auto", "unknown (needs torch)")]
+    if auto["error"]:
+        return [("auto", f"on {auto['device']}: the template's resolve() failed: {auto['error']}")]
+    rows = [("auto", f"amp.precision=auto -> {auto['effective']} on {auto['device']}: {auto['reason']}")]
+    if auto["under_launch"]:
+        u = auto["under_launch"]
+        rows.append(("", f"under accelerate launch (mixed_precision: {u['mixed_precision']}) -> "
+                         f"{u['effective']}: {u['reason']}"))  # fmt: skip
+    return rows
 
-    acc = report.accelerate
+
+def _accelerate_rows(acc: Mapping[str, Any], lau: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The default accelerate config, the ACCELERATE_* variables, and what a plain launch starts."""
     if acc["config_error"]:
         cfg = f"{acc['config_file']}: unreadable ({acc['config_error']})"
     elif acc["config_exists"]:
@@ -619,28 +675,39 @@ def render_text(report: Report) -> list[str]:
                f"mixed_precision={acc['mixed_precision']}" + (", use_cpu=true" if acc["use_cpu"] else ""))  # fmt: skip
     else:
         cfg = f"{acc['config_file']} (none: defaults apply)"
-    rows.append(("config", cfg))
     env_text = ", ".join(f"{k}={v}" for k, v in acc["env"].items()) or "none set"
-    rows.append(("ACCELERATE_*", env_text))
-    lau = report.launch
     if lau["launcher"] is None:
-        rows.append(("launch", f"`accelerate launch` fails: {lau['why']}"))
+        launch = f"`accelerate launch` fails: {lau['why']}"
     else:
         plural = "process" if lau["processes"] == 1 else "processes"
-        rows.append(("launch", f"`accelerate launch` starts {lau['processes']} {plural} ({lau['launcher']}): {lau['why']}"))
+        launch = f"`accelerate launch` starts {lau['processes']} {plural} ({lau['launcher']}): {lau['why']}"
+    return [("config", cfg), ("ACCELERATE_*", env_text), ("launch", launch)]
 
-    proj = report.project
+
+def _project_row(proj: Mapping[str, Any] | None) -> tuple[str, str]:
     if proj is None:
-        rows.append(("project", f"none here (no {MANIFEST} in this folder)"))
-    elif proj["package"] is None:
-        rows.append(("project", f"{MANIFEST} here is invalid"))
-    elif proj["installed"]:
+        return ("project", f"none here (no {MANIFEST} in this folder)")
+    if proj["package"] is None:
+        return ("project", f"{MANIFEST} here is invalid")
+    if proj["installed"]:
         mine = " (this project's src/)" if proj["from_project_src"] else ""
-        rows.append(("project", f"{proj['package']}: importable from {proj['location']}{mine}"))
-    elif proj["installed"] is False:
-        rows.append(("project", f"{proj['package']}: not installed here (`pip install -e .`, or `amptpl run .`)"))
-    else:
-        rows.append(("project", f"{proj['package']}: not checked"))
+        return ("project", f"{proj['package']}: importable from {proj['location']}{mine}")
+    if proj["installed"] is False:
+        return ("project", f"{proj['package']}: not installed here (`pip install -e .`, or `amptpl run .`)")
+    return ("project", f"{proj['package']}: not checked")
 
+
+def render_text(report: Report) -> list[str]:
+    """The one-screen report, as plain lines (no markup); warnings and problems are not included."""
+    py = report.python
+    rows = [
+        ("python", f"{py['version']}  {py['executable']}" + ("  (venv)" if py.get("venv") else "")),
+        *_package_rows(report.packages),
+        *_device_rows(report),
+        *_dtype_rows(report),
+        *_auto_rows(report.auto_precision),
+        *_accelerate_rows(report.accelerate, report.launch),
+        _project_row(report.project),
+    ]
     width = max(len(label) for label, _ in rows)
     return [f"{label:<{width}}  {text}" for label, text in rows]
