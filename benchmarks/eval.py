@@ -14,8 +14,10 @@ Two evaluations of the same prepared model on the same validation batches, in on
 
 They alternate A B / B A / ... (who goes first rotates) after one untimed round of each; the ratio B/A is taken
 within each round and the median over rounds is reported, in process CPU time by default (--clock) with the
-wall-clock ratio beside it. The two losses are printed side by side: they must agree. The template is imported
-from this checkout (template/src, package ``project``); offline. The last line is machine-readable:
+wall-clock ratio beside it; torch runs on one thread by default (--threads 1), as in overhead.py: on a busy
+2-core machine two OpenMP threads mostly time each other's waiting. The two losses are printed side by side:
+they must agree. The template is imported from this checkout (template/src, package ``project``); offline.
+The last line is machine-readable:
 
     RESULT eval_overhead=<median B/A time of one evaluation>
 
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=20, help="validation batches per evaluation (eval.batches)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast of the forward")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the clock of the RESULT line")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's own choice)")
     args = p.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
     args.rounds = args.rounds or (12 if args.quick else 10)
@@ -98,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from project.config import parse_args as config_args
     from project.metrics import load_metric
     from project.train import build_data, build_model, evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = config_args([f"{k}={v}" for k, v in MODES[args.mode].items()] + [f"amp.precision={args.precision}"])
     cpu = not has_accelerator()

@@ -1,7 +1,7 @@
 """What the generated training loop costs next to a bare Accelerate loop, per precision, side by side.
 
-    python benchmarks/overhead.py            # a few minutes on 2 CPU cores
-    python benchmarks/overhead.py --quick    # about a minute
+    python benchmarks/overhead.py            # about 15 minutes on 2 CPU cores (fp16 is most of it)
+    python benchmarks/overhead.py --quick    # about 3 minutes
 
 Two loops train the same model on the same data, in one process per precision:
 
@@ -19,11 +19,15 @@ of both: each is a once-in-a-while cost that the loops would share. fp16 on a CP
 runs ``mixed_precision="fp16"`` as plain fp32 there, so loop A gets the same CPU GradScaler as the session
 (``precision.install_cpu_fp16_scaler``), or A and B would not be doing the same work.
 
-Blocks of steps alternate A B / B A / A B ... (who goes first rotates), so a change in machine load hits both
-alike; the ratio B/A is taken within each round and the median over rounds is reported. Steps are timed in
-process CPU time by default (--clock cpu): on a shared machine the wall clock also counts the time other
-processes held the cores, which swamps a 1% difference; the wall-clock ratio is printed beside it. The last
-line is machine-readable:
+The loops take optimizer steps in turn, A B B A A B B A ... (who goes first alternates), each step timed on
+its own, so a change in machine load hits both alike. A round is ``--block`` steps of each loop (10: one log
+tick of B per round); the ratio B/A of the round's sums is taken per round and the median over rounds is
+reported. Steps are timed in process CPU time by default (--clock cpu): on a shared machine the wall clock
+also counts the time other processes held the cores, which swamps a 1% difference; the wall-clock ratio is
+printed beside it. The workers run torch on one thread by default (--threads 1): what the generated loop adds
+is Python-side work per step, and on a busy 2-core machine two OpenMP threads spend most of their CPU time
+waiting for each other (a control run of A against a second A scattered by +-10% with 2 threads, by 0.2% with
+one). --threads 0 keeps torch's own choice. The last line is machine-readable:
 
     RESULT overhead_vs_accelerate=<geometric mean over the precisions of the median B/A step-time ratio>
 
@@ -58,17 +62,19 @@ MODES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (about a minute)")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (about 3 minutes)")
     p.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
-    p.add_argument("--rounds", type=int, help="rounds of one A block and one B block (default 12, quick 8)")
+    p.add_argument("--rounds", type=int, help="rounds of --block steps of each loop (default 30, quick 20)")
     p.add_argument("--block", type=int, default=10,
-                   help="optimizer steps per block; a multiple of log.every (10) gives every block the same ticks")
+                   help="steps of each loop per round; a multiple of log.every (10) gives every round the same ticks")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the clock of the RESULT line")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in the workers (default 1; 0 = torch's own choice): see the docstring")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mode = "quick" if args.quick else "full"
-    args.rounds = args.rounds or (8 if args.quick else 12)
+    args.rounds = args.rounds or (20 if args.quick else 30)
     args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
     for name in args.precisions:
         if name not in ("fp32", "bf16", "fp16"):
@@ -198,42 +204,51 @@ class Generated:
         self.amp.close(completed=False)
 
 
-def timed(loop, n: int) -> tuple[float, float]:
-    """Seconds per step of ``n`` steps: (process CPU time, wall time), with a device sync at the end on a GPU."""
+def timed(loop) -> tuple[float, float]:
+    """One optimizer step: (process CPU seconds, wall seconds), with a device sync at the end on a GPU."""
     import torch
 
     c0, w0 = time.process_time(), time.perf_counter()
-    loop.run(n)
+    loop.run(1)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.process_time() - c0) / n, (time.perf_counter() - w0) / n
+    return time.process_time() - c0, time.perf_counter() - w0
 
 
 def worker(args: argparse.Namespace) -> dict:
+    """Both loops, stepping in turn (A B, B A, A B, ...); per round of ``block`` steps, the B/A ratio of the sums."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prec = args.worker
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         cfg = build_config(args.mode, os.path.join(tmp, "run"), prec)
         loops = {"A": Bare(cfg), "B": Generated(cfg)}
         for loop in loops.values():
             loop.run(args.warmup)
-        times: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+        rounds: list[dict[str, list[float]]] = []  # per round: summed (cpu, wall) seconds of A and of B
         for r in range(args.rounds):
-            for name in ("AB" if r % 2 == 0 else "BA"):
-                times[name].append(timed(loops[name], args.block))
+            sums = {"A": [0.0, 0.0], "B": [0.0, 0.0]}
+            for i in range(args.block):  # one B log tick per round: block is a multiple of log.every
+                for name in ("AB" if (r * args.block + i) % 2 == 0 else "BA"):
+                    cpu_s, wall_s = timed(loops[name])
+                    sums[name][0] += cpu_s
+                    sums[name][1] += wall_s
+            rounds.append(sums)
         losses = {k: float(v.loss) for k, v in loops.items()}
-        skipped = loops["B"].amp.monitor
-        skipped.flush()
+        monitor = loops["B"].amp.monitor
+        monitor.flush()
         for loop in loops.values():
             loop.close()
     out = {"precision": prec, "effective": loops["B"].amp.resolution.effective, "losses": losses,
-           "skipped_B": skipped.skipped, "steps": args.warmup + args.rounds * args.block}
+           "skipped_B": monitor.skipped, "steps": args.warmup + args.rounds * args.block,
+           "threads": torch.get_num_threads()}
     for i, clock in enumerate(("cpu", "wall")):
-        a = [x[i] for x in times["A"]]
-        b = [x[i] for x in times["B"]]
-        out[clock] = {"A_ms": 1e3 * statistics.median(a), "B_ms": 1e3 * statistics.median(b),
-                      "ratio": statistics.median(y / x for x, y in zip(a, b, strict=True)),
-                      "ratio_min": min(y / x for x, y in zip(a, b, strict=True)),
-                      "ratio_max": max(y / x for x, y in zip(a, b, strict=True))}
+        ratios = [x["B"][i] / x["A"][i] for x in rounds]
+        out[clock] = {"A_ms": 1e3 * statistics.median(x["A"][i] / args.block for x in rounds),
+                      "B_ms": 1e3 * statistics.median(x["B"][i] / args.block for x in rounds),
+                      "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
     return out
 
 
@@ -243,7 +258,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run_worker(prec: str, args: argparse.Namespace) -> dict:
     argv = [sys.executable, __file__, "--worker", prec, "--rounds", str(args.rounds), "--block", str(args.block),
-            "--warmup", str(args.warmup)] + (["--quick"] if args.quick else [])
+            "--warmup", str(args.warmup)] + (["--quick"] if args.quick else []) + (
+            ["--threads", str(args.threads)])
     proc = subprocess.run(argv, env=template_env(), capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith(ROW):
@@ -262,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = " ".join(f"{k}={v}" for k, v in MODES[args.mode].items())
     print(f"torch {torch.__version__}, accelerate {accelerate.__version__}, python {platform.python_version()}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads in the workers {args.threads or torch.get_num_threads()}")
     print(cpu_line())
-    print(f"mode {args.mode}: {model}; {args.rounds} rounds of {args.block}-step blocks per loop after "
-          f"{args.warmup} warm-up steps, A/B order alternating; log.every=10 (B reads the device once per 10 steps)")
+    print(f"mode {args.mode}: {model}; {args.rounds} rounds of {args.block} steps of each loop after "
+          f"{args.warmup} warm-up steps, stepping in turn; log.every=10 (B reads the device once per 10 steps)")
     rows, results = [], []
     for prec in args.precisions:
         t0 = time.perf_counter()

@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a few minutes on 2 cores)")
     p.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16 (fp32 always runs)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: 100, quick 150)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the runs (OMP_NUM_THREADS; default: torch's)")
     args = p.parse_args(argv)
     names = [x.strip() for x in args.precisions.split(",") if x.strip()]
     for name in names:
@@ -64,12 +65,13 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
-def train(prec: str, keys: dict[str, object], out_dir: Path) -> dict:
+def train(prec: str, keys: dict[str, object], out_dir: Path, threads: int) -> dict:
     """One training run; its step time, final val loss, skipped steps and wall time."""
     argv = [sys.executable, "-m", "project.train", f"amp.precision={prec}", f"out_dir={out_dir}",
             *(f"{k}={v}" for k, v in keys.items())]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=template_env(), capture_output=True, text=True, check=False)
+    env = {**template_env(), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"the {prec} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = overrides(args)
     auto = precision.resolve("auto", "cpu" if not torch.cuda.is_available() else "cuda")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, torch threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"torch threads {args.threads or torch.get_num_threads()}")
     print(cpu_line())
     print(f"{'quick' if args.quick else 'full'} mode, every precision: "
           + " ".join(f"{k}={v}" for k, v in keys.items() if k not in COMMON)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="precision-bench-") as tmp:
         for prec in args.precisions:
             print(f"{prec} ...", flush=True)
-            rows.append(train(prec, keys, Path(tmp) / prec))
+            rows.append(train(prec, keys, Path(tmp) / prec, args.threads))
     ref = rows[0]
     head = ["precision", "ms/step", "speed-up", "val loss", "val loss / fp32", "skipped", "run took"]
     body = [[r["precision"], f"{1e3 * r['step_time_s']:.1f}", f"{ref['step_time_s'] / r['step_time_s']:.2f}x",

@@ -217,7 +217,7 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
         model.train()
         try:
             row.update(_timed(amp, model, optimizer, scheduler, batches, cfg, opts, device))
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             amp.close(completed=False)
             return {**row, "status": "oom", "note": "out of memory"}
         amp.monitor.flush()  # the skipped-step count: one read, after the timing
@@ -517,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the worker got the same Ctrl-C; nothing of its run is kept
+        print("bench: interrupted; no results written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
