@@ -228,14 +228,29 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128 + N, as a shell says
 
 
+def _rank_groups(launcher: int) -> list[int]:
+    """Process groups of ``launcher``'s children that lead a group of their own (torchrun's ranks), via /proc."""
+    groups = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            ppid, pgid = int(fields[1]), int(fields[2])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and pgid != launcher:
+            groups.append(pgid)
+    return sorted(set(groups))
+
+
 def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | os.PathLike[str]) -> int:
     """Run ``argv`` in its own process group, forward stop signals to that group, return its exit code.
 
     A plain child would be left behind by a SIGTERM to amptpl (it dies with 143 and the training runs on,
     orphaned, never saving), and a terminal's Ctrl-C would reach it and every process it started at once.
     Here the child leads a new process group, so only amptpl gets the terminal's signals; SIGTERM, SIGINT and
-    SIGHUP are passed on with ``os.killpg`` to the whole group (``accelerate launch``, its ranks, data-loader
-    workers), every time they arrive: a second Ctrl-C is forwarded too, and the training's own handler
+    SIGHUP are passed on with ``os.killpg`` to the whole group (the training and its data-loader workers;
+    under ``accelerate launch``, to each rank's own group instead, so the launcher sees them save and exit 0),
+    every time they arrive: a second Ctrl-C is forwarded too, and the training's own handler
     decides what it means. amptpl waits for the child to exit and restores its handlers afterwards. A signal
     that amptpl was told to ignore (``nohup``: SIGHUP) is left ignored, as the child inherits it. The run
     still writes to the terminal, but it is not the terminal's foreground group, so it cannot read from it:
@@ -247,6 +262,7 @@ def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | 
         # no process groups, or not allowed to set signal handlers (only the main thread may): run it plainly
         return _exit_code(subprocess.run(list(argv), check=False, env=env, cwd=cwd).returncode)
 
+    launched = "accelerate.commands.launch" in argv
     child: list[subprocess.Popen] = []  # set once started; a signal before that is held in `pending`
     pending: list[int] = []
 
@@ -257,10 +273,14 @@ def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | 
         name = signal.Signals(signum).name
         # os.write, not print: a handler may interrupt a print in progress
         os.write(2, f"amptpl run: {name} sent to the run; waiting for it to exit\n".encode())
-        try:
-            os.killpg(child[0].pid, signum)
-        except ProcessLookupError:  # it has already exited; wait() collects it
-            pass
+        # under `accelerate launch` the ranks run in sessions of their own: signal them, not the launcher, so
+        # that they save and exit 0 and torchrun ends with 0 too (a signalled torchrun exits 1 with a traceback)
+        groups = _rank_groups(child[0].pid) if launched else []
+        for pgid in groups or [child[0].pid]:
+            try:
+                os.killpg(pgid, signum)
+            except ProcessLookupError:  # it has already exited; wait() collects it
+                pass
 
     previous = {}
     for sig in FORWARDED_SIGNALS:
