@@ -1,6 +1,5 @@
 """End to end: generate a project, install it, run its own test suite and lint, train it in every precision."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import render
 
 TINY = [
     "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
@@ -17,19 +17,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    parent = tmp_path_factory.mktemp("gen")
-    subprocess.run([sys.executable, "-m", "amptpl", "new", "e2e-demo", "--dir", str(parent)], check=True,
-                   capture_output=True, text=True)
-    return parent / "e2e-demo"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(HF_HOME=str(tmp_path_factory.mktemp("hf-home")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("PYTHONPATH", None)
-    return e
+    return render(tmp_path_factory.mktemp("gen"), "e2e-demo")
 
 
 def test_generated_project_has_the_documented_layout(project):

@@ -6,7 +6,6 @@ the child saved after SIGTERM, no overwritten user file unlisted, no traceback, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import render
 
 TINY = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
         "train.batch_size=8", "eval.batches=2", "log.every=1", "log.live=false", "train.warmup_steps=2"]
@@ -22,19 +22,7 @@ TINY = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=3
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    parent = tmp_path_factory.mktemp("proj")
-    subprocess.run([sys.executable, "-m", "amptpl", "new", "keeper", "--dir", str(parent)], check=True,
-                   capture_output=True, text=True)
-    return parent / "keeper"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    e = dict(os.environ)
-    e.update(HF_HOME=str(tmp_path_factory.mktemp("hf")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("PYTHONPATH", None)
-    return e
+    return render(tmp_path_factory.mktemp("proj"), "keeper")
 
 
 def amptpl(*args: str, env: dict, cwd: Path | None = None, check_code: int | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,27 @@
+"""Shared by the tests that render a project and train it in subprocesses, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def render(parent: Path, name: str) -> Path:
+    """``amptpl new NAME --dir PARENT`` through the installed package; returns the project folder."""
+    subprocess.run([sys.executable, "-m", "amptpl", "new", name, "--dir", str(parent)], check=True,
+                   capture_output=True, text=True)
+    return parent / name
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The user's environment, offline, with a private HF_HOME and nothing of this checkout on PYTHONPATH."""
+    e = dict(os.environ)
+    e.update(HF_HOME=str(tmp_path_factory.mktemp("hf-home")), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             PYTHONUNBUFFERED="1")
+    e.pop("PYTHONPATH", None)
+    return e
