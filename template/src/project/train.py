@@ -51,7 +51,7 @@ def build_model(cfg: Config) -> Any:
         try:
             precision.keep_in_fp32(model, cfg.amp.fp32_modules)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"amp.fp32_modules: {e}") from None
     return model
 
 

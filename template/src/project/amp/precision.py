@@ -320,7 +320,7 @@ def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     for pat in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"amp.fp32_modules: pattern {pat!r} matches no module (e.g. {', '.join(names[:4])})")
+            raise ValueError(f"fp32 module pattern {pat!r} matches no module (e.g. {', '.join(names[:4])})")
         matched += [h for h in hits if h not in matched]
     modules = dict(model.named_modules())
     for name in matched:
