@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -118,13 +120,23 @@ def test_new_records_a_hash_of_every_file_it_wrote_and_keeps_them_as_the_base_fo
     manifest = json.loads((result.path / ".amptpl.json").read_text())
     written = {p.as_posix() for p in result.files} - {".amptpl.json"}
     assert set(manifest["files"]) == written
-    base = result.path / manifest["base"]
-    assert manifest["base"] == ".amptpl/base"
+    assert manifest["base"] == ".amptpl/base.zip"
+    with zipfile.ZipFile(result.path / manifest["base"]) as archive:
+        base = {name: archive.read(name) for name in archive.namelist()}
     for rel, digest in manifest["files"].items():
         data = (result.path / rel).read_bytes()
         assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
-        assert (base / rel).read_bytes() == data
-    assert {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()} == written
+        assert base[rel] == data
+    assert set(base) == written
+
+
+def test_new_keeps_the_same_base_archive_bytes_for_the_same_files_whenever_it_runs(tmp_path, monkeypatch):
+    first = render_project("my-proj", tmp_path / "a")
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 400 * 86400)  # a render 400 days later
+    second = render_project("my-proj", tmp_path / "b")
+    archive = Path(".amptpl", "base.zip")
+    assert (first.path / archive).read_bytes() == (second.path / archive).read_bytes()
 
 
 def test_new_leaves_no_jinja_markers_in_any_rendered_file_and_no_jinja_suffix(tmp_path):

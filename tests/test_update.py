@@ -44,6 +44,12 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def base_files(root: Path) -> dict[str, bytes]:
+    """The files of the base amptpl keeps in ``root/.amptpl/base.zip``, with their bytes."""
+    with zipfile.ZipFile(root / ".amptpl" / "base.zip") as archive:
+        return {name: archive.read(name) for name in sorted(archive.namelist())}
+
+
 def copy_template(dest: Path) -> Path:
     shutil.copytree(Path(str(template_root())), dest, ignore=shutil.ignore_patterns(*SKIP_DIRS, "*.pyc"))
     return dest
@@ -205,9 +211,30 @@ def test_update_records_todays_render_as_the_new_base_and_keeps_the_answers(upda
     assert manifest["files"] == {path: sha256(data) for path, data in sorted(scenario.today.items())}
     assert manifest["template_version"] == amptpl.__version__
     assert (manifest["answers"], manifest["created"]) == (old["answers"], old["created"])
-    base = scenario.project / ".amptpl" / "base"
-    assert snapshot(base) == scenario.today
-    assert sorted(p.name for p in (scenario.project / ".amptpl").iterdir()) == ["base"]
+    assert base_files(scenario.project) == scenario.today
+    assert sorted(p.name for p in (scenario.project / ".amptpl").iterdir()) == ["base.zip"]
+
+
+def test_a_base_kept_as_a_folder_by_an_earlier_amptpl_is_merged_against_and_replaced_by_the_archive(
+    updated, tmp_path
+):
+    scenario = make_scenario(tmp_path)
+    state = scenario.project / ".amptpl"
+    for rel, data in base_files(scenario.project).items():  # the layout amptpl kept before base.zip
+        (state / "base" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (state / "base" / rel).write_bytes(data)
+    (state / "base.zip").unlink()
+    manifest = json.loads((scenario.project / ".amptpl.json").read_text())
+    (scenario.project / ".amptpl.json").write_text(json.dumps({**manifest, "base": ".amptpl/base"}, indent=2))
+
+    result = cli.invoke(app, ["update", str(scenario.project)])
+    assert result.exit_code == 1, result.output  # the README conflict, as with the archive
+    reference, _ = updated
+    for path, _, _ in CASES:
+        mine, theirs = scenario.project / path, reference.project / path
+        assert (mine.read_bytes() if mine.exists() else None) == (theirs.read_bytes() if theirs.exists() else None)
+    assert sorted(p.name for p in state.iterdir()) == ["base.zip"]
+    assert base_files(scenario.project) == scenario.today
 
 
 def test_a_second_update_writes_nothing(tmp_path):
@@ -293,7 +320,7 @@ def test_adopt_takes_the_current_files_as_the_base_and_backs_up_each_file_it_rep
     assert (project / backup).read_bytes() == mine
     today = {rel.as_posix(): item.data for rel, item in plan_files(NAME, PKG).items()}
     assert train.read_bytes() == today[f"src/{PKG}/train.py"]
-    assert snapshot(project / ".amptpl" / "base") == today
+    assert base_files(project) == today
 
     result = cli.invoke(app, ["update", str(project)])
     assert (result.exit_code, result.stdout.strip()) == (0, f"{project} is up to date with amptpl {amptpl.__version__}")
@@ -356,7 +383,7 @@ INTERRUPTIONS = {
     "before the first file": _nth_replace(1),  # the journal is written, no project file yet
     "after two files": _nth_replace(3),
     "writing .amptpl.json": lambda name, src, dst, count: name == "replace" and Path(dst).name == ".amptpl.json",
-    "swapping in the new base": lambda name, src, dst, count: name == "rename" and Path(src).name == "base.tmp",
+    "swapping in the new base": lambda name, src, dst, count: name == "replace" and Path(dst).name == "base.zip",
 }
 
 
@@ -454,7 +481,9 @@ def test_the_projects_lint_command_does_not_see_the_base(tmp_path):
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed")
     project = tmp_path / NAME
+    # a base folder as an earlier amptpl kept it (today's base is one zip file, with no .py for ruff to find)
     for folder in (project / ".amptpl/base" / f"src/{PKG}", project / f"src/{PKG}"):
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "unused_import.py").write_text("import os\n")  # F401, wherever ruff looks
     proc = subprocess.run(
         [ruff, "check", "--select", "F401", "--output-format", "concise", "src", "tests"],
@@ -519,7 +548,7 @@ def test_add_again_upgrades_the_core_like_update(tmp_path, monkeypatch, path, ac
         assert "console.py" in result.stdout.strip().splitlines()[-1]
     manifest = json.loads((scenario.dest / "amp" / ".amptpl.json").read_text())
     assert manifest["files"][path] == sha256(newer)
-    assert (scenario.dest / "amp/.amptpl/base" / path).read_bytes() == newer
+    assert base_files(scenario.dest / "amp")[path] == newer
 
 
 def test_add_dry_run_of_an_upgrade_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch):

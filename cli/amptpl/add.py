@@ -4,8 +4,8 @@ The core is ``template/src/project/amp/``: a package that imports only the stand
 accelerate, rich and itself (relative imports), so it works wherever it is dropped. It lands in
 ``DEST/amp/``. A file that already exists with other content is never overwritten without ``force`` (and
 then it is backed up next to itself first); identical files are left as they are. ``DEST/amp/.amptpl.json``
-records the template version and a hash of every file copied, and ``DEST/amp/.amptpl/base/`` keeps the files
-as copied, so that running ``amptpl add DEST`` again upgrades the core the way ``amptpl update`` upgrades a
+records the template version and a hash of every file copied, and ``DEST/amp/.amptpl/base.zip`` keeps the
+files as copied, so that running ``amptpl add DEST`` again upgrades the core the way ``amptpl update`` upgrades a
 project: files you did not change are replaced, files you changed are merged (see ``update``).
 """
 

@@ -1,26 +1,33 @@
-"""What amptpl remembers about a folder it wrote: ``.amptpl.json`` and the pristine base in ``.amptpl/base/``.
+"""What amptpl remembers about a folder it wrote: ``.amptpl.json`` and the pristine base in ``.amptpl/base.zip``.
 
 A *root* is a generated project (``PROJECT/``) or a copied AMP core (``DEST/amp/``). In it:
 
 - ``.amptpl.json``: the amptpl version, the answers (for a project), and ``files``: a sha256 of every file
   amptpl wrote, by relative path. A file whose hash still matches was not changed by the user.
-- ``.amptpl/base/``: those files exactly as amptpl wrote them, the common ancestor that ``update`` merges the
-  user's edits and the new template against. The installed wheel only carries today's template, so an older
-  version cannot be re-rendered: the base has to be kept.
+- ``.amptpl/base.zip``: those files exactly as amptpl wrote them, the common ancestor that ``update`` merges
+  the user's edits and the new template against. The installed wheel only carries today's template, so an
+  older version cannot be re-rendered: the base has to be kept. One archive, not a folder of ~50 files: one
+  file to write makes ``amptpl new`` cheaper. Its entries are stored uncompressed with a fixed timestamp, so
+  the same files give the same bytes (git compresses it, and an unchanged base is no change in git).
+  ``unzip -l`` lists it, ``unzip -p .amptpl/base.zip PATH`` prints one file.
 
-Updating the base and the manifest is the last step of any write, and survives a crash at any point: the new
-base is written to ``.amptpl/base.tmp``, the old one moved to ``.amptpl/base.old``, the new one moved into
-place, then ``.amptpl.json`` is replaced, then the old base removed. Readers take each base file from
-whichever of ``base`` or ``base.old`` matches the hash in ``.amptpl.json``.
+Updating the base and the manifest is the last step of any write, and survives a crash at any point: the old
+base is moved to ``.amptpl/base.old.zip``, the new one written (to a temporary name, then renamed), then
+``.amptpl.json`` is replaced, then the old base removed. Readers take each base file from whichever of
+``base.zip`` or ``base.old.zip`` matches the hash in ``.amptpl.json``. A base that earlier builds of amptpl
+kept as a folder (``.amptpl/base/``) is still read, and replaced by the archive at the next commit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -28,9 +35,13 @@ from .errors import AmptplError
 
 MANIFEST = ".amptpl.json"
 STATE_DIR = ".amptpl"
-BASE = f"{STATE_DIR}/base"
-_BASE_OLD = f"{STATE_DIR}/base.old"
-_BASE_TMP = f"{STATE_DIR}/base.tmp"
+BASE = f"{STATE_DIR}/base.zip"
+_BASE_OLD = f"{STATE_DIR}/base.old.zip"
+# the folders an earlier amptpl kept the base in: read, and removed at the next commit
+_FOLDER_BASE = f"{STATE_DIR}/base"
+_FOLDER_BASE_OLD = f"{STATE_DIR}/base.old"
+_FOLDER_BASE_TMP = f"{STATE_DIR}/base.tmp"
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can carry: the same files give the same archive
 
 
 @dataclass(frozen=True)
@@ -51,13 +62,18 @@ def write_atomic(path: Path, data: bytes, executable: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.amptpl-tmp")
     try:
         tmp.write_bytes(data)
-        if executable:  # give execute permission wherever read permission is set, like `chmod +x`
-            mode = tmp.stat().st_mode
-            tmp.chmod(mode | ((mode & 0o444) >> 2))
+        if executable:
+            make_executable(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_executable(path: Path) -> None:
+    """Give execute permission wherever read permission is set, like ``chmod +x``."""
+    mode = path.stat().st_mode
+    path.chmod(mode | ((mode & 0o444) >> 2))
 
 
 def backup_path(path: Path, taken: set[Path] = frozenset()) -> Path:
@@ -110,44 +126,79 @@ def recorded_hashes(root: Path, manifest: dict) -> dict[PurePosixPath, str] | No
 
 
 def load_base(root: Path, hashes: Mapping[PurePosixPath, str]) -> dict[PurePosixPath, bytes]:
-    """The base content of each recorded file that can be found: from the base folder (or the old one left
-    by an interrupted update), else the file itself when it is unchanged. Missing entries are unknown."""
+    """The base content of each recorded file that can be found: from the base archive (or the old one left
+    by an interrupted update, or a base folder an earlier amptpl kept), else the file itself when it is
+    unchanged. Missing entries are unknown."""
+    archives = [_read_archive(root / BASE), _read_archive(root / _BASE_OLD)]
     base = {}
     for rel, digest in hashes.items():
-        for candidate in (root / BASE / rel, root / _BASE_OLD / rel, root / rel):
-            if candidate.is_file() and not candidate.is_symlink():
-                data = candidate.read_bytes()
-                if sha256(data) == digest:
-                    base[rel] = data
-                    break
+        data = next((c for c in _candidates(root, archives, rel) if c is not None and sha256(c) == digest), None)
+        if data is not None:
+            base[rel] = data
     return base
 
 
+def _candidates(root: Path, archives: list[dict[PurePosixPath, bytes]], rel: PurePosixPath) -> Iterator[bytes | None]:
+    """Where a base file may be, in order, each read only when the ones before it did not match."""
+    for archive in archives:
+        yield archive.get(rel)
+    for path in (root / _FOLDER_BASE / rel, root / _FOLDER_BASE_OLD / rel, root / rel):
+        yield _read_file(path)
+
+
+def _read_archive(path: Path) -> dict[PurePosixPath, bytes]:
+    """Every file in a base archive by relative path; empty when there is none or it cannot be read."""
+    if not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {PurePosixPath(i.filename): archive.read(i) for i in archive.infolist() if not i.is_dir()}
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError, NotImplementedError, RuntimeError):
+        return {}  # a damaged archive is no base: update then treats those files as unknown
+
+
+def _read_file(path: Path) -> bytes | None:
+    if path.is_file() and not path.is_symlink():
+        return path.read_bytes()
+    return None
+
+
+def base_archive(base: Mapping[PurePosixPath, FileData]) -> bytes:
+    """``base`` as the bytes of a zip archive: sorted, uncompressed, a fixed timestamp, the permission bits."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for rel, item in sorted(base.items()):
+            info = zipfile.ZipInfo(rel.as_posix(), date_time=_ZIP_TIME)
+            info.external_attr = (0o100755 if item.executable else 0o100644) << 16  # a regular file's st_mode
+            archive.writestr(info, item.data)
+    return buffer.getvalue()
+
+
 def commit(root: Path, base: Mapping[PurePosixPath, FileData], manifest: dict) -> None:
-    """Make ``base`` the new ``.amptpl/base/`` and write ``.amptpl.json`` (with ``files`` and ``base`` set)."""
+    """Make ``base`` the new ``.amptpl/base.zip`` and write ``.amptpl.json`` (with ``files`` and ``base`` set)."""
     manifest = {**manifest, "files": {rel.as_posix(): sha256(f.data) for rel, f in sorted(base.items())}}
     manifest["base"] = BASE
     state = root / STATE_DIR
     if state.exists() and not state.is_dir():
         raise AmptplError(f"{state} is a file; amptpl keeps its base there: move it away")
-    current, old, tmp = root / BASE, root / _BASE_OLD, root / _BASE_TMP
+    current, old = root / BASE, root / _BASE_OLD
+    for path in (current, old):
+        if path.is_dir() and not path.is_symlink():
+            raise AmptplError(f"{path} is a folder; amptpl keeps its base in that file: move it away")
     _settle(root, current, old)
-    shutil.rmtree(tmp, ignore_errors=True)
-    for rel, item in base.items():
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(item.data)
-        if item.executable:
-            path.chmod(path.stat().st_mode | 0o111)
+    data = base_archive(base)
+    state.mkdir(exist_ok=True)
     if current.exists():
         os.rename(current, old)
-    os.rename(tmp, current)
+    write_atomic(current, data)
     write_atomic(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    shutil.rmtree(old, ignore_errors=True)
+    old.unlink(missing_ok=True)
+    for folder in (_FOLDER_BASE, _FOLDER_BASE_OLD, _FOLDER_BASE_TMP):
+        shutil.rmtree(root / folder, ignore_errors=True)
 
 
 def _settle(root: Path, current: Path, old: Path) -> None:
-    """After an interrupted commit, keep whichever of base / base.old matches the manifest on disk."""
+    """After an interrupted commit, keep whichever of base.zip / base.old.zip matches the manifest on disk."""
     if not old.exists():
         return
     try:
@@ -155,11 +206,12 @@ def _settle(root: Path, current: Path, old: Path) -> None:
     except AmptplError:
         hashes = {}
 
-    def matches(folder: Path) -> bool:
-        return all((folder / r).is_file() and sha256((folder / r).read_bytes()) == h for r, h in hashes.items())
+    def matches(path: Path) -> bool:
+        archive = _read_archive(path)
+        return all(rel in archive and sha256(archive[rel]) == h for rel, h in hashes.items())
 
     if hashes and matches(old) and not (current.exists() and matches(current)):
-        shutil.rmtree(current, ignore_errors=True)
+        current.unlink(missing_ok=True)
         os.rename(old, current)
     else:
-        shutil.rmtree(old, ignore_errors=True)
+        old.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ Everything is validated and rendered in memory before the first byte is written,
 partial output. A new project is written into a temporary folder next to the target and renamed into place.
 
 Besides the rendered files, a project gets ``.amptpl.json`` (amptpl version, answers, a sha256 of every file
-written) and ``.amptpl/base/`` (those files as written): what ``amptpl update`` merges against (``manifest``).
+written) and ``.amptpl/base.zip`` (those files as written): what ``amptpl update`` merges against (``manifest``).
 With ``force`` into a non-empty folder, a file that differs from the template's is backed up next to itself
 (``NAME.amptpl-backup``) before it is overwritten; identical files and the user's other files are left alone.
 """
@@ -35,7 +35,17 @@ import jinja2
 
 from . import __version__
 from .errors import AmptplError
-from .manifest import MANIFEST, STATE_DIR, FileData, backup_path, commit, is_executable, write_atomic
+from .manifest import (
+    BASE,
+    MANIFEST,
+    STATE_DIR,
+    FileData,
+    backup_path,
+    commit,
+    is_executable,
+    make_executable,
+    write_atomic,
+)
 from .resources import configs_root, template_root
 
 if TYPE_CHECKING:
@@ -277,9 +287,11 @@ def _is_executable(entry: Traversable) -> bool:
 
 def _check_no_collisions(target: Path, planned: dict[PurePosixPath, FileData]) -> None:
     """In an existing folder, every output path must be free or a file, and every parent free or a folder."""
-    for folder in (target / STATE_DIR, target / STATE_DIR / "base"):  # where the base is kept
-        if folder.exists() and not folder.is_dir():
-            raise AmptplError(f"cannot write the base to {folder}: it is a file; move it or choose another --dir")
+    state, base = target / STATE_DIR, target / BASE  # where the base is kept
+    if state.exists() and not state.is_dir():
+        raise AmptplError(f"cannot write the base to {state}: it is a file; move it or choose another --dir")
+    if base.is_dir() and not base.is_symlink():
+        raise AmptplError(f"cannot write the base to {base}: it is a folder; move it or choose another --dir")
     for rel in [*planned, PurePosixPath(MANIFEST)]:
         path = target / rel
         if path.is_dir():
@@ -324,10 +336,23 @@ def _write_new(target: Path, planned: dict[PurePosixPath, FileData], manifest: d
     staging = target.parent / f".{target.name}.amptpl-tmp-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        for rel, item in planned.items():
-            write_atomic(staging / rel, item.data, item.executable)
+        _write_tree(staging, planned)
         commit(staging, planned, manifest)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_tree(root: Path, planned: dict[PurePosixPath, FileData]) -> None:
+    """Write every file under ``root``, a staging folder no one sees until it is renamed into place: so each
+    file is written directly (not through a temporary name of its own) and each folder is made once."""
+    made: set[Path] = set()
+    for rel, item in planned.items():
+        path = root / rel
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        path.write_bytes(item.data)
+        if item.executable:
+            make_executable(path)

@@ -1,7 +1,7 @@
 """Bring a generated project up to the installed template: ``amptpl update [PROJECT]``.
 
 The template is rendered again with the answers recorded in ``.amptpl.json``; then each file is decided by
-comparing three versions: the *base* (what amptpl wrote last time, kept in ``.amptpl/base/``), *yours* (the
+comparing three versions: the *base* (what amptpl wrote last time, kept in ``.amptpl/base.zip``), *yours* (the
 file now) and *theirs* (today's render):
 
 | yours vs base | theirs vs base | action |
