@@ -1,7 +1,7 @@
 """What the generated training loop costs next to a bare Accelerate loop, per precision, side by side.
 
-    python benchmarks/overhead.py            # about 15 minutes on 2 CPU cores (fp16 is most of it)
-    python benchmarks/overhead.py --quick    # about 3 minutes
+    python benchmarks/overhead.py            # several minutes on 2 CPU cores (fp16 is most of it)
+    python benchmarks/overhead.py --quick    # about a minute
 
 Two loops train the same model on the same data, in one process per precision:
 
@@ -62,7 +62,7 @@ MODES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer rounds (about a minute)")
     p.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--rounds", type=int, help="rounds of --block steps of each loop (default 30, quick 20)")
     p.add_argument("--block", type=int, default=10,
