@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -134,27 +133,6 @@ def device_note(prec: str, device: Any) -> str:
 # the worker: one precision in a fresh process
 
 
-def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
-    """One optimizer step, the body of train.py's loop: accumulate, backward, clip, step, schedule, zero_grad."""
-    from .model import lm_loss
-
-    accelerator, t = amp.accelerator, cfg.train
-    loss = None
-    for _ in range(t.grad_accum):
-        x, y = next(batches)
-        with accelerator.accumulate(model):
-            loss = lm_loss(model(x), y)
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        amp.after_step(loss, grad_norm)
-    return loss
-
-
 def _sync(device: Any) -> None:
     """Wait for the device's queued work (CPU ops are synchronous)."""
     import torch
@@ -230,6 +208,8 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
 def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config, opts: Options,
            device: Any) -> dict[str, Any]:
     """Warm-up steps, then the timed blocks; a sync only at the end of each block."""
+    from .train import train_step  # the training loop's own step, not a copy
+
     loss = None
     for _ in range(opts.warmup):
         loss = train_step(amp, model, optimizer, scheduler, batches, cfg)

@@ -158,6 +158,28 @@ def forever(amp: Any, loader: Any):
         yield from amp.batches(loader)
 
 
+def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
+    """One optimizer step (bench.py times this same function): accumulate -> forward (autocast) -> fp32 loss ->
+    backward -> clip -> step -> schedule. Returns the last micro-batch's loss (a tensor: no device read)."""
+    from . import model as model_lib
+
+    accelerator, t = amp.accelerator, cfg.train
+    loss = None
+    for _ in range(t.grad_accum):
+        x, y = next(batches)
+        with accelerator.accumulate(model):
+            loss = model_lib.lm_loss(model(x), y)  # the prepared model autocasts; the loss is float32
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients:  # unscales first in fp16; inf max_norm only measures
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()  # holds when the scaler skipped the step
+            optimizer.zero_grad(set_to_none=True)
+        amp.after_step(loss, grad_norm)  # no device read; at log ticks: console, metrics, guard, signals
+    return loss
+
+
 # ----------------------------------------------------------------------------
 # the run
 
@@ -170,7 +192,6 @@ def run(cfg: Config, switch: dict | None = None) -> int:
     from .amp.guard import GuardPolicy
     from .export import export
     from .metrics import load_metric
-    from .model import lm_loss
 
     check_trackers(cfg.log.trackers, cfg.log.tracker_kwargs)
     t = cfg.train
@@ -240,18 +261,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
                 break
 
             # one optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step
-            for _ in range(t.grad_accum):
-                x, y = next(batches)
-                with accelerator.accumulate(model):
-                    loss = lm_loss(model(x), y)  # the prepared model autocasts; the loss is float32
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:  # unscales first in fp16; inf max_norm only measures
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-                    optimizer.step()
-                    scheduler.step()  # holds when the scaler skipped the step
-                    optimizer.zero_grad(set_to_none=True)
-                amp.after_step(loss, grad_norm)  # no device read; at log ticks: console, metrics, guard, signals
+            train_step(amp, model, optimizer, scheduler, batches, cfg)
 
         # ----------------------------------------------------------------------------
         # the end: leaving the session saves if needed, prints and writes the AMP summary, ends training
