@@ -516,7 +516,7 @@ class AmpSession:
 
     def _bf16_native(self) -> bool:
         if self._native_bf16 is None:
-            self._native_bf16 = _precision.resolve("auto", self.accelerator.device).effective == "bf16"
+            self._native_bf16 = _precision.native_bf16(self.accelerator.device)
         return self._native_bf16
 
     # ------------------------------------------------------------------ checkpoints and the end
