@@ -32,7 +32,8 @@ demo: install ## render build/demo and train it: fp16 with a real loss scale, ab
 	$(VENV)/bin/amptpl new $(notdir $(DEMO)) --dir $(dir $(DEMO)) --force
 	@# configs/demo.yaml: fp16 with a CPU GradScaler on a small model, starting at a scale that overflows, so the
 	@# loss-scale panel, skipped steps, the recovery and the AMP summary show on every machine
-	$(VENV)/bin/amptpl run $(DEMO) --config=configs/demo.yaml
+	@# resume=none: every `make demo` trains afresh; an earlier demo run moves to runs/demo/previous-runs/
+	$(VENV)/bin/amptpl run $(DEMO) --config=configs/demo.yaml resume=none
 
 test: install ## run every test: amptpl's own and, end to end, a generated project's
 	$(PY) -m pytest -q -rs --durations=15 -p no:cacheprovider; rc=$$?; \

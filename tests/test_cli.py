@@ -704,3 +704,10 @@ def test_the_generated_projects_ci_workflow_is_valid_yaml(tmp_path):
     workflow = yaml.safe_load(text)
     assert isinstance(workflow, dict) and workflow.get("jobs")
     assert "pytest" in text and "my_proj" in text
+
+
+def test_the_amp_core_carries_the_amptpl_version_it_ships_with():
+    """Checkpoints record amp.__version__ as the amptpl version the core came from: the two must be one number."""
+    core_init = Path(str(template_root())) / "src" / "project" / "amp" / "__init__.py"
+    found = re.search(r'^__version__ = "([^"]+)"', core_init.read_text(), flags=re.M)
+    assert found and found.group(1) == amptpl.__version__

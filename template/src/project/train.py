@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -152,10 +153,30 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
     return out
 
 
+def done_already(amp: Any, cfg: Config) -> str | None:
+    """The one line to print when the checkpoint to resume is at or past train.max_steps (nothing to train)."""
+    from .amp.checkpoint import read_meta
+
+    path, _ = amp.find_checkpoint(cfg.resume)
+    step = read_meta(path).get("step", 0) if path is not None else 0
+    if isinstance(step, int) and step >= cfg.train.max_steps:
+        return (f"nothing to do: {path} is at step {step} and train.max_steps is {cfg.train.max_steps}; "
+                "raise train.max_steps to train on")
+    return None
+
+
 def forever(amp: Any, loader: Any):
-    """Batches across epochs, from the resumed position on."""
+    """Batches across epochs, from the resumed position on; an epoch without a batch is an error, not a spin."""
+    from .data import DataError
+
     while True:
-        yield from amp.batches(loader)
+        seen = 0
+        for batch in amp.batches(loader):
+            seen += 1
+            yield batch
+        if not seen and not amp.progress.batch_in_epoch:
+            raise DataError("data: an epoch of the training data gave no batch (check data.files, "
+                            "train.batch_size and the number of processes)")
 
 
 def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
@@ -177,6 +198,8 @@ def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: An
             scheduler.step()  # holds when the scaler skipped the step
             optimizer.zero_grad(set_to_none=True)
         amp.after_step(loss, grad_norm)  # no device read; at log ticks: console, metrics, guard, signals
+        if accelerator.sync_gradients:  # Accelerate steps early at the end of an epoch: one step per call
+            break
     return loss
 
 
@@ -207,6 +230,11 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:
         accelerator = amp.accelerator
+        done = done_already(amp, cfg)
+        if done is not None:  # before data and model: a finished run answers at once
+            amp.say(done)
+            amp.close(completed=False)
+            return 0
         precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
         set_seed(cfg.seed)
         amp.say("config:\n" + to_yaml(cfg).rstrip())
@@ -235,11 +263,6 @@ def run(cfg: Config, switch: dict | None = None) -> int:
             amp.say(f"precision switch: {switch['from']} -> {switch['to']} at step {switch['step']} "
                     f"({switch['reason']})")
         start = amp.step
-        if start >= t.max_steps:
-            amp.say(f"nothing to do: the checkpoint is at step {start} and train.max_steps is {t.max_steps}; "
-                    "raise train.max_steps to train on")
-            amp.close(completed=False)
-            return 0
         metric = load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
 
         # ----------------------------------------------------------------------------
@@ -257,7 +280,12 @@ def run(cfg: Config, switch: dict | None = None) -> int:
                 saved = amp.save()
             if last_step:
                 if accelerator.is_main_process:  # out_dir/final/: weights and config.json, no training code needed
-                    amp.say(f"model: {export(saved)} (ByteLM.from_pretrained, python -m {__package__}.sample)")
+                    try:
+                        amp.say(f"model: {export(saved)} (ByteLM.from_pretrained, python -m {__package__}.sample)")
+                    except Exception as e:  # a full disk, a foreign final/: the run itself is saved and complete
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        amp.say(f"warning: no export to {cfg.out_dir}/final ({first}); the checkpoint {saved} "
+                                f"has the weights: python -m {__package__}.export {saved}", style="yellow")
                 break
 
             # one optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step
@@ -285,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .amp.checkpoint import CheckpointError
     from .amp.guard import GuardFallback, GuardStop
+    from .amp.precision import PrecisionError
     from .amp.session import OutputDirError, RunLockedError, StopTraining
     from .data import DataError
     switch = None
@@ -292,17 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(cfg, switch)
         except StopTraining as stop:
-            print(f"resume: run the same command (resume=auto) or pass resume={stop.path}")
+            if os.environ.get("RANK", "0") == "0":  # one hint, not one per process
+                print(f"resume: run the same command (resume=auto) or pass resume={stop.path}")
             return 0
         except GuardStop:
-            print(GUARD_HINT)
+            if os.environ.get("RANK", "0") == "0":
+                print(GUARD_HINT)
             return 3
         except GuardFallback as fb:
             # continue from the checkpoint just saved, in this process (the process group and data cache stay;
             # Accelerate's precision state is rebuilt below)
             switch = fb.record()
             cfg = replace(cfg, resume=fb.path, amp=replace(cfg.amp, precision=fb.to))
-        except (ConfigError, CheckpointError, DataError, RunLockedError) as e:
+        except (ConfigError, CheckpointError, DataError, RunLockedError, PrecisionError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OutputDirError as e:

@@ -116,12 +116,27 @@ def _bad_part(path: Path, name: str, want: Any) -> str | None:
     return None
 
 
+_VERIFIED: dict[str, tuple[Any, list[str]]] = {}  # path -> (stat of its files, notices): hashed once while unchanged
+
+
 def check_complete(path: Path) -> list[str]:
     """Raise CheckpointError unless ``path`` is a complete checkpoint whose parts verify against meta.json.
 
     Returns notices for parts that only cost bit-exactness (an RNG state that does not verify).
     """
     path = Path(path)
+    try:
+        stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
+    except OSError:
+        stamp = None
+    if stamp is not None and _VERIFIED.get(str(path), (None,))[0] == stamp:
+        return list(_VERIFIED[str(path)][1])
+    notices = _verify(path)
+    _VERIFIED[str(path)] = (stamp, notices)
+    return list(notices)
+
+
+def _verify(path: Path) -> list[str]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     meta = read_meta(path)
@@ -219,18 +234,24 @@ def trim_log(path: str | Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
 class StopSignal:
-    """SIGTERM/SIGINT (what schedulers send before preemption) ask for a save-and-exit at the next step.
+    """SIGTERM/SIGINT/SIGHUP (what schedulers send before preemption, a closed terminal) ask for a save-and-exit
+    at the next step.
 
     A second Ctrl-C stops at once. :meth:`restore` puts the previous handlers back (the session does it when the
     run ends, so a Ctrl-C after an in-process run is not swallowed).
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signame: str | None = None
         self._previous: dict[int, Any] = {}
         for sig in signals:
             try:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGHUP under nohup: leave it ignored
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals cannot be caught here
                 break

@@ -29,6 +29,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
+class PrecisionError(ValueError):
+    """A precision that cannot run (an unknown name, the launcher's fp8); one line."""
+
+
 @dataclass(frozen=True)
 class Resolution:
     """The outcome of :func:`resolve`: what was asked, what runs, and why."""
@@ -107,10 +111,10 @@ def resolve(requested: str | None, device: torch.device | str, launcher: str | N
     """
     req = _normalise(requested) or "auto"
     if req not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto|fp32|bf16|fp16 (or no), got {requested!r}")
+        raise PrecisionError(f"precision must be one of auto|fp32|bf16|fp16 (or no), got {requested!r}")
     launch = _normalise(launcher)
     if launch == "fp8":
-        raise ValueError("the launcher asked for mixed_precision fp8, which this AMP core does not run; "
+        raise PrecisionError("the launcher asked for mixed_precision fp8, which this AMP core does not run; "
                          "use fp16 or bf16 (accelerate launch --mixed_precision ...)")
     if req == "auto" and launch in ("bf16", "fp16"):
         r = _resolve(launch, torch.device(device))

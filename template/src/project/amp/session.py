@@ -37,7 +37,7 @@ import torch
 
 from . import __version__
 from . import precision as _precision
-from .checkpoint import CheckpointManager, Progress, StopSignal, find_resume, read_meta, trim_log
+from .checkpoint import CHECKPOINTS, CheckpointManager, Progress, StopSignal, find_resume, read_meta, trim_log
 from .console import Status, TrainConsole, summary_table
 from .distributed import any_rank
 from .guard import Decision, GuardFallback, GuardPolicy, GuardStop, Problem, decide
@@ -325,6 +325,9 @@ class AmpSession:
         path, notices = find_resume(self.out_dir, str(policy))
         if path is not None and check is not None:
             notices += list(check(read_meta(path)) or [])
+        if path is not None and Path(path).resolve().parent != (self.out_dir / CHECKPOINTS).resolve():
+            # a checkpoint from elsewhere starts another line of runs here: the one in out_dir moves aside
+            notices += self._move_previous_run_aside(f"resume from {path}")
         if path is not None:
             notices += self.ckpt.load(path, self.resolution.effective,
                                       self.scaler_kwargs if self.resolution.uses_scaler else None,
@@ -342,19 +345,19 @@ class AmpSession:
                              tokens=self.progress.tokens_seen)
         return notices
 
-    def _move_previous_run_aside(self) -> list[str]:
-        """A fresh start never mixes with or deletes an earlier run: its checkpoints and logs move to previous-runs/."""
+    def _move_previous_run_aside(self, why: str = "fresh start") -> list[str]:
+        """A fresh start never mixes with or deletes an earlier run: everything it left in out_dir (checkpoints,
+        metrics.jsonl, the summary, tracker logs, an export) moves to out_dir/previous-runs/<time>/."""
         notices: list[str] = []
-        if self.is_main:
-            old = [p for p in (self.out_dir / "checkpoints", self.out_dir / METRICS, self.out_dir / SUMMARY)
-                   if p.exists()]
+        if self.is_main and self.out_dir.is_dir():
+            old = sorted(p for p in self.out_dir.iterdir() if p.name not in (LOCK, PREVIOUS))
             if old:
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
                 dest = self.out_dir / PREVIOUS / stamp
                 dest.mkdir(parents=True)
                 for p in old:
                     os.replace(p, dest / p.name)
-                notices.append(f"fresh start: the earlier run's files in {self.out_dir} "
+                notices.append(f"{why}: the earlier run's files in {self.out_dir} "
                                f"({', '.join(p.name for p in old)}) were moved to {dest}")
         self.accelerator.wait_for_everyone()
         return notices
