@@ -437,7 +437,7 @@ def test_an_interrupted_update_leaves_every_file_old_or_new_and_running_it_again
 
 
 @pytest.mark.slow
-def test_the_updated_project_passes_its_own_config_tests_and_does_not_collect_the_base(tmp_path):
+def test_the_updated_project_passes_its_own_quick_tests_and_does_not_collect_the_base(tmp_path):
     scenario = make_scenario(tmp_path)
     cli.invoke(app, ["update", str(scenario.project)])
     project = scenario.project
@@ -447,7 +447,10 @@ def test_the_updated_project_passes_its_own_config_tests_and_does_not_collect_th
     def run(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, check=False)
 
-    proc = run(sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests/test_config.py")
+    env["HF_HOME"] = str(tmp_path / "hf-home")
+    # the merged project trains: config, session (the AMP core) and the training loop's quick tests
+    proc = run(sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "tests/test_config.py",
+               "tests/test_session.py", "tests/test_train.py")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # pytest does not collect the base's copy of the tests (it skips dot-folders)
     proc = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", ".")
