@@ -14,6 +14,7 @@ This module imports only the standard library and yaml, so a bad key is reported
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -590,10 +591,55 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------
+# Checks at run time: trackers installed, a checkpoint of the same experiment
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
+                   "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                   "trackio": "trackio"}
+
+
+def check_trackers(names: list[str], kwargs: dict) -> None:
+    """A tracker that is not installed is one line saying how to install it (Accelerate would only warn)."""
+    for name in kwargs:
+        if name not in names or not isinstance(kwargs[name], dict):
+            raise ConfigError(f"log.tracker_kwargs: {name!r} must be one of log.trackers ({', '.join(names) or 'none'}) "
+                              "and hold a mapping, e.g. {wandb: {entity: me}}")
+    for name in names:
+        module = TRACKER_MODULES.get(name)
+        if module is None:
+            raise ConfigError(f"log.trackers: unknown tracker {name!r} (one of {', '.join(TRACKER_MODULES)})")
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"log.trackers: {name} is not installed (pip install {module})")
+
+
+def resume_check(cfg: Config) -> Any:
+    """Refuse a checkpoint of another experiment (model shape, data); list the settings that changed but fit."""
+
+    def check(meta: dict) -> list[str]:
+        saved = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(saved, dict):
+            return []
+        incompatible, changed = resume_changes(saved, cfg)
+        if incompatible:
+            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in incompatible)
+            raise ConfigError(f"resume: {cfg.out_dir} holds a checkpoint of another experiment ({diffs}); "
+                              "start fresh with resume=none (the old run is moved aside) or use another out_dir")
+        if changed:
+            return ["resume: settings changed since the checkpoint: "
+                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)]
+        return []
+
+    return check
+
+
 __all__ = [
+    "TRACKER_MODULES",
     "Config",
     "ConfigError",
     "ConfigExit",
+    "check_trackers",
+    "resume_check",
     "RESUME_INCOMPATIBLE",
     "RESUME_IGNORED",
     "USAGE",

@@ -9,7 +9,6 @@ The AMP machinery lives in ``amp/`` (one AmpSession); this file is the loop you 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
@@ -17,12 +16,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from .config import Config, ConfigError, ConfigExit, flat, parse_args, resume_changes, to_dict, to_yaml
-
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
-                   "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
-                   "trackio": "trackio"}
-
+from .config import Config, ConfigError, ConfigExit, check_trackers, flat, parse_args, resume_check, to_dict, to_yaml
 
 # ----------------------------------------------------------------------------
 # building blocks shared with bench.py: the data, the model, the optimizer and its schedule
@@ -78,40 +72,6 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
         return (t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))) / t.lr
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-
-
-def check_trackers(names: list[str], kwargs: dict) -> None:
-    """A tracker that is not installed is one line saying how to install it (Accelerate would only warn)."""
-    for name in kwargs:
-        if name not in names or not isinstance(kwargs[name], dict):
-            raise ConfigError(f"log.tracker_kwargs: {name!r} must be one of log.trackers ({', '.join(names) or 'none'}) "
-                              "and hold a mapping, e.g. {wandb: {entity: me}}")
-    for name in names:
-        module = TRACKER_MODULES.get(name)
-        if module is None:
-            raise ConfigError(f"log.trackers: unknown tracker {name!r} (one of {', '.join(TRACKER_MODULES)})")
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"log.trackers: {name} is not installed (pip install {module})")
-
-
-def resume_check(cfg: Config):
-    """Refuse a checkpoint of another experiment (model shape, data); list the settings that changed but fit."""
-
-    def check(meta: dict) -> list[str]:
-        saved = meta.get("config") if isinstance(meta, dict) else None
-        if not isinstance(saved, dict):
-            return []
-        incompatible, changed = resume_changes(saved, cfg)
-        if incompatible:
-            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in incompatible)
-            raise ConfigError(f"resume: {cfg.out_dir} holds a checkpoint of another experiment ({diffs}); "
-                              "start fresh with resume=none (the old run is moved aside) or use another out_dir")
-        if changed:
-            return ["resume: settings changed since the checkpoint: "
-                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)]
-        return []
-
-    return check
 
 
 def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int,
