@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .amp.checkpoint import CHECKPOINTS, CheckpointError, check_complete, find_resume, read_meta
+from .amp.checkpoint import CHECKPOINTS, CheckpointError, check_complete, find_resume, read_meta, replace_dir
 from .model import ByteLM
 
 PACKAGE = __package__  # the package name also when run as `python -m PACKAGE.export` (__name__ is __main__)
@@ -224,14 +224,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     (tmp / "README.md").write_text(model_card(model, meta, ckpt))
     # safetensors creates its file owner-only (0600); an export is for sharing: the umask's mode, as the card has
     os.chmod(tmp / WEIGHTS, (tmp / "README.md").stat().st_mode & 0o777)
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+    replace_dir(tmp, dest)
     return dest
 
 

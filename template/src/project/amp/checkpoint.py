@@ -290,6 +290,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move the finished folder ``src`` to ``dest`` by renames; an existing ``dest`` goes only once ``src`` is there."""
+    if not dest.exists():
+        os.replace(src, dest)
+        return
+    old = dest.with_name(f".old-{dest.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _scaler_hidden(accelerator: Any, hide: bool) -> Iterator[None]:
     """Hide the accelerator's scaler from save_state/load_state for a moment."""
@@ -348,14 +360,7 @@ class CheckpointManager:
             meta["complete"] = True
             _atomic_write(tmp / META, json.dumps(meta, indent=2, default=str))
             _fsync_dir(tmp)
-            if final.exists():  # saving the same step again (e.g. stop right after a periodic save)
-                old = self.root / f".old-{final.name}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            replace_dir(tmp, final)  # the same step again replaces it (e.g. stop right after a periodic save)
             _fsync_dir(self.root)
             _atomic_write(self.root / LATEST, final.name + "\n")
             self._rotate()

@@ -269,18 +269,16 @@ class AmpSession:
 
     def _take_lock(self) -> None:
         """One run per out_dir: ``out_dir/.lock`` holds the PID and host; a lock whose process is gone is stale."""
-        error = None
+        error: RuntimeError | None = None
         if self.is_main:
             try:
                 self._lock_taken = _acquire_lock(self.out_dir / LOCK)
             except RunLockedError as e:
-                error = str(e)
+                error = e
             except OSError as e:
-                error = f"{self.out_dir}: cannot be used as the output directory ({e.strerror or e})"
+                error = OutputDirError(f"{self.out_dir}: cannot be used as the output directory ({e.strerror or e})")
         if any_rank(self.accelerator, error is not None):
-            if error is not None and "output directory (" in error:
-                raise OutputDirError(error)
-            raise RunLockedError(error or f"{self.out_dir} is locked by another run (seen by the main process)")
+            raise error or RunLockedError(f"{self.out_dir} is locked by another run (seen by the main process)")
 
     def _release_lock(self) -> None:
         if self._lock_taken:
@@ -630,14 +628,11 @@ def _count(batch: Any) -> tuple[int, int]:
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
+    """The batch itself, or the first tensor of a tuple/list or a mapping (a dict, a BatchEncoding)."""
     if isinstance(batch, torch.Tensor):
         return batch
-    values = batch.values() if isinstance(batch, dict) or hasattr(batch, "values") else batch
-    if isinstance(values, (list, tuple)) or hasattr(batch, "values"):
-        for v in values:
-            if isinstance(v, torch.Tensor):
-                return v
-    return None
+    values = batch.values() if hasattr(batch, "values") else batch if isinstance(batch, (list, tuple)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
 def _pid_alive(pid: int) -> bool:
