@@ -39,7 +39,7 @@ def get_dataloaders(batch_size: int = 16):
 
 
 def training_function(config, args):
-    amp = AmpSession("auto", "runs/example", checkpoint_every=20, cpu=args.cpu)
+    amp = AmpSession("auto", args.output_dir, checkpoint_every=20, cpu=args.cpu)
     lr = config["lr"]
     num_epochs = int(config["num_epochs"])
     seed = int(config["seed"])
@@ -69,7 +69,7 @@ def training_function(config, args):
     )
     amp.resume("auto")
 
-    for epoch in range(amp.epoch, num_epochs):
+    for epoch in amp.epochs(num_epochs):
         model.train()
         for batch in amp.batches(train_dataloader):
             outputs = model(batch["features"])
@@ -96,6 +96,12 @@ def training_function(config, args):
 def main():
     parser = argparse.ArgumentParser(description="Simple example of training script.")
     parser.add_argument("--cpu", action="store_true", help="If passed, will train on the CPU.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="runs/example",
+        help="Where to store this experiment's checkpoints and logs.",
+    )
     args = parser.parse_args()
     config = {"lr": 1e-3, "num_epochs": 2, "seed": 42, "batch_size": 16, "warmup_steps": 8}
     training_function(config, args)

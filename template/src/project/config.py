@@ -23,6 +23,9 @@ from typing import Any
 
 import yaml
 
+from .amp.defaults import PRECISIONS, SCALER_DEFAULTS, check_scaler, normalise_precision
+from .amp.guard import GuardPolicy
+
 
 class ConfigError(ValueError):
     """A bad config value; the message is one line that names the key and what is allowed."""
@@ -44,19 +47,19 @@ class ConfigExit(Exception):
 class ScalerConfig:
     """GradScaler knobs, passed to Accelerate as GradScalerKwargs (fp16 only)."""
 
-    init_scale: float = 65536.0  # 2**16, PyTorch's default; at most 3.4e38 (the scale is a float32)
-    growth_factor: float = 2.0  # scale *= growth_factor after growth_interval clean steps
-    backoff_factor: float = 0.5  # scale *= backoff_factor on an overflow (the step is skipped)
-    growth_interval: int = 2000  # clean steps before the scale grows
+    init_scale: float = SCALER_DEFAULTS["init_scale"]  # 2**16, PyTorch's default; at most 3.4e38 (a float32)
+    growth_factor: float = SCALER_DEFAULTS["growth_factor"]  # scale *= growth_factor after growth_interval clean steps
+    backoff_factor: float = SCALER_DEFAULTS["backoff_factor"]  # scale *= backoff_factor on an overflow (step skipped)
+    growth_interval: int = SCALER_DEFAULTS["growth_interval"]  # clean steps before the scale grows
 
 
 @dataclass
 class GuardConfig:
     """What to do when the loss scale collapses (every step skipped, scale driven toward 0)."""
 
-    min_scale: float = 2.0**-14  # a scale below this counts as collapsed
-    max_consecutive_skips: int = 25  # this many skipped steps in a row counts as collapsed
-    action: str = "warn"  # warn | stop (save and exit) | fallback (save, go on in a safer precision)
+    min_scale: float = GuardPolicy.min_scale  # a scale below this counts as collapsed (2**-14)
+    max_consecutive_skips: int = GuardPolicy.max_consecutive_skips  # this many skipped steps in a row counts too
+    action: str = GuardPolicy.action  # warn | stop (save and exit 3) | fallback (save, go on in a safer precision)
 
 
 @dataclass
@@ -152,10 +155,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-GUARD_ACTIONS = ("warn", "stop", "fallback")
-FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 
 # Keys a checkpoint cannot be resumed under when they change: the weights would not load (model.*), or the
 # run would silently become another experiment (other data, another split, another seed). An entry names a
@@ -360,19 +359,15 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
 
-    p = cfg.amp.precision.lower()
-    cfg.amp.precision = "fp32" if p in ("no", "fp32", "float32") else p
-    need(cfg.amp.precision in PRECISIONS, "amp.precision", "one of auto|fp32|bf16|fp16 (or no)", p)
-    s = cfg.amp.scaler
-    need(math.isfinite(s.init_scale) and 0 < s.init_scale <= FP32_MAX, "amp.scaler.init_scale",
-         "a finite number > 0 and <= 3.4e38 (the scale is a float32)", s.init_scale)
-    need(s.growth_factor > 1, "amp.scaler.growth_factor", "> 1", s.growth_factor)
-    need(0 < s.backoff_factor < 1, "amp.scaler.backoff_factor", "in (0, 1)", s.backoff_factor)
-    need(s.growth_interval >= 1, "amp.scaler.growth_interval", ">= 1", s.growth_interval)
-    g = cfg.amp.guard
-    need(g.min_scale >= 0, "amp.guard.min_scale", ">= 0", g.min_scale)
-    need(g.max_consecutive_skips >= 1, "amp.guard.max_consecutive_skips", ">= 1", g.max_consecutive_skips)
-    need(g.action in GUARD_ACTIONS, "amp.guard.action", "one of warn|stop|fallback", g.action)
+    p = cfg.amp.precision
+    cfg.amp.precision = normalise_precision(p)
+    need(cfg.amp.precision in PRECISIONS, "amp.precision", f"one of {'|'.join(PRECISIONS)} (or no)", p)
+    for section, check in (("amp.scaler", lambda: check_scaler(**dataclasses.asdict(cfg.amp.scaler))),
+                           ("amp.guard", lambda: GuardPolicy(**dataclasses.asdict(cfg.amp.guard)))):
+        try:  # the core's own checks; its messages start with the setting's name
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{section}.{e}") from None
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)

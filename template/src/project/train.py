@@ -75,10 +75,11 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
 
 
 def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int,
-             show: Any = None) -> dict[str, float]:
+             show: Any = None, stop: Any = None) -> dict[str, float]:
     """Held-out loss, accuracy and perplexity, computed in float32 outside autocast from per-batch sums.
 
-    ``show("eval i/n")`` reports progress (the live panel's bar on a terminal).
+    ``show("eval i/n")`` reports progress (the live panel's bar on a terminal); ``stop()`` is asked before each
+    batch (a stop signal mid-eval ends it within a batch, with nothing returned).
     """
     import torch
     import torch.nn.functional as F
@@ -90,6 +91,9 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
     with torch.no_grad():
         for i, (x, y) in enumerate(loader):
             if max_batches and i >= max_batches:
+                break
+            if stop is not None and stop():
+                rows = None
                 break
             if show is not None:
                 show(f"eval {i + 1}/{total}")
@@ -104,7 +108,7 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
     model.train()
     if show is not None:
         show(None)
-    if metric is None:  # not the main process
+    if metric is None or rows is None:  # not the main process, or stopped
         return {}
     sums = torch.stack(rows).tolist() if rows else []  # one transfer for the whole eval
     metric.add_batch(correct=[int(r[0]) for r in sums], count=[int(r[1]) for r in sums], nll_sum=[r[2] for r in sums])
@@ -129,19 +133,20 @@ def forever(amp: Any, loader: Any):
     """Batches across epochs, from the resumed position on; an epoch without a batch is an error, not a spin."""
     from .data import DataError
 
-    while True:
+    while not amp.should_stop:
         seen = 0
         for batch in amp.batches(loader):
             seen += 1
             yield batch
-        if not seen and not amp.progress.batch_in_epoch:
+        if not seen and not amp.progress.batch_in_epoch and not amp.should_stop:
             raise DataError("data: an epoch of the training data gave no batch (check data.files, "
                             "train.batch_size and the number of processes)")
 
 
 def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
     """One optimizer step (bench.py times this same function): accumulate -> forward (autocast) -> fp32 loss ->
-    backward -> clip -> step -> schedule. Returns the last micro-batch's loss (a tensor: no device read)."""
+    backward -> clip -> step -> schedule. Returns the last micro-batch's loss (a tensor: no device read); after it,
+    ``amp.should_stop`` says whether the run stopped (a stop signal or the guard, the state saved)."""
     from . import model as model_lib
 
     accelerator, t = amp.accelerator, cfg.train
@@ -182,7 +187,8 @@ def run(cfg: Config, switch: dict | None = None) -> int:
     # session: precision (requested, in effect, why), the Accelerator, scaler, lock, console
     with AmpSession(
         cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=GuardPolicy(**asdict(cfg.amp.guard)),
-        log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps, config=to_dict(cfg),
+        log_every=cfg.log.every, checkpoint_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+        max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
         tracker_config=flat(to_dict(cfg)),
@@ -226,19 +232,22 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         metric = load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
 
         # ----------------------------------------------------------------------------
-        # the loop: the once-in-a-while blocks, then one optimizer step
+        # the loop: the once-in-a-while blocks, then one optimizer step; checkpoints every checkpoint.every steps
+        # are the session's (after_step), and a stop (signal, guard) is saved there too: the loop only ends
         batches = forever(amp, train_loader)
         model.train()
-        while True:
+        while not amp.should_stop:
             step = amp.step
             last_step = step >= t.max_steps
             if last_step or (cfg.eval.every and step > start and step % cfg.eval.every == 0):
-                ev = evaluate(model, val_loader, accelerator, metric, cfg.eval.batches, amp.console.activity)
+                ev = evaluate(model, val_loader, accelerator, metric, cfg.eval.batches, amp.console.activity,
+                              amp.poll_stop)
+                if amp.should_stop:  # a stop signal mid-eval: saved, nothing to report
+                    break
                 amp.log(ev)
                 amp.say(" | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if step > start and (last_step or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
-                saved = amp.save()
             if last_step:
+                saved = amp.save()
                 if accelerator.is_main_process:  # out_dir/final/: weights and config.json, no training code needed
                     try:
                         amp.say(f"model: {export(saved)} (ByteLM.from_pretrained, python -m {__package__}.sample)")
@@ -252,7 +261,8 @@ def run(cfg: Config, switch: dict | None = None) -> int:
             train_step(amp, model, optimizer, scheduler, batches, cfg)
 
         # ----------------------------------------------------------------------------
-        # the end: leaving the session saves if needed, prints and writes the AMP summary, ends training
+        # the end: leaving the session saves if needed, prints and writes the AMP summary, ends training; after
+        # the collapse guard it raises GuardStop or GuardFallback (handled in main)
     return 0
 
 
@@ -273,17 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .amp.checkpoint import CheckpointError
     from .amp.guard import GuardFallback, GuardStop
+    from .amp.position import LoopError
     from .amp.precision import PrecisionError
-    from .amp.session import OutputDirError, RunLockedError, StopTraining
+    from .amp.rundir import OutputDirError, RunLockedError
     from .data import DataError
     switch = None
     while True:
         try:
             return run(cfg, switch)
-        except StopTraining as stop:
-            if os.environ.get("RANK", "0") == "0":  # one hint, not one per process
-                print(f"resume: run the same command (resume=auto) or pass resume={stop.path}")
-            return 0
         except GuardStop:
             if os.environ.get("RANK", "0") == "0":
                 print(GUARD_HINT)
@@ -291,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         except GuardFallback as fb:
             # continue from the checkpoint just saved, in this process (the process group and data cache stay;
             # Accelerate's precision state is rebuilt below)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"AMP guard: continuing in {fb.to} from {fb.path}")
             switch = fb.record()
             cfg = replace(cfg, resume=fb.path, amp=replace(cfg.amp, precision=fb.to))
-        except (ConfigError, CheckpointError, DataError, RunLockedError, PrecisionError) as e:
+        except (ConfigError, CheckpointError, DataError, RunLockedError, PrecisionError, LoopError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OutputDirError as e:
@@ -312,4 +321,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .amp.distributed import run_main
+
+    run_main(main)  # with several processes: os._exit once exit handlers ran (amp/distributed.py says why)

@@ -1,11 +1,13 @@
 """Checkpoints around ``accelerator.save_state``/``load_state``: atomic, rotated, resumable across precisions.
 
-Layout (a superset of what Accelerate writes, so a plain ``accelerator.load_state(path)`` still loads it)::
+Layout (a superset of what Accelerate writes: a plain ``accelerator.load_state(path)`` of the same prepared objects
+loads it, because the session's own state is kept in files Accelerate does not count)::
 
     out_dir/checkpoints/
       step_0000200/   model.safetensors optimizer.bin scheduler.bin scaler.pt random_states_*.pkl
-                      custom_checkpoint_*.pkl (registered objects: training progress, AMP monitor)
-                      meta.json (precision, scaler kwargs, resolved config, world size, versions)
+                      custom_checkpoint_*.pkl (objects you registered with accelerator.register_for_checkpointing)
+                      amp_state_*.pt (per process: data position, AMP statistics, what you passed to amp.track)
+                      meta.json (precision, scaler kwargs, resolved config, world size, versions, file hashes)
       latest          the name of the newest complete checkpoint, written last
 
 A checkpoint is complete or invisible: it is written into ``.tmp-step_*`` and renamed into place, and
@@ -13,9 +15,9 @@ A checkpoint is complete or invisible: it is written into ``.tmp-step_*`` and re
 (Accelerate raises on a missing or empty scaler.pt, drops the scale silently, and lets scaler.pt replace
 the run's GradScalerKwargs), and every decision is returned as a one-line notice.
 
-    ckpt = CheckpointManager(accelerator, out_dir, keep=3, meta=lambda: {...})
+    ckpt = CheckpointManager(accelerator, out_dir, keep=3, meta=lambda: {...}, state=lambda: {...})
     path, notices = find_resume(out_dir, "auto")
-    if path: notices += ckpt.load(path, precision="fp16", scaler_kwargs={...})
+    if path: loaded = ckpt.load(path, precision="fp16", scaler_kwargs={...})   # .notices, .state
     ...
     ckpt.save(step)
 """
@@ -29,9 +31,8 @@ import os
 import pickle
 import re
 import shutil
-import signal
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 SCALER = "scaler.pt"
+STATE = "amp_state_{}.pt"  # the session's state, one file per process
+LEGACY_STATE = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")  # where checkpoints before amp_state kept it
 NAME_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0", "pytorch_model")
 
@@ -51,25 +54,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a lost mount): one line naming the path and the cause."""
-
-
-@dataclass
-class Progress:
-    """Where the run is: registered for checkpointing so the data position survives a resume."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (per process)
-    samples_seen: int = 0  # over all processes
-    tokens_seen: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for k, v in state.items():
-            if hasattr(self, k):
-                setattr(self, k, int(v))
 
 
 def checkpoint_name(step: int) -> str:
@@ -234,40 +218,6 @@ def trim_log(path: str | Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
-
-
-class StopSignal:
-    """SIGTERM/SIGINT/SIGHUP (what schedulers send before preemption, a closed terminal) ask for a save-and-exit
-    at the next step.
-
-    A second Ctrl-C stops at once. :meth:`restore` puts the previous handlers back (the session does it when the
-    run ends, so a Ctrl-C after an in-process run is not swallowed).
-    """
-
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
-        self.signame: str | None = None
-        self._previous: dict[int, Any] = {}
-        for sig in signals:
-            try:
-                if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGHUP under nohup: leave it ignored
-                    continue
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                break
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signame is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        """Reinstall the handlers that were there before."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-
 # ----------------------------------------------------------------------------
 # Saving
 
@@ -314,26 +264,74 @@ def _scaler_hidden(accelerator: Any, hide: bool) -> Iterator[None]:
         accelerator.scaler = scaler
 
 
-class CheckpointManager:
-    """Saves and loads checkpoints for one accelerator; see the module docstring for the layout."""
 
-    def __init__(self, accelerator: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]]):
+@dataclass
+class Loaded:
+    """What :meth:`CheckpointManager.load` restored: one-line notices, and this process's session state (None in a
+    checkpoint that has none)."""
+
+    notices: list[str]
+    state: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class _Sink:
+    """Takes one registered object's state out of a checkpoint written before the amp_state files existed."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.state = state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _write_failure(tmp: Path, e: BaseException) -> str:
+    """Why a save failed, in the user's words: a full disk says so (torch's own words for it are its stream's)."""
+    errno_ = getattr(e, "errno", None) or getattr(e.__cause__, "errno", None)
+    try:
+        free = shutil.disk_usage(tmp.parent if tmp.parent.exists() else tmp.parent.parent).free
+    except OSError:
+        free = None
+    if errno_ == 28 or (free is not None and free < 16 * 2**20):
+        where = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+        return f"no space left on device{where}"
+    return _first_line(e)[:200]
+
+
+class CheckpointManager:
+    """Saves and loads checkpoints for one accelerator; see the module docstring for the layout.
+
+    ``meta()`` gives the JSON metadata of a save; ``state()`` gives this process's session state (progress, AMP
+    statistics, tracked objects), saved as ``amp_state_<process>.pt`` and handed back by :meth:`load`.
+    """
+
+    def __init__(self, accelerator: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
+                 state: Callable[[], dict[str, Any]] | None = None):
         self.accelerator = accelerator
         self.root = Path(out_dir) / CHECKPOINTS
         self.keep = keep
         self.meta = meta
-        self._hook = accelerator.register_save_state_pre_hook(self._write_meta)
+        self.state = state
+        self._hook = accelerator.register_save_state_pre_hook(self._before_save)
 
-    def _write_meta(self, models: Any, weights: Any, output_dir: str) -> None:
-        # runs inside save_state on every rank; only the main process writes the shared file
-        if not self.accelerator.is_main_process:
-            return
-        meta = dict(self.meta())
-        meta.update(complete=False, world_size=self.accelerator.num_processes)
-        _atomic_write(Path(output_dir) / META, json.dumps(meta, indent=2, default=str))
+    def _before_save(self, models: Any, weights: Any, output_dir: str) -> None:
+        # runs inside save_state on every process: each writes its own state, the main process the shared meta.json
+        acc = self.accelerator
+        if self.state is not None:
+            torch.save(self.state(), Path(output_dir) / STATE.format(acc.process_index))
+        if acc.is_main_process:
+            meta = dict(self.meta())
+            meta.update(complete=False, world_size=acc.num_processes, amp_state=self.state is not None)
+            _atomic_write(Path(output_dir) / META, json.dumps(meta, indent=2, default=str))
 
     def save(self, step: int) -> Path:
-        """Save the full training state as ``step_NNNNNNN``; every rank must call this."""
+        """Save the full training state as ``step_NNNNNNN``; every process must call this."""
         acc = self.accelerator
         final = self.root / checkpoint_name(step)
         tmp = self.root / f".tmp-{final.name}"
@@ -346,26 +344,38 @@ class CheckpointManager:
         try:
             with _scaler_hidden(acc, hide=not acc.is_main_process):
                 acc.save_state(str(tmp))
-        except Exception as e:  # OSError, or safetensors' own error type for the same faults (a full disk)
+        except BaseException as e:  # a half-written checkpoint never stays, whatever stopped it (a second Ctrl-C)
             shutil.rmtree(tmp, ignore_errors=True)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({first})") from e
+            if not isinstance(e, Exception):
+                raise
+            # OSError, or safetensors' and torch's own errors for the same faults (a full disk)
+            raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({_write_failure(tmp, e)})") from e
         acc.wait_for_everyone()
         if acc.is_main_process:
-            meta = json.loads((tmp / META).read_text())
-            # size and hash of every part, checked on resume: a truncated or damaged file is found before loading
-            meta["files"] = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
-            meta["seq"] = 1 + max((o for p in list_checkpoints(self.root.parent) if (o := _order(p)[0]) != UNREADABLE),
-                                  default=0)
-            meta["complete"] = True
-            _atomic_write(tmp / META, json.dumps(meta, indent=2, default=str))
-            _fsync_dir(tmp)
-            replace_dir(tmp, final)  # the same step again replaces it (e.g. stop right after a periodic save)
-            _fsync_dir(self.root)
-            _atomic_write(self.root / LATEST, final.name + "\n")
-            self._rotate()
+            try:
+                self._seal(tmp, final)
+            except BaseException as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not isinstance(e, Exception):
+                    raise
+                raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({_write_failure(tmp, e)})") from e
         acc.wait_for_everyone()
         return final
+
+    def _seal(self, tmp: Path, final: Path) -> None:
+        """Hash every part, mark complete, rename into place, then move ``latest`` and rotate."""
+        meta = json.loads((tmp / META).read_text())
+        # size and hash of every part, checked on resume: a truncated or damaged file is found before loading
+        meta["files"] = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
+        meta["seq"] = 1 + max((o for p in list_checkpoints(self.root.parent) if (o := _order(p)[0]) != UNREADABLE),
+                              default=0)
+        meta["complete"] = True
+        _atomic_write(tmp / META, json.dumps(meta, indent=2, default=str))
+        _fsync_dir(tmp)
+        replace_dir(tmp, final)  # the same step again replaces it (e.g. stop right after a periodic save)
+        _fsync_dir(self.root)
+        _atomic_write(self.root / LATEST, final.name + "\n")
+        self._rotate()
 
     def _rotate(self) -> None:
         # oldest first by save order: a run resumed from an older checkpoint keeps its own new saves; a checkpoint
@@ -379,25 +389,30 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
 
     def load(self, path: str | Path, precision: str, scaler_kwargs: dict[str, Any] | None,
-             rescale_schedulers: bool = False) -> list[str]:
-        """Load a checkpoint into the prepared objects; returns one-line notices for the console.
+             rescale_schedulers: bool = False) -> Loaded:
+        """Load a checkpoint into the prepared objects; returns one-line notices and the session state.
 
-        The scaler is handled here, for all nine pairs of fp32/bf16/fp16: scale and growth tracker come
-        from the checkpoint when both runs are fp16, while the current run's scaler knobs win.
-        ``rescale_schedulers``: for schedules written in optimizer steps (a prepared scheduler steps once per
-        process per optimizer step), move their position when the number of processes changed.
+        The scaler is handled here, for all nine pairs of fp32/bf16/fp16: scale and growth tracker come from the
+        checkpoint when both runs are fp16, while the current run's scaler knobs win (a changed ``init_scale``
+        starts the scale there). ``rescale_schedulers``: for schedules written in optimizer steps (a prepared
+        scheduler steps once per process per optimizer step), move their position when the number of processes
+        changed.
         """
         acc = self.accelerator
         path = Path(path)
         meta = read_meta(path)
-        notices = []
-        with _scaler_hidden(acc, hide=True):
-            try:
+        # checkpoints written before the amp_state files kept the session's state as the first registered objects
+        legacy = [] if meta.get("amp_state") else [_Sink() for name in LEGACY_STATE if (path / name).is_file()]
+        acc._custom_objects[:0] = legacy
+        try:
+            with _scaler_hidden(acc, hide=True):
                 acc.load_state(str(path))
-            except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise CheckpointError(f"{path}: cannot be loaded into this run ({type(e).__name__}: {first})") from None
-        notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"{path}: cannot be loaded into this run ({type(e).__name__}: "
+                                  f"{_first_line(e)[:300]})") from None
+        finally:
+            del acc._custom_objects[: len(legacy)]
+        notices = [f"resume: loaded {path} (step {meta.get('step', '?')})"]
         saved_world = meta.get("world_size")
         if saved_world is not None and saved_world != acc.num_processes:
             if rescale_schedulers:
@@ -409,11 +424,28 @@ class CheckpointManager:
             schedule = ("the schedule at the same optimizer step" if rescale_schedulers
                         else "the scheduler's own position")
             notices.append(
-                f"resume: checkpoint was saved by {saved_world} processes, this run has {acc.num_processes}: "
-                f"weights, optimizer and scheduler carry over ({schedule}); the data order per process changes"
+                f"resume: checkpoint was saved by {saved_world} process{'es' if saved_world != 1 else ''}, this run "
+                f"has {acc.num_processes}: weights, optimizer and scheduler carry over ({schedule}); the data order "
+                "per process changes"
             )
         notices += self._load_scaler(path, meta, precision, scaler_kwargs or {})
-        return notices
+        if legacy:
+            return Loaded(notices, {"progress": legacy[0].state, "monitor": legacy[1].state if len(legacy) > 1 else None})
+        return Loaded(notices, self._read_state(path))
+
+    def _read_state(self, path: Path) -> dict[str, Any] | None:
+        """This process's amp_state file, or the main process's when this process had none (fewer processes then)."""
+        for index in dict.fromkeys((self.accelerator.process_index, 0)):
+            file = path / STATE.format(index)
+            if file.is_file():
+                try:
+                    state = torch.load(file, map_location="cpu", weights_only=False)
+                except Exception as e:  # a damaged file that passed no hash check (a checkpoint without hashes)
+                    raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {_first_line(e)[:200]})") from None
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{file}: does not hold the session's state")
+                return state
+        return None
 
     def _load_scaler(self, path: Path, meta: dict[str, Any], precision: str, kwargs: dict[str, Any]) -> list[str]:
         scaler = self.accelerator.scaler
@@ -432,11 +464,18 @@ class CheckpointManager:
             return [f"resume: checkpoint was {saved_precision} (no loss scale saved), run is {precision} -> "
                     f"fresh GradScaler at init_scale {kwargs.get('init_scale', scaler.get_scale()):g}"]
         notices = []
-        changed = {k: (state[k], v) for k, v in kwargs.items() if k in state and state[k] != v}
+        saved = {**{k: state[k] for k in kwargs if k in state}, **(meta.get("scaler_kwargs") or {})}
+        changed = {k: (saved[k], v) for k, v in kwargs.items() if k in saved and saved[k] != v}
         if changed:
             diffs = ", ".join(f"{k} {old:g} -> {new:g}" for k, (old, new) in changed.items())
             notices.append(f"resume: scaler settings differ from the checkpoint; this run's config wins ({diffs})")
         state = {**state, **{k: v for k, v in kwargs.items() if k in state}}
+        if "init_scale" in changed:  # asked for on purpose (a collapsed scale, say): the scale starts there
+            notices.append(f"resume: loss scale starts again at init_scale {kwargs['init_scale']:g} "
+                           f"(the checkpoint's was {state['scale']:g})")
+            state.update(scale=float(kwargs["init_scale"]), _growth_tracker=0)
+        else:
+            notices.append(f"resume: loss scale {state['scale']:g} restored "
+                           f"(growth tracker {state.get('_growth_tracker', 0)})")
         scaler.load_state_dict(state)
-        notices.append(f"resume: loss scale {state['scale']:g} restored (growth tracker {state.get('_growth_tracker', 0)})")
         return notices

@@ -51,6 +51,7 @@ class Status:
     peak_mem_gb: float | None = None
     world_size: int = 1
     activity: str | None = None  # what runs between log ticks, e.g. "eval 12/20" (live panel only)
+    values: dict[str, float] = field(default_factory=dict)  # the loop's own values (after_step(..., name=value))
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:
@@ -81,6 +82,11 @@ def fmt_scale(scale: float | None) -> str:
     if scale >= 1 and scale == int(scale) and scale < 1e9:
         return str(int(scale))
     return f"{scale:.3g}"
+
+
+def _value(x: float) -> str:
+    """One of the loop's own values: 4 significant digits, whatever its size."""
+    return f"{x:.4g}"
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -115,6 +121,8 @@ def render(s: Status) -> Table:
         t.add_row("eta", fmt_duration(s.eta_s))
     if s.peak_mem_gb is not None:
         t.add_row("peak memory", f"{s.peak_mem_gb:.2f} GiB")
+    for name, value in s.values.items():
+        t.add_row(name, _value(value))
     if s.activity:
         t.add_row("now", _bar(s.activity))
     return t
@@ -143,6 +151,7 @@ def plain_line(s: Status) -> str:
         parts.append(f"{s.samples_per_s:,.1f} samples/s")
     if s.eta_s is not None:  # known only with a total number of steps
         parts.append(f"eta {fmt_duration(s.eta_s)}")
+    parts += [f"{name} {_value(value)}" for name, value in s.values.items()]
     return " | ".join(parts)
 
 

@@ -1,15 +1,62 @@
-"""Agreement across processes, at log ticks only (one small collective per interval, never per step)."""
+"""Agreement across processes (one small collective, at log ticks only), and a clean end for multi-process runs.
+
+:func:`run_main` is opt-in: a script whose ``__main__`` block calls ``run_main(main)`` ends its process with
+``os._exit`` after a run of several processes, once its exit handlers have run. DDP keeps gloo's worker threads
+alive past ``end_training()``; one that releases a finished collective while Python finalizes can abort a process
+whose run succeeded (SIGABRT, "terminate called without an active exception"). ``benchmarks/exit_probe.py``
+measures how often (it varies with the load and the torch release). Nothing is patched: without the call, the
+interpreter ends as usual.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+import atexit
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 
 def any_rank(accelerator: Any, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a held lock, a tripped guard)."""
+    """True on every rank when ``flag`` is true on any rank (a held lock, a tripped guard, a stop signal)."""
     if accelerator.num_processes == 1:
         return flag
+    import torch  # here, not at the top: run_main serves scripts that parse their arguments before torch loads
+
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, "max").item())
+
+
+def exit_status(code: Any) -> int:
+    """The process exit status for ``sys.exit(code)``: None is 0, an int is itself, anything else 1."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def run_main(main: Callable[[], Any]) -> NoReturn:
+    """Run ``main()`` and end the process with its exit status (its return value, a SystemExit's code, 1 for an
+    uncaught exception after its traceback, 130 for Ctrl-C).
+
+    With several processes (``WORLD_SIZE`` > 1) the exit handlers run, output is flushed, and the process ends with
+    ``os._exit``, skipping the interpreter's finalization where gloo's threads can abort it; otherwise it exits
+    normally. Use it as the whole ``__main__`` block: ``if __name__ == "__main__": run_main(main)``.
+    """
+    try:
+        code = exit_status(main())
+    except SystemExit as e:
+        code = exit_status(e.code)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

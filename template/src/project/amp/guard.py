@@ -26,12 +26,13 @@ class GuardPolicy:
     max_consecutive_skips: int = 25  # skipped steps (or non-finite losses) in a row
 
     def __post_init__(self) -> None:
+        # messages start with the setting's name: a project's config prefixes its section (amp.guard.)
         if self.action not in ACTIONS:
-            raise ValueError(f"guard action must be one of {'|'.join(ACTIONS)}, got {self.action!r}")
+            raise ValueError(f"action: must be one of {'|'.join(ACTIONS)}, got {self.action!r}")
         if not self.min_scale >= 0:
-            raise ValueError(f"guard min_scale must be >= 0, got {self.min_scale!r}")
+            raise ValueError(f"min_scale: must be >= 0, got {self.min_scale!r}")
         if self.max_consecutive_skips < 1:
-            raise ValueError(f"guard max_consecutive_skips must be >= 1, got {self.max_consecutive_skips!r}")
+            raise ValueError(f"max_consecutive_skips: must be >= 1, got {self.max_consecutive_skips!r}")
 
 
 @dataclass(frozen=True)

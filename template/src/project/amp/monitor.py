@@ -9,9 +9,9 @@ the scale did not grow. This comes from the scaler itself, so it stays right whe
 ``optimizer_step_was_skipped`` is not (fused optimizers, gradient accumulation).
 
     monitor = AmpMonitor(accelerator.scaler)
-    accelerator.register_for_checkpointing(monitor)      # statistics survive a resume
     ...                                                 # after each optimizer step:
-    monitor.record(step, loss, grad_norm)
+    monitor.record(step, loss, grad_norm, {"acc": acc})   # your own values are optional
+    ...                                                 # in each checkpoint: monitor.state_dict()
     if step % log_every == 0:
         metrics = monitor.flush()                       # {"train/loss": ..., "amp/scale": ...}
         problem = monitor.check(min_scale, max_consecutive_skips)   # a guard.Problem or None
@@ -28,6 +28,11 @@ import torch
 from .guard import Problem
 
 _ON_DEVICE = object()  # placeholder in AmpMonitor._pending for a value still on the device
+
+
+def value_key(name: str) -> str:
+    """The metric name of one of the loop's own values: ``train/NAME``, or the name itself when it has a split."""
+    return name if "/" in name else f"train/{name}"
 
 
 def scaler_state(scaler: Any) -> tuple[float, int] | None:
@@ -76,18 +81,29 @@ class AmpMonitor:
         self._interval_loss = 0.0
         self._interval_count = 0
         self._interval_skips = 0
-        # (step, (loss, grad_norm[, scale, growth tracker]) with _ON_DEVICE for values in packed, packed)
-        self._pending: list[tuple[int, tuple[Any, ...], torch.Tensor | None]] = []
+        self._interval_values: dict[str, list[float]] = {}  # the loop's own values: name -> [sum, count]
+        self.value_names: list[str] = []  # the loop's own values seen, in order
+        # (step, with scale, value names, (loss, grad_norm[, scale, growth tracker], *values) with _ON_DEVICE for
+        # what is in packed, packed)
+        self._pending: list[tuple[int, bool, tuple[str, ...], tuple[Any, ...], torch.Tensor | None]] = []
 
     # ------------------------------------------------------------------ per step (no sync)
 
     def record(
-        self, step: int, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None = None
+        self, step: int, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None = None,
+        values: dict[str, Any] | None = None,
     ) -> None:
-        """Note one optimizer step. Call after ``optimizer.step()`` on steps where gradients synced."""
+        """Note one optimizer step. Call after ``optimizer.step()`` on steps where gradients synced.
+
+        ``values``: the loop's own numbers for this step (tensors or floats), averaged over the log interval and
+        reported by :meth:`flush` under their names (``train/NAME`` unless a name has its own ``split/``).
+        """
+        names = tuple(values) if values else ()
         fields: list[Any] = [loss, grad_norm]
-        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
+        with_scale = self.scaler is not None and getattr(self.scaler, "_scale", None) is not None
+        if with_scale:
             fields += [self.scaler._scale, self.scaler._growth_tracker]
+        fields += [values[n] for n in names]
         tensors = [f for f in fields if isinstance(f, torch.Tensor)]
         packed = None
         if tensors:
@@ -96,7 +112,7 @@ class AmpMonitor:
             device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
             packed = torch.stack([t.detach().reshape(()).to(device, torch.float32, non_blocking=True) for t in tensors])
         plain = tuple(_ON_DEVICE if isinstance(f, torch.Tensor) else f for f in fields)
-        self._pending.append((step, plain, packed))
+        self._pending.append((step, with_scale, names, plain, packed))
 
     # ------------------------------------------------------------------ at log ticks (one sync)
 
@@ -105,14 +121,21 @@ class AmpMonitor:
             return
         # one cat and one read per device (normally one): the only sync of the interval
         by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, _, packed in self._pending:
+        for *_, packed in self._pending:
             if packed is not None:
                 by_device.setdefault(packed.device, []).append(packed)
         read = {dev: iter(torch.cat(ts).tolist()) for dev, ts in by_device.items()}
-        for step, plain, packed in self._pending:
+        for step, with_scale, names, plain, packed in self._pending:
             values = [next(read[packed.device]) if v is _ON_DEVICE else v for v in plain]
             loss, gn = (None if v is None else float(v) for v in values[:2])
-            self._observe(step, loss, gn, values[2:] or None)
+            self._observe(step, loss, gn, values[2:4] if with_scale else None)
+            for name, value in zip(names, values[4 if with_scale else 2:], strict=True):
+                if value is not None:
+                    if name not in self.value_names:
+                        self.value_names.append(name)
+                    total = self._interval_values.setdefault(name, [0.0, 0])
+                    total[0] += float(value)
+                    total[1] += 1
         self._pending.clear()
         if self.scale_fn is not None:
             self._observe_external_scale(float(self.scale_fn()))
@@ -186,7 +209,10 @@ class AmpMonitor:
         out["amp/consecutive_skips"] = float(self.consecutive_skips)
         if self.nonfinite_losses:
             out["amp/nonfinite_losses"] = float(self.nonfinite_losses)
+        for name, (total, n) in self._interval_values.items():
+            out[value_key(name)] = total / n
         self._interval_loss, self._interval_count, self._interval_skips = 0.0, 0, 0
+        self._interval_values = {}
         return out
 
     @property
@@ -213,12 +239,12 @@ class AmpMonitor:
         tips = [
             "lower the GradScaler's init_scale (e.g. 1024)",
             "use bf16 where the hardware supports it (no loss scaling needed)",
-            "run the unstable modules in fp32 (precision.keep_in_fp32)",
+            "run the unstable modules in float32 (autocast off for them)",
             "lower the learning rate or clip gradients",
         ]
         if precision != "fp16":
             tips = ["lower the learning rate, check the data for bad values, clip gradients",
-                    "run the unstable modules in fp32 (precision.keep_in_fp32)"]
+                    "run the unstable modules in float32 (autocast off for them)"]
         return "\n".join(
             [f"AMP guard: {problem.message}",
              f"  steps {self.steps}, skipped {self.skipped}, non-finite losses {self.nonfinite_losses}",
@@ -250,7 +276,7 @@ class AmpMonitor:
     _STATE = (
         "steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses", "consecutive_nonfinite",
         "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "_history_stride", "last_step",
-        "last_grad_norm", "_prev_scale", "_interval_loss", "_interval_count", "_interval_skips",
+        "last_grad_norm", "_prev_scale", "_interval_loss", "_interval_count", "_interval_skips", "_interval_values",
     )
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .defaults import PRECISIONS, SCALER_DEFAULTS, check_scaler, env_flag, normalise_precision
+
 # our names -> Accelerate's mixed_precision values
 ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -94,13 +93,6 @@ def cpu_bf16_feature() -> str | None:
     return None
 
 
-def _normalise(name: str | None) -> str | None:
-    if name is None:
-        return None
-    name = str(name).strip().lower()
-    return {"no": "fp32", "float32": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "auto": "auto"}.get(name, name)
-
-
 def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
     """Resolve ``auto|fp32|bf16|fp16`` (``no`` = fp32, None = auto) for ``device`` and give the reason.
 
@@ -109,10 +101,10 @@ def resolve(requested: str | None, device: torch.device | str, launcher: str | N
     from it wins, and the reason says both. The launcher's ``no`` is also what it passes when nothing was asked, so
     ``auto`` still picks by hardware then.
     """
-    req = _normalise(requested) or "auto"
+    req = normalise_precision(requested) or "auto"
     if req not in PRECISIONS:
-        raise PrecisionError(f"precision must be one of auto|fp32|bf16|fp16 (or no), got {requested!r}")
-    launch = _normalise(launcher)
+        raise PrecisionError(f"precision must be one of {'|'.join(PRECISIONS)} (or no), got {requested!r}")
+    launch = normalise_precision(launcher)
     if launch == "fp8":
         raise PrecisionError("the launcher asked for mixed_precision fp8, which this AMP core does not run; "
                          "use fp16 or bf16 (accelerate launch --mixed_precision ...)")
@@ -213,25 +205,13 @@ def _resolve_mps(req: str) -> Resolution:
 # Accelerator set-up
 
 
-SCALER_DEFAULTS = {"init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
-
-
-def scaler_kwargs(init_scale: float, growth_factor: float, backoff_factor: float, growth_interval: int) -> dict[str, Any]:
-    """GradScaler settings as plain numbers, checked: a bad value would silently misreport skipped steps."""
-    if not (math.isfinite(init_scale) and init_scale > 0):
-        raise ValueError(f"GradScaler init_scale must be a finite number > 0, got {init_scale!r}")
-    if not (math.isfinite(growth_factor) and growth_factor > 1):
-        raise ValueError(f"GradScaler growth_factor must be a finite number > 1, got {growth_factor!r}")
-    if not 0 < backoff_factor < 1:
-        raise ValueError(f"GradScaler backoff_factor must be in (0, 1), got {backoff_factor!r}")
-    if int(growth_interval) < 1:
-        raise ValueError(f"GradScaler growth_interval must be >= 1, got {growth_interval!r}")
-    return {
-        "init_scale": float(init_scale),
-        "growth_factor": float(growth_factor),
-        "backoff_factor": float(backoff_factor),
-        "growth_interval": int(growth_interval),
-    }
+def scaler_kwargs(**knobs: Any) -> dict[str, Any]:
+    """GradScaler settings as plain numbers: the defaults (``defaults.SCALER_DEFAULTS``) with ``knobs`` over them,
+    checked; a bad one raises ValueError naming it."""
+    unknown = sorted(set(knobs) - set(SCALER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown GradScaler setting {unknown[0]!r} (known: {', '.join(SCALER_DEFAULTS)})")
+    return check_scaler(**{**SCALER_DEFAULTS, **knobs})
 
 
 def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -240,7 +220,7 @@ def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = N
 
     kwargs: dict[str, Any] = {"mixed_precision": resolution.mixed_precision, "kwargs_handlers": []}
     # DeepSpeed manages its own loss scale (its config's fp16 section); a GradScaler would go unused
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    deepspeed = env_flag("ACCELERATE_USE_DEEPSPEED")
     if resolution.uses_scaler and scaler and not deepspeed:
         kwargs["kwargs_handlers"].append(GradScalerKwargs(**scaler))
     return kwargs
@@ -280,6 +260,31 @@ def engine_loss_scale(accelerator: Any, model: Any) -> Callable[[], float] | Non
         return float(scale if scale is not None else getattr(opt, "cur_scale", float("nan")))
 
     return read
+
+
+def fix_skip_flag(opt: Any, scaler: Any) -> None:
+    """Keep ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
+
+    A fused optimizer takes the GradScaler's inf check into its own kernel, so Accelerate sees its step called and
+    reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. Here the
+    skip is read off the scale instead (it backs off exactly on a skipped step): one small device read per
+    optimizer step, in this configuration only.
+    """
+    inner = getattr(opt, "optimizer", None)
+    if scaler is None or not getattr(inner, "_step_supports_amp_scaling", False) or getattr(opt, "_amp_fixed", False):
+        return
+    step = opt.step
+
+    def checked_step(*args: Any, **kwargs: Any) -> Any:
+        if not opt.gradient_state.sync_gradients or getattr(scaler, "_scale", None) is None:
+            return step(*args, **kwargs)
+        before = scaler._scale.clone()
+        out = step(*args, **kwargs)
+        opt._is_overflow = bool((scaler._scale < before).item())
+        return out
+
+    opt.step = checked_step
+    opt._amp_fixed = True
 
 
 def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:

@@ -1,34 +1,27 @@
-"""One AMP session around one Accelerator: precision, loss scale, checkpoints, exact resume, console, guard, stop.
+"""One AMP session around one Accelerator: the thin coordinator of this folder's modules.
 
-:class:`AmpSession` composes the other modules of this folder. It never runs a training step for you: forward,
-backward, clipping and ``optimizer.step()`` stay in your loop, and the session is told about each step afterwards.
-See ``amp/__init__.py`` for the lines to add to a plain Accelerate loop.
+:class:`AmpSession` never runs a training step for you: forward, loss, backward, clipping and ``optimizer.step()``
+stay in your loop, and the session is told about each step afterwards. ``amp/__init__.py`` states the contract
+with a loop; what each part does lives in its own module:
 
-What it owns, in order of use:
-- construction: resolve the precision for this device (following ``accelerate launch --mixed_precision`` when asked
-  for ``auto``) and say why; build the Accelerator (your extra keyword arguments pass through) with a GradScalerKwargs
-  handler and a seedable sampler; a real CPU GradScaler for fp16 on a CPU; take ``out_dir``'s run lock;
-- :meth:`prepare`: ``accelerator.prepare`` plus registering the progress and the AMP statistics for checkpointing;
-- :meth:`resume`: newest complete checkpoint (``"auto"``), ``"none"`` or a path; restores step, epoch, data position,
-  scaler (across precisions), RNG and statistics; a fresh start moves an earlier run's files aside, never mixes them;
-- :meth:`batches`: one epoch of a loader, skipping what a resumed run already consumed;
-- :meth:`after_step`: records the step without a device sync; at log ticks :meth:`tick` reads it (one sync, one
-  collective), logs, updates the console and applies the collapse guard; saves every ``checkpoint_every`` steps;
-  SIGTERM/SIGINT save and raise :class:`StopTraining`;
-- :meth:`close`: final checkpoint, AMP summary, signal handlers restored, ``end_training()``: the one place a run ends.
+- ``precision``: the precision for this device and why, GradScalerKwargs, the CPU fp16 GradScaler;
+- ``rundir``: one run per ``out_dir`` (the lock), a fresh start that moves an earlier run aside;
+- ``checkpoint``: atomic checkpoints, resume across precisions, verification;
+- ``position``: the data position, and batches from any iterable that resume exactly;
+- ``monitor`` and ``guard``: loss scale and overflow statistics, the collapse guard's policy;
+- ``signals``: SIGTERM/SIGINT/SIGHUP become a save and a stop the loop sees;
+- ``loopcheck``: mistakes a loop can make under fp16, found without a per-step device read;
+- ``console`` and ``tracking``: the live panel or plain lines, ``metrics.jsonl`` and the trackers.
 """
 
 from __future__ import annotations
 
-import atexit
+import copy
 import json
-import logging
 import os
-import socket
-import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,21 +30,24 @@ import torch
 
 from . import __version__
 from . import precision as _precision
-from .checkpoint import CHECKPOINTS, CheckpointManager, Progress, StopSignal, find_resume, read_meta, trim_log
+from .checkpoint import CHECKPOINTS, CheckpointManager, find_resume, read_meta, trim_log
 from .console import Status, TrainConsole, summary_table
+from .defaults import SCALER_DEFAULTS, env_flag
 from .distributed import any_rank
 from .guard import Decision, GuardFallback, GuardPolicy, GuardStop, Problem, decide
-from .monitor import AmpMonitor
-from .tracking import JsonlTracker, resume_kwargs, run_ids
+from .loopcheck import LoopChecks
+from .monitor import AmpMonitor, value_key
+from .position import EpochIterator, LoopError, Progress, count, fingerprint
+from .rundir import OutputDirError, RunDir, RunLockedError, move_aside
+from .signals import StopSignal, shield_workers
+from .tracking import Trackers, run_ids
 
 METRICS = "metrics.jsonl"
 SUMMARY = "amp_summary.json"
-LOCK = ".lock"
-PREVIOUS = "previous-runs"
 
 
 class StopTraining(SystemExit):
-    """A stop signal was honoured: the state is saved and the run ended. Exit status 0 when not caught."""
+    """Raised only when a loop goes on after a stop signal was honoured (its state saved): exit status 0."""
 
     def __init__(self, signame: str, path: str):
         super().__init__(0)
@@ -59,12 +55,29 @@ class StopTraining(SystemExit):
         self.path = path
 
 
-class RunLockedError(RuntimeError):
-    """Another live run holds ``out_dir``; the message is one line naming its PID and host."""
+@dataclass
+class Stop:
+    """Why and where a run stopped early: a stop signal (exit status 0) or the collapse guard (3)."""
 
+    reason: str  # "signal" | "guard"
+    step: int
+    path: str  # the checkpoint saved at the stop
+    signame: str | None = None
+    decision: Decision | None = None
+    precision: str | None = None  # the precision in effect when the guard tripped
 
-class OutputDirError(RuntimeError):
-    """``out_dir`` cannot be created or written (a file in the way, a read-only filesystem); one line."""
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.reason == "guard" else 0
+
+    def exception(self) -> SystemExit:
+        """The SystemExit that ends the process with this stop's status."""
+        d = self.decision
+        if self.reason == "signal" or d is None or d.problem is None:
+            return StopTraining(self.signame or "a stop signal", self.path)
+        if d.action == "fallback" and d.to is not None:
+            return GuardFallback(d.problem, d.to, self.path, self.step, self.precision or "?")
+        return GuardStop(d.problem, self.path)
 
 
 @dataclass
@@ -84,10 +97,6 @@ class _Clock:
     step: int = 0
     samples: int = 0
     tokens: int = 0
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def has_accelerator() -> bool:
@@ -111,48 +120,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
-_EXIT = {"code": 0, "installed": False}
-
-
-def _exit_status(code: Any) -> int:
-    if code is None:
-        return 0
-    return code if isinstance(code, int) else 1
-
-
-def _install_hard_exit() -> None:
-    """Several processes: end the interpreter with ``os._exit`` once Python has run its exit handlers.
-
-    DDP keeps gloo's worker threads alive past ``end_training()``; one that releases a finished collective while
-    Python finalizes aborts the process (SIGABRT, "terminate called without an active exception") after a run
-    that succeeded. The exit status is kept: ``sys.exit(n)``, an uncaught exception (1) or our own SystemExits.
-    """
-    if _EXIT["installed"]:
-        return
-    _EXIT["installed"] = True
-    hook, real_exit = sys.excepthook, sys.exit
-
-    def excepthook(kind, value, tb):
-        _EXIT["code"] = _exit_status(value.code) if isinstance(value, SystemExit) else 1
-        hook(kind, value, tb)
-
-    def exit_(code: Any = None) -> None:
-        _EXIT["code"] = _exit_status(code)
-        real_exit(code)
-
-    def at_exit() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(_EXIT["code"])
-
-    sys.excepthook, sys.exit = excepthook, exit_
-    atexit.register(at_exit)
-
-
 class AmpSession:
-    """The AMP lifecycle around one Accelerator. See the module docstring; the attributes a loop needs are
-    :attr:`accelerator`, :attr:`step`, :attr:`epoch`, :attr:`scale` and :attr:`resolution`."""
+    """The AMP lifecycle around one Accelerator; see ``amp/__init__.py`` for the contract with a loop.
+
+    A loop reads :attr:`accelerator`, :attr:`step`, :attr:`epoch`, :attr:`scale`, :attr:`stop` (None, or why the run
+    stopped early) and :attr:`resolution` (the precision asked for, in effect, and why).
+    """
 
     def __init__(
         self,
@@ -160,7 +133,7 @@ class AmpSession:
         out_dir: str | os.PathLike[str] = "runs/amp",
         *,
         scaler: dict[str, Any] | None = None,
-        guard: str | GuardPolicy = "stop",
+        guard: str | GuardPolicy = GuardPolicy.action,
         log_every: int = 10,
         checkpoint_every: int = 0,
         keep: int = 3,
@@ -187,26 +160,22 @@ class AmpSession:
 
         # the device first: PartialState(cpu=...) before anything builds a PartialState of its own, or a CPU-only
         # `accelerate launch --multi_gpu` gives N processes that each think they are rank 0 of 1
-        cpu = bool(accelerator_kwargs.pop("cpu", False)) or _env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
+        cpu = bool(accelerator_kwargs.pop("cpu", False)) or env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
         state = PartialState(cpu=cpu)
-        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        self.resolution = _precision.resolve(precision or "auto", state.device, launcher=launcher)
+        self.resolution = _precision.resolve(precision or "auto", state.device,
+                                             launcher=os.environ.get("ACCELERATE_MIXED_PRECISION"))
         handlers = list(accelerator_kwargs.pop("kwargs_handlers", None) or [])
         theirs = next((h for h in handlers if isinstance(h, GradScalerKwargs)), None)
         if theirs is not None and scaler:
             raise ValueError("pass the GradScaler settings once: scaler={...} or a GradScalerKwargs handler")
-        self.scaler_kwargs = _precision.scaler_kwargs(**{**_precision.SCALER_DEFAULTS, **(
-            {k: getattr(theirs, k) for k in _precision.SCALER_DEFAULTS} if theirs is not None else scaler or {})})
+        knobs = {k: getattr(theirs, k) for k in SCALER_DEFAULTS} if theirs is not None else scaler or {}
+        self.scaler_kwargs = _precision.scaler_kwargs(**knobs)
         kw = _precision.accelerator_kwargs(self.resolution, None if theirs is not None else self.scaler_kwargs)
         accelerator_kwargs.setdefault("project_dir", str(self.out_dir))
         # metrics.jsonl is a tracker too: accelerator.log is the one sink for every record
-        user_trackers = accelerator_kwargs.pop("log_with", None) or []
-        user_trackers = [user_trackers] if isinstance(user_trackers, str) else list(user_trackers)
-        self.tracker_names = [t if isinstance(t, str) else t.name for t in user_trackers]
-        self.run_name = run_name or self.out_dir.resolve().name
-        self.tracker_kwargs, self.tracker_config = tracker_kwargs or {}, tracker_config
-        self._trackers_started = False
-        accelerator_kwargs["log_with"] = [JsonlTracker(self.out_dir / METRICS), *user_trackers]
+        self.trackers = Trackers(self.out_dir / METRICS, accelerator_kwargs.pop("log_with", None),
+                                 run_name or self.out_dir.resolve().name, tracker_kwargs, tracker_config)
+        accelerator_kwargs["log_with"] = self.trackers.log_with
         # a seeded sampler: the data order depends only on (seed, epoch), so a resume is exact
         accelerator_kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True))
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=kw["mixed_precision"],
@@ -214,30 +183,35 @@ class AmpSession:
         acc = self.accelerator
         _precision.install_cpu_fp16_scaler(acc, self.scaler_kwargs)  # before prepare, or fp16 on CPU is fp32
         self.is_main = acc.is_main_process
-        if acc.num_processes > 1:
-            _install_hard_exit()
 
         self.console = TrainConsole(max_steps, live=live, enabled=self.is_main)
         self.progress = Progress()
         self.monitor = AmpMonitor(acc.scaler)
+        self.checks = LoopChecks(acc)
         self.ckpt: CheckpointManager | None = None
-        self._stop = StopSignal()
+        self.stop: Stop | None = None
+        self._signal = StopSignal()
+        self._rundir = RunDir(self.out_dir)
         self._closed = False
         self._entered = False
-        self._lock_taken = False
         self._last_saved: int | None = None
         self._warned: str | None = None
         self._native_bf16: bool | None = None
-        self._micro_loss: torch.Tensor | float | None = None
+        self._micro: dict[str, Any] = {}  # this optimizer step's micro-batch sums: loss and the loop's values
         self._micro_n = 0
         self._grad_norm: Any = None
+        self._pending_counts = [0, 0]  # samples and tokens counted by batches() since the last optimizer step
+        self._fingerprint: Any = None  # of this process's first batch, compared across processes at the first tick
+        self._seen_iterators: list[int] = []
+        self._tracked: dict[str, Any] = {}
+        self._tracked_state: dict[str, Any] = {}  # loaded for names not tracked yet
         self._clock = _Clock()
         self._scheduler: Any = None
         self._optimizer: Any = None
         try:
             self._take_lock()
         except BaseException:
-            self._stop.restore()
+            self._signal.restore()
             raise
         self.say(self.resolution.line())
         scaler_name = type(acc.scaler).__name__ if acc.scaler is not None else "none"
@@ -253,7 +227,7 @@ class AmpSession:
 
     @property
     def epoch(self) -> int:
-        """The epoch the data position is in (restored on resume)."""
+        """Epochs done, from 0: the index of the epoch in progress (restored on resume)."""
         return self.progress.epoch
 
     @property
@@ -261,52 +235,77 @@ class AmpSession:
         """The loss scale as of the last log tick (None without loss scaling)."""
         return self.monitor.scale
 
+    @property
+    def should_stop(self) -> bool:
+        """True once the run stopped early (a stop signal, the collapse guard): its state is saved, end the loop."""
+        return self.stop is not None
+
     def say(self, message: str, style: str | None = None) -> None:
         """Print one line on the main process (above the live panel when there is one)."""
         self.console.log(message, style=style)
 
-    # ------------------------------------------------------------------ the run lock
-
     def _take_lock(self) -> None:
-        """One run per out_dir: ``out_dir/.lock`` holds the PID and host; a lock whose process is gone is stale."""
         error: RuntimeError | None = None
         if self.is_main:
             try:
-                self._lock_taken = _acquire_lock(self.out_dir / LOCK)
-            except RunLockedError as e:
+                self._rundir.acquire()
+            except (RunLockedError, OutputDirError) as e:
                 error = e
-            except OSError as e:
-                error = OutputDirError(f"{self.out_dir}: cannot be used as the output directory ({e.strerror or e})")
         if any_rank(self.accelerator, error is not None):
             raise error or RunLockedError(f"{self.out_dir} is locked by another run (seen by the main process)")
 
-    def _release_lock(self) -> None:
-        if self._lock_taken:
-            path = self.out_dir / LOCK
-            try:
-                if json.loads(path.read_text()).get("pid") == os.getpid():
-                    path.unlink()
-            except (OSError, ValueError):
-                pass
-            self._lock_taken = False
-
-    # ------------------------------------------------------------------ prepare and resume
+    # ------------------------------------------------------------------ prepare, track and resume
 
     def prepare(self, *objects: Any) -> Any:
-        """``accelerator.prepare(...)``, then register what a checkpoint must hold. Returns what prepare returns."""
+        """``accelerator.prepare(...)``; the session then knows the optimizer and scheduler and can checkpoint.
+        Returns what prepare returns."""
         acc = self.accelerator
         prepared = acc.prepare(*objects)
         items = prepared if isinstance(prepared, tuple) else (prepared,)
         model = next((o for o in items if isinstance(o, torch.nn.Module)), None)
-        self._optimizer = next((o for o in items if hasattr(o, "param_groups")), None)
-        self._scheduler = next((o for o in items if hasattr(o, "get_last_lr")), None)
-        self.monitor = AmpMonitor(acc.scaler, scale_fn=_precision.engine_loss_scale(acc, model))
+        self._optimizer = next((o for o in items if hasattr(o, "param_groups")), self._optimizer)
+        self._scheduler = next((o for o in items if hasattr(o, "get_last_lr")), self._scheduler)
+        for item in items:
+            shield_workers(item)
+        scale_fn = _precision.engine_loss_scale(acc, model)
+        if scale_fn is not None:  # DeepSpeed fp16 owns its loss scale; the engine is known only now
+            self.monitor = AmpMonitor(acc.scaler, scale_fn=scale_fn)
         for opt in acc._optimizers:
-            _fix_skip_flag(opt, acc.scaler)
+            _precision.fix_skip_flag(opt, acc.scaler)
+        self.checks.wrap_optimizers()
         if self.ckpt is None:
-            acc.register_for_checkpointing(self.progress, self.monitor)
-            self.ckpt = CheckpointManager(acc, self.out_dir, self.keep, self._meta)
+            self.ckpt = CheckpointManager(acc, self.out_dir, self.keep, self._meta, self._state)
         return prepared
+
+    def track(self, obj: Any, name: str | None = None) -> Any:
+        """Keep ``obj`` in every checkpoint and restore it on resume; returns ``obj``.
+
+        ``obj``: anything with ``state_dict()``/``load_state_dict()``, or a dict (a resume updates it in place), e.g.
+        ``state = amp.track({"best_val_loss": float("inf"), "lr": args.lr})``. ``name`` defaults to the order of
+        the calls; call in the same order on every run, before or after :meth:`resume`.
+        """
+        if not isinstance(obj, dict) and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"amp.track() takes a dict or an object with state_dict()/load_state_dict(), "
+                            f"got {type(obj).__name__}")
+        name = name or f"tracked_{len(self._tracked)}"
+        if name in self._tracked:
+            raise ValueError(f"amp.track(): the name {name!r} is taken")
+        self._tracked[name] = obj
+        if name in self._tracked_state:
+            self._restore_tracked(name, self._tracked_state.pop(name))
+        return obj
+
+    def _restore_tracked(self, name: str, state: Any) -> None:
+        obj = self._tracked[name]
+        if isinstance(obj, dict):
+            obj.update(state)
+        else:
+            obj.load_state_dict(state)
+
+    def _state(self) -> dict[str, Any]:
+        """What this process saves of the session in every checkpoint (amp_state_<process>.pt)."""
+        tracked = {n: dict(o) if isinstance(o, dict) else o.state_dict() for n, o in self._tracked.items()}
+        return {"progress": self.progress.state_dict(), "monitor": self.monitor.state_dict(), "tracked": tracked}
 
     def find_checkpoint(self, policy: str = "auto") -> tuple[Path | None, list[str]]:
         """The checkpoint :meth:`resume` would load for ``policy`` (``auto``, ``none`` or a path), with notices."""
@@ -315,8 +314,10 @@ class AmpSession:
     def resume(self, policy: str | os.PathLike[str] = "auto", *, check: Any = None) -> list[str]:
         """Resume from ``policy``: ``"auto"`` (newest complete checkpoint in out_dir), ``"none"``, or a path.
 
-        ``check(meta)`` may inspect the chosen checkpoint's meta.json first and return notices or raise to refuse.
-        Prints and returns the notices. A fresh start moves an earlier run's files in out_dir aside.
+        Restores model, optimizer, scheduler, scaler (across precisions), RNG, step, epoch, data position, AMP
+        statistics and what :meth:`track` keeps. ``check(meta)`` may inspect the chosen checkpoint's meta.json first
+        and return notices or raise to refuse. Prints and returns the notices. A fresh start moves an earlier run's
+        files in out_dir aside.
         """
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
@@ -325,102 +326,147 @@ class AmpSession:
             notices += list(check(read_meta(path)) or [])
         if path is not None and Path(path).resolve().parent != (self.out_dir / CHECKPOINTS).resolve():
             # a checkpoint from elsewhere starts another line of runs here: the one in out_dir moves aside
-            notices += self._move_previous_run_aside(f"resume from {path}")
+            notices += self._move_aside(f"resume from {path}")
         if path is not None:
-            notices += self.ckpt.load(path, self.resolution.effective,
-                                      self.scaler_kwargs if self.resolution.uses_scaler else None,
-                                      rescale_schedulers=self.rescale_schedule)
+            loaded = self.ckpt.load(path, self.resolution.effective,
+                                    self.scaler_kwargs if self.resolution.uses_scaler else None,
+                                    rescale_schedulers=self.rescale_schedule)
+            notices += loaded.notices + self._apply_state(loaded.state)
             self._last_saved = self.progress.step
             if self.is_main and (n := trim_log(self.out_dir / METRICS, self.progress.step)):
                 notices.append(f"resume: dropped {n} {METRICS} records logged after step {self.progress.step}")
         else:
-            notices += self._move_previous_run_aside()
+            notices += self._move_aside("fresh start")
         self.monitor.sync_scale()  # the scale in effect now, restored or fresh
         for line in notices:
             self.say(line)
-        self._start_trackers(read_meta(path) if path is not None else None)
+        self.trackers.start(self.accelerator, read_meta(path) if path is not None else None, self.progress.step)
         self._clock = _Clock(step=self.progress.step, samples=self.progress.samples_seen,
                              tokens=self.progress.tokens_seen)
         return notices
 
-    def _move_previous_run_aside(self, why: str = "fresh start") -> list[str]:
-        """A fresh start never mixes with or deletes an earlier run: everything it left in out_dir (checkpoints,
-        metrics.jsonl, the summary, tracker logs, an export) moves to out_dir/previous-runs/<time>/."""
-        notices: list[str] = []
-        if self.is_main and self.out_dir.is_dir():
-            old = sorted(p for p in self.out_dir.iterdir() if p.name not in (LOCK, PREVIOUS))
-            if old:
-                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-                dest = self.out_dir / PREVIOUS / stamp
-                dest.mkdir(parents=True)
-                for p in old:
-                    os.replace(p, dest / p.name)
-                notices.append(f"{why}: the earlier run's files in {self.out_dir} "
-                               f"({', '.join(p.name for p in old)}) were moved to {dest}")
+    def _apply_state(self, state: dict[str, Any] | None) -> list[str]:
+        if state is None:
+            return ["resume: the checkpoint holds no training position: step, epoch and data start from 0"]
+        if state.get("progress"):
+            self.progress.load_state_dict(state["progress"])
+        if state.get("monitor"):
+            self.monitor.load_state_dict(state["monitor"])
+        saved = dict(state.get("tracked") or {})
+        notices = [f"resume: the checkpoint holds nothing for amp.track(..., name={n!r}); it keeps its value"
+                   for n in self._tracked if n not in saved]
+        for name in list(saved):
+            if name in self._tracked:
+                self._restore_tracked(name, saved.pop(name))
+        self._tracked_state = saved  # for track() calls after resume()
+        return notices
+
+    def _move_aside(self, why: str) -> list[str]:
+        notices = move_aside(self.out_dir, why) if self.is_main else []
         self.accelerator.wait_for_everyone()
         return notices
 
     # ------------------------------------------------------------------ data
 
-    def batches(self, loader: Any):
-        """Yield one epoch of ``loader`` from the saved position; at its end the epoch counter moves on.
+    def epochs(self, start: int, stop: int | None = None) -> Iterator[int]:
+        """The epochs left: ``amp.epochs(n)`` is ``range(n)`` and ``amp.epochs(1, n + 1)`` is ``range(1, n + 1)``,
+        both from the resumed epoch on. Ends early once the run stopped (:attr:`should_stop`)."""
+        first, end = (0, start) if stop is None else (start, stop)
+        while self.stop is None and first + self.progress.epoch < end:
+            index = self.progress.epoch
+            yield first + index
+            if self.stop is None and self.progress.epoch == index:  # the loop did not finish it through batches()
+                self.progress.epoch, self.progress.batch_in_epoch = index + 1, 0
 
-        A seedable sampler's order depends only on (seed, epoch), so skipping the batches a resumed run already
-        consumed gives exactly the batches an uninterrupted run would have seen.
+    def batches(self, source: Iterable[Any]) -> Iterator[Any]:
+        """Yield one epoch of ``source`` from the saved position; at its end the epoch counter moves on.
+
+        ``source``: a DataLoader (its sampler skips what a resumed run already trained on) or any iterable that gives
+        the same batches in the same order on every run (a ``range`` of offsets, a list, a new generator each
+        epoch). Ends early once the run stopped (:attr:`should_stop`).
         """
         p = self.progress
-        source = self.accelerator.skip_first_batches(loader, p.batch_in_epoch) if p.batch_in_epoch else loader
-        if hasattr(source, "set_epoch"):
-            source.set_epoch(p.epoch)
-        for batch in source:
+        if self.stop is not None:
+            return
+        for batch in EpochIterator(source, p, self.accelerator, self._seen_iterators):
             p.batch_in_epoch += 1
-            samples, tokens = _count(batch)
-            p.samples_seen += samples * self.accelerator.num_processes
-            p.tokens_seen += tokens * self.accelerator.num_processes
+            samples, tokens = count(batch)
+            self._pending_counts[0] += samples
+            self._pending_counts[1] += tokens
+            if self._fingerprint is None:
+                self._fingerprint = fingerprint(batch)
             yield batch
+            if self.stop is not None:
+                return
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
 
     # ------------------------------------------------------------------ each step
 
-    def after_step(self, loss: Any = None, grad_norm: Any = None) -> None:
-        """Call after each ``optimizer.step()`` (every micro-batch under ``accelerator.accumulate``).
+    def after_step(self, loss: Any = None, grad_norm: Any = None, *, samples: int | None = None,
+                   tokens: int | None = None, **values: Any) -> bool:
+        """Call after each ``optimizer.step()`` (every micro-batch under ``accelerator.accumulate``). Returns
+        :attr:`should_stop`: True when the run stopped early (its state is saved): end the loop.
 
-        Reads nothing from the device. Counts an optimizer step when gradients synced; at log ticks runs
-        :meth:`tick` and applies the guard; saves every ``checkpoint_every`` steps; honours a stop signal.
+        ``loss``, ``grad_norm`` and your own ``values`` (tensors or numbers, e.g. ``acc=acc``) are kept on the device
+        and read at log ticks; they appear on the console, in ``metrics.jsonl`` and the trackers (``train/NAME``).
+        ``samples``/``tokens``: this process's counts for throughput when the batch layout does not say them.
+        Counts an optimizer step when gradients synced; at log ticks runs :meth:`tick` and the guard; saves every
+        ``checkpoint_every`` steps; honours a stop signal. A loop that calls it again after a stop ends the process
+        (exit status 0 after a signal, 3 after the guard).
         """
-        if loss is not None:
-            loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
-            self._micro_loss = loss if self._micro_loss is None else self._micro_loss + loss
-            self._micro_n += 1
+        if self.stop is not None:
+            raise self.stop.exception()
+        acc = self.accelerator
+        for name, value in (("loss", loss), *values.items()):
+            if value is not None:
+                value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+                self._micro[name] = value if name not in self._micro else self._micro[name] + value
+        self._micro_n += 1
         if grad_norm is not None:
             self._grad_norm = grad_norm
-        if not self.accelerator.sync_gradients:
-            return
+        if not acc.sync_gradients:
+            return False
+        self.checks.after_step()  # fp16 mistakes that must stop at once: a LoopError naming the fix
         if not self._entered:
             self.console.__enter__()
             self._entered = True
-        self.progress.step += 1
-        step = self.progress.step
-        mean_loss = None if self._micro_loss is None else self._micro_loss / self._micro_n
-        self.monitor.record(step, mean_loss, self._grad_norm)
-        self._micro_loss, self._micro_n, self._grad_norm = None, 0, None
+        p = self.progress
+        p.step += 1
+        counted, self._pending_counts = self._pending_counts, [0, 0]
+        p.samples_seen += (counted[0] if samples is None else samples) * acc.num_processes
+        p.tokens_seen += (counted[1] if tokens is None else tokens) * acc.num_processes
+        means = {k: v / self._micro_n for k, v in self._micro.items()}
+        self.monitor.record(p.step, means.pop("loss", None), self._grad_norm, means)
+        self._micro, self._micro_n, self._grad_norm = {}, 0, None
 
         tick = None
-        if step % self.log_every == 0 or step == self.max_steps:
+        if p.step % self.log_every == 0 or p.step == self.max_steps:
             tick = self.tick()
             self._apply(tick.decision)
-        # one process: every step; several: only at ticks, where every rank takes part in the collective
-        stop = tick.stop if tick is not None else (self.accelerator.num_processes == 1 and self._stop.signame)
-        if stop:
-            path = self.save(quiet=True)
-            name = self._stop.signame or "a stop signal on another process"
-            self.say(f"stopped by {name} at step {step}; state saved to {path}. "
-                     "Run the same command again to resume from it")
-            self.close(completed=False)
-            _EXIT["code"] = 0
-            raise StopTraining(name, str(path))
-        if self.checkpoint_every and step % self.checkpoint_every == 0:
-            self.save()
+        if self.stop is None:
+            # one process: every step; several: at ticks only, where every rank takes part in the collective
+            signalled = tick.stop if tick is not None else (acc.num_processes == 1 and self._signal.signame)
+            if signalled:
+                self._stop_for_signal()
+            elif self.checkpoint_every and p.step % self.checkpoint_every == 0:
+                self.save()
+        return self.stop is not None
+
+    def poll_stop(self) -> bool:
+        """Between optimizer steps (a long evaluation): True when a stop signal arrived, after saving the state
+        as :meth:`after_step` would. With several processes this is a collective: call it on every process at the
+        same points (e.g. each eval batch)."""
+        if self.stop is not None:
+            return True
+        if any_rank(self.accelerator, self._signal.signame is not None):
+            self._stop_for_signal()
+        return self.stop is not None
+
+    def _stop_for_signal(self) -> None:
+        path = self.save(quiet=True)
+        name = self._signal.signame or "a stop signal on another process"
+        self.stop = Stop("signal", self.step, str(path), signame=name)
+        self.say(f"stopped by {name} at step {self.step}; state saved to {path}")
 
     def tick(self) -> Tick:
         """Read the interval's values (one sync), agree across processes (one collective), log, show, judge."""
@@ -430,17 +476,24 @@ class AmpSession:
         if lr is not None:
             m["train/lr"] = lr
         problem = self.monitor.check(self.policy.min_scale, self.policy.max_consecutive_skips)
-        stop = self._stop.signame is not None
+        stop = self._signal.signame is not None
+        warnings = self.checks.at_tick()
         if acc.num_processes > 1:
             loss = m.get("train/loss")
             vec = torch.tensor([0.0 if loss is None else loss, float(loss is not None), float(problem is not None),
-                                float(stop)], device=acc.device)
-            total = acc.reduce(vec, "sum").tolist()
-            if total[1]:
-                m["train/loss"] = total[0] / total[1]
-            if problem is None and total[2]:
+                                float(stop), 0.0], device=acc.device)
+            if self._fingerprint is not None:
+                vec[4] = self._fingerprint if isinstance(self._fingerprint, torch.Tensor) else float(self._fingerprint)
+            rows = acc.gather(vec).reshape(acc.num_processes, -1).tolist()  # the tick's one collective
+            if any(r[1] for r in rows):
+                m["train/loss"] = sum(r[0] for r in rows) / sum(r[1] for r in rows)
+            if problem is None and any(r[2] for r in rows):
                 problem = Problem("other_rank", "another process tripped the AMP guard")
-            stop = total[3] > 0
+            stop = any(r[3] for r in rows)
+            if self._fingerprint is not None:
+                warnings += [w for w in [self.checks.same_data_warning([r[4] for r in rows], len(rows))] if w]
+        for line in warnings:
+            self.say(line, style="yellow")
         m.update(self._perf())
         decision = decide(self.policy, problem, precision=self.resolution.effective,
                           native_bf16=self._bf16_native(), warned=self._warned)
@@ -456,30 +509,14 @@ class AmpSession:
         elif decision.action in ("stop", "fallback"):
             self.say(self.monitor.diagnosis(decision.problem, self.resolution.effective), style="red")
             path = str(self.save(quiet=True))
-            if decision.action == "fallback":
-                self.say(f"AMP guard: saved {path}; continuing in {decision.to}")
-                exc: SystemExit = GuardFallback(decision.problem, decision.to, path, self.step,
-                                                self.resolution.effective)
-            else:
-                self.say(f"stopped by the AMP guard; state saved to {path}")
-                exc = GuardStop(decision.problem, path)
-            self.close(completed=False)
-            _EXIT["code"] = 3
-            raise exc
-
-    def _start_trackers(self, meta: dict[str, Any] | None) -> None:
-        """``init_trackers`` once; a resumed run continues its tracker runs (W&B id, TensorBoard purge_step)."""
-        if self._trackers_started:
-            return
-        self._trackers_started = True
-        kwargs = resume_kwargs(self.tracker_names, self.tracker_kwargs, (meta or {}).get("trackers"),
-                               self.progress.step if meta is not None else None)
-        self.accelerator.init_trackers(self.run_name, config=self.tracker_config, init_kwargs=kwargs)
+            self.stop = Stop("guard", self.step, path, decision=decision, precision=self.resolution.effective)
+            then = f"; continue in {decision.to} from it" if decision.action == "fallback" else ""
+            self.say(f"stopped by the AMP guard at step {self.step}; state saved to {path}{then}")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log ``metrics`` (``split/name`` keys) at ``step`` (default: now) through ``accelerator.log``: every
         tracker and out_dir/metrics.jsonl."""
-        self._start_trackers(None)
+        self.trackers.start(self.accelerator)
         self.accelerator.log(metrics, step=self.step if step is None else step)
 
     def _lr(self) -> float | None:
@@ -490,21 +527,26 @@ class AmpSession:
         return None
 
     def _perf(self) -> dict[str, float]:
-        """Wall time per optimizer step and throughput over all processes since the last tick."""
+        """Wall time per optimizer step and throughput over all processes since the last tick (samples and tokens
+        only when counted: a batch that is an offset counts nothing)."""
         c, p = self._clock, self.progress
         now = time.perf_counter()
         steps = p.step - c.step
         out = {"perf/elapsed_s": now - c.start}
         if steps > 0:
             dt = max(now - c.last, 1e-9)
-            out.update({"perf/step_time_s": dt / steps, "perf/samples_per_s": (p.samples_seen - c.samples) / dt,
-                        "perf/tokens_per_s": (p.tokens_seen - c.tokens) / dt})
+            out["perf/step_time_s"] = dt / steps
+            if p.samples_seen > c.samples:
+                out["perf/samples_per_s"] = (p.samples_seen - c.samples) / dt
+            if p.tokens_seen > c.tokens:
+                out["perf/tokens_per_s"] = (p.tokens_seen - c.tokens) / dt
         c.last, c.step, c.samples, c.tokens = now, p.step, p.samples_seen, p.tokens_seen
         return out
 
     def _status(self, m: dict[str, float]) -> Status:
         mon, step_time = self.monitor, m.get("perf/step_time_s")
         eta = (self.max_steps - self.step) * step_time if self.max_steps and step_time is not None else None
+        own = {name: m[key] for name in mon.value_names if (key := value_key(name)) in m}
         return Status(
             step=self.step, total_steps=self.max_steps or 0, epoch=self.epoch, precision=self.resolution.effective,
             loss=m.get("train/loss"), lr=m.get("train/lr"), scale=mon.scale, scale_trend=list(mon.trend),
@@ -512,7 +554,7 @@ class AmpSession:
             consecutive_skips=mon.consecutive_skips, grad_norm=mon.last_grad_norm,
             samples_per_s=m.get("perf/samples_per_s"), tokens_per_s=m.get("perf/tokens_per_s"), eta_s=eta,
             peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.accelerator.device.type == "cuda" else None,
-            world_size=self.accelerator.num_processes,
+            world_size=self.accelerator.num_processes, values=own,
         )
 
     def _bf16_native(self) -> bool:
@@ -520,7 +562,7 @@ class AmpSession:
             self._native_bf16 = _precision.native_bf16(self.accelerator.device)
         return self._native_bf16
 
-    # ------------------------------------------------------------------ checkpoints and the end
+    # ------------------------------------------------------------------ checkpoints, the model, the end
 
     def _meta(self) -> dict[str, Any]:
         res = self.resolution
@@ -544,6 +586,15 @@ class AmpSession:
             self.say(f"checkpoint: {path}")
         return path
 
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Your model as a plain ``nn.Module``, for ``torch.save(model, f)`` as before and for evaluation in fp32.
+
+        No DDP or compile wrapper and no autocast forward (Accelerate replaces ``model.forward`` on the prepared
+        model, which a whole-module pickle cannot store); it shares the prepared model's parameters and buffers, and
+        the prepared model keeps training as it was.
+        """
+        return _plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
+
     def summary(self) -> dict[str, Any]:
         """The run's AMP statistics (what :meth:`close` writes to out_dir/amp_summary.json)."""
         acc = self.accelerator
@@ -555,13 +606,18 @@ class AmpSession:
         return out
 
     def close(self, completed: bool = True) -> None:
-        """End the run: final checkpoint and AMP summary (when ``completed``), then restore the signal handlers,
-        leave the console, release the lock and ``end_training()``. Safe to call twice."""
+        """End the run: the final checkpoint and AMP summary (when ``completed`` and not stopped early), then restore
+        the signal handlers, leave the console, release the lock and ``end_training()``. Safe to call twice.
+
+        After a stop signal it says how to resume; after the collapse guard it ends the process with exit status 3
+        (:class:`GuardStop`, or :class:`GuardFallback` naming the precision to continue in) once all is released.
+        """
         if self._closed:
             return
         self._closed = True
+        stop = self.stop
         try:
-            if completed and self.ckpt is not None:
+            if stop is None and completed and self.ckpt is not None:
                 if self.step > 0 and self._last_saved != self.step:
                     self.save()
                 summary = self.summary()
@@ -570,11 +626,15 @@ class AmpSession:
                     (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
                     self.console.print_table(summary_table(summary))
                 self.accelerator.wait_for_everyone()
+            elif stop is not None and stop.reason == "signal":
+                self.say(f"to resume: run the same command again (it continues from {stop.path})")
         finally:
-            self._stop.restore()
+            self._signal.restore()
             self._leave_console()
-            self._release_lock()
+            self._rundir.release()
             self.accelerator.end_training()
+        if stop is not None and stop.reason == "guard" and completed:
+            raise stop.exception()
 
     def _leave_console(self) -> None:
         if self._entered:
@@ -585,96 +645,19 @@ class AmpSession:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        # an exception (not our own clean SystemExits) ends the run without a final save or summary
+        # an exception ends the run without a final save or summary (and without replacing that exception)
         self.close(completed=kind is None)
 
 
-# ----------------------------------------------------------------------------
-# helpers
+def _plain_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` and its children that shares their parameters and buffers, without the forward methods
+    set on instances (Accelerate's autocast wrapper, fp32 regions): it pickles as the model class alone."""
+    clone = copy.copy(module)
+    for key in ("forward", "_original_forward", "_amp_fp32"):
+        clone.__dict__.pop(key, None)
+    clone._modules = {name: None if child is None else _plain_module(child) for name, child in module._modules.items()}
+    return clone
 
 
-def _fix_skip_flag(opt: Any, scaler: Any) -> None:
-    """Keep ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
-
-    A fused optimizer takes the GradScaler's inf check into its own kernel, so Accelerate sees its step called and
-    reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. Here the
-    skip is read off the scale instead (it backs off exactly on a skipped step): one small device read per
-    optimizer step, in this configuration only.
-    """
-    inner = getattr(opt, "optimizer", None)
-    if scaler is None or not getattr(inner, "_step_supports_amp_scaling", False) or getattr(opt, "_amp_fixed", False):
-        return
-    step = opt.step
-
-    def checked_step(*args: Any, **kwargs: Any) -> Any:
-        if not opt.gradient_state.sync_gradients or getattr(scaler, "_scale", None) is None:
-            return step(*args, **kwargs)
-        before = scaler._scale.clone()
-        out = step(*args, **kwargs)
-        opt._is_overflow = bool((scaler._scale < before).item())
-        return out
-
-    opt.step = checked_step
-    opt._amp_fixed = True
-
-
-def _count(batch: Any) -> tuple[int, int]:
-    """(samples, tokens) of a batch: the leading size of its first tensor; tokens for integer (B, T) inputs."""
-    first = _first_tensor(batch)
-    if first is None or first.dim() == 0:
-        return 0, 0
-    tokens = first.numel() if first.dim() == 2 and not first.is_floating_point() else 0
-    return first.shape[0], tokens
-
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    """The batch itself, or the first tensor of a tuple/list or a mapping (a dict, a BatchEncoding)."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    values = batch.values() if hasattr(batch, "values") else batch if isinstance(batch, (list, tuple)) else ()
-    return next((v for v in values if isinstance(v, torch.Tensor)), None)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _acquire_lock(path: Path) -> bool:
-    """Create ``path`` exclusively with our PID and host; replace it when its process is gone (same host)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                other = json.loads(path.read_text())
-                pid, host = int(other["pid"]), str(other["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                other, pid, host = {}, -1, ""
-            if pid == os.getpid() and host == me["host"]:
-                return False  # this process holds it already (a run restarted in the same process)
-            if pid > 0 and host == me["host"] and _pid_alive(pid):
-                raise RunLockedError(
-                    f"{path.parent} is in use by a run with PID {pid} on {host} (since {other.get('started', '?')}); "
-                    "wait for it to finish, stop it, or use another output directory") from None
-            if pid > 0 and host != me["host"]:
-                raise RunLockedError(
-                    f"{path.parent} is in use by a run with PID {pid} on host {host}; if that run is gone, "
-                    f"delete {path}") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone (or the file is unreadable)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    raise RunLockedError(f"could not take the lock {path}; another run keeps creating it")
-
-
-__all__ = ["AmpSession", "OutputDirError", "RunLockedError", "StopTraining", "Tick", "GuardStop", "GuardFallback", "has_accelerator"]
+__all__ = ["AmpSession", "LoopError", "OutputDirError", "RunLockedError", "Stop", "StopTraining", "Tick",
+           "GuardStop", "GuardFallback", "has_accelerator"]

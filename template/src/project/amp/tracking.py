@@ -74,3 +74,24 @@ def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, 
         # events at steps after the checkpoint were logged by the run that was killed: hide them
         kwargs.setdefault("tensorboard", {}).setdefault("purge_step", step + 1)
     return kwargs
+
+
+class Trackers:
+    """The run's trackers: ``metrics.jsonl`` first, then the user's (names or tracker objects, as ``log_with``
+    takes them). :meth:`start` runs ``init_trackers`` once, continuing a resumed run's tracker runs."""
+
+    def __init__(self, metrics: str | Path, log_with: Any, run_name: str, kwargs: dict[str, dict] | None,
+                 config: dict[str, Any] | None):
+        user = [log_with] if isinstance(log_with, str) else list(log_with or [])
+        self.names = [t if isinstance(t, str) else t.name for t in user]
+        self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
+        self.run_name, self.kwargs, self.config = run_name, kwargs or {}, config
+        self.started = False
+
+    def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int | None = None) -> None:
+        """``init_trackers`` (once); ``meta``/``step``: the checkpoint a run resumed from, whose runs continue."""
+        if self.started:
+            return
+        self.started = True
+        kwargs = resume_kwargs(self.names, self.kwargs, (meta or {}).get("trackers"), step if meta is not None else None)
+        accelerator.init_trackers(self.run_name, config=self.config, init_kwargs=kwargs)

@@ -1,0 +1,139 @@
+"""Where a run is in its data, and the iteration that resumes there exactly, for any iterable of batches.
+
+:class:`Progress` is the position (optimizer step, epoch, batch in the epoch, samples and tokens seen, and the
+random state the epoch began with). :func:`epoch_batches` yields one epoch of batches from that position:
+
+- a ``DataLoader`` (prepared by Accelerate or not): the batches a resumed run already trained on are skipped by
+  the sampler (``accelerator.skip_first_batches``), without loading them;
+- anything else iterable (a ``range`` of offsets, a list, a generator made anew each epoch): its first items are
+  drawn and dropped. It must give the same items in the same order on every run, as a ``range`` or a seeded
+  generator does; the same iterator object twice is refused, since its items are gone.
+
+Exactness: a DataLoader draws its workers' base seed (and, without ``generator=``, its shuffle order) from the
+global torch RNG when an epoch's iteration begins. An uninterrupted run did that at the epoch's start; a resumed
+run starts mid-epoch, after the checkpoint's RNG state was restored. So the random state at each epoch's start is
+kept in the position, the resumed iteration begins from it, and the checkpoint's state is put back before the
+first batch: the resumed run draws the same seeds and goes on with the same random stream (dropout and the rest).
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .signals import shield_workers
+
+
+class LoopError(RuntimeError):
+    """The loop uses the session in a way that cannot work (the message is one line saying what to change)."""
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved with every checkpoint so a resume continues at the same place."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs done: the index of the epoch in progress, from 0
+    batch_in_epoch: int = 0  # batches consumed in the current epoch (per process)
+    samples_seen: int = 0  # over all processes
+    tokens_seen: int = 0
+    epoch_rng: torch.Tensor | None = field(default=None, repr=False)  # CPU RNG state as the epoch's iteration began
+
+    _INTS = ("step", "epoch", "batch_in_epoch", "samples_seen", "tokens_seen")
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: getattr(self, k) for k in self._INTS}
+        state["epoch_rng"] = self.epoch_rng
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._INTS:
+            if k in state:
+                setattr(self, k, int(state[k]))
+        rng = state.get("epoch_rng")
+        self.epoch_rng = rng if isinstance(rng, torch.Tensor) else None
+
+
+def count(batch: Any) -> tuple[int, int]:
+    """(samples, tokens) of a batch: the leading size of its first tensor; tokens for integer (B, T) inputs.
+
+    A batch that is not a tensor or a collection of them (an offset from a ``range``) counts nothing: pass
+    ``samples=``/``tokens=`` to ``after_step`` for layouts this cannot know, such as (T, B).
+    """
+    first = first_tensor(batch)
+    if first is None or first.dim() == 0:
+        return 0, 0
+    tokens = first.numel() if first.dim() == 2 and not first.is_floating_point() else 0
+    return first.shape[0], tokens
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The batch itself, or the first tensor of a tuple/list or a mapping (a dict, a BatchEncoding)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if hasattr(batch, "values") else batch if isinstance(batch, (list, tuple)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def fingerprint(batch: Any) -> torch.Tensor | float:
+    """A number that differs between different batches: a weighted sum of the first tensor's first elements (on its
+    device, no sync), or a checksum of anything else. Compared across processes to find unsplit data."""
+    t = first_tensor(batch)
+    if t is not None and t.numel():
+        flat = t.detach().reshape(-1)[:4096].float()
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float32).remainder_(97).add_(1)
+        return (flat * weights).sum()
+    return float(zlib.crc32(repr(batch)[:4096].encode()))
+
+
+_END = object()
+
+
+class EpochIterator:
+    """One epoch of batches from the position in ``progress`` (see the module docstring). Created by the session."""
+
+    def __init__(self, source: Iterable[Any], progress: Progress, accelerator: Any, seen_iterators: list[int]):
+        self.progress = progress
+        self._iter = self._begin(source, accelerator, seen_iterators)
+
+    def _begin(self, source: Any, accelerator: Any, seen: list[int]) -> Iterator[Any]:
+        p = self.progress
+        if not isinstance(source, Iterable):
+            raise LoopError(f"amp.batches() needs an iterable of batches (a DataLoader, a range, a list, a generator),"
+                            f" got {type(source).__name__}")
+        if iter(source) is source:  # an iterator: its items are used up once drawn
+            if id(source) in seen:
+                raise LoopError("amp.batches() got the same iterator again, whose batches are used up: pass a new "
+                                "one each epoch (call the generator function again)")
+            seen.append(id(source))
+        skip = p.batch_in_epoch
+        if isinstance(source, torch.utils.data.DataLoader):
+            shield_workers(source)
+            if skip:
+                source = accelerator.skip_first_batches(source, skip)
+                skip = 0
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(p.epoch)
+        resumed = p.batch_in_epoch > 0 and p.epoch_rng is not None
+        if resumed:
+            now = torch.get_rng_state()
+            torch.set_rng_state(p.epoch_rng)
+        else:
+            p.epoch_rng = torch.get_rng_state()
+        try:
+            it = iter(source)
+            first = next(it, _END)  # draws what the epoch's start draws (base seed, shuffle order)
+            if skip and first is not _END:
+                first = next(itertools.islice(it, skip - 1, None), _END) if skip > 1 else next(it, _END)
+        finally:
+            if resumed:
+                torch.set_rng_state(now)
+        return it if first is _END else itertools.chain([first], it)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter
