@@ -15,15 +15,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _runs import Started, assert_same_weights, cpu_ranks, launch, log_lines, world_size
 from typer.testing import CliRunner
 
 from amptpl import recipe
@@ -143,12 +141,6 @@ def test_the_plain_example_trains_unmodified_on_one_cpu_process(which, tmp_path,
     assert re.search(r"^epoch 1: \{'accuracy': [0-9.]+\}$", p.stdout, re.M), p.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def patched(tmp_path_factory) -> Path:
     """A folder holding package ``mypkg``: the plain Accelerate example as ``mypkg/train.py``, then ``amptpl add
@@ -174,17 +166,11 @@ def train_cmd(root: Path, nproc: int, *args: str, module: bool = False) -> list[
     """The patched script as a file, as a module (``-m mypkg.train``) or under ``accelerate launch``."""
     if module:
         return [sys.executable, "-m", "mypkg.train", *args]
-    script = str(root / "mypkg" / "train.py")
-    if nproc == 1:
-        return [sys.executable, script, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-            "--main_process_port", str(free_port()), script, *args]
+    return launch(root / "mypkg" / "train.py", nproc, *args)
 
 
 def train_env(env: dict[str, str], root: Path, nproc: int, module: bool = False) -> dict[str, str]:
-    e = dict(env)
-    if nproc > 1:
-        e["ACCELERATE_USE_CPU"] = "1"  # CPU ranks, also on a machine with a GPU
+    e = cpu_ranks(env, nproc)
     if module:
         e["PYTHONPATH"] = str(root)
     return e
@@ -197,53 +183,8 @@ def train(root: Path, cwd: Path, env: dict[str, str], nproc: int, *args: str,
                           check=False)
 
 
-class Started:
-    """A training run in the background, its own session; its output is collected by a thread as it comes."""
-
-    def __init__(self, root: Path, cwd: Path, env: dict[str, str], nproc: int, *args: str):
-        self.proc = subprocess.Popen(train_cmd(root, nproc, *args), cwd=cwd, env=train_env(env, root, nproc),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
-                                       daemon=True)
-        self.reader.start()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_until(self, ready, what: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.output}"
-            assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{self.output}"
-            time.sleep(0.01)
-
-    def finish(self, timeout: float = 300) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=60)
-        return code
-
-
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (Linux /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+def start(root: Path, cwd: Path, env: dict[str, str], nproc: int, *args: str) -> Started:
+    return Started(train_cmd(root, nproc, *args), cwd, train_env(env, root, nproc))
 
 
 def checkpoints(cwd: Path) -> Path:
@@ -252,27 +193,6 @@ def checkpoints(cwd: Path) -> Path:
 
 def latest(cwd: Path) -> str:
     return (checkpoints(cwd) / "latest").read_text().strip()
-
-
-def log_lines(output: str) -> list[str]:
-    """The plain log-tick lines (``step 10/... | loss ... | ...``) the session prints off a terminal."""
-    return [line for line in output.splitlines() if re.match(r"step \d+", line) and " | loss " in line]
-
-
-def world_size(output: str) -> int | None:
-    m = re.search(r"^world_size=(\d+) ", output, re.M)
-    return int(m.group(1)) if m else None
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    """Two checkpoints hold bitwise the same model weights."""
-    import torch
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), f"{name} differs between {a} and {b}"
 
 
 @dataclass
@@ -340,24 +260,11 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_bitwise_the_same_wei
 ):
     ref = straight(prec, nproc)
     args = ("--mixed_precision", prec)
-    run = Started(patched, tmp_path, env, nproc, *args)
-    try:
-        run.wait_until((checkpoints(tmp_path) / "latest").exists, "the first checkpoint")
-        # a lost node or the OOM killer: the launcher and every rank die at once. torchrun starts each rank in
-        # a session of its own, so killing the launcher's process group alone would leave the ranks running.
-        ranks = child_pids(run.proc.pid) if nproc > 1 else []
-        for group in [run.proc.pid, *ranks]:
-            os.killpg(group, signal.SIGKILL)
-    finally:
-        if run.proc.poll() is None:
-            os.killpg(run.proc.pid, signal.SIGKILL)
-    assert run.finish() == -signal.SIGKILL
+    run = start(patched, tmp_path, env, nproc, *args)
+    run.wait_until((checkpoints(tmp_path) / "latest").exists, "the first checkpoint")
+    ranks = run.kill_everything(nproc)
     if nproc > 1:
         assert len(ranks) == nproc, f"expected {nproc} ranks under the launcher, found {ranks}"
-    deadline = time.monotonic() + 30
-    while not all(gone(pid) for pid in ranks):
-        assert time.monotonic() < deadline, "a rank outlived SIGKILL"
-        time.sleep(0.05)
     killed_at = latest(tmp_path)
     assert killed_at < f"step_{FINAL_STEP[nproc]:07d}" and not (tmp_path / OUT / "amp_summary.json").exists(), (
         "the kill came after the run had finished: nothing was tested")
@@ -377,10 +284,10 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_bitwise_the_same_wei
 def test_sigterm_mid_run_saves_a_complete_checkpoint_and_exits_0(prec, nproc, patched, env, tmp_path):
     """A preemption notice: SIGTERM to each training process. (Sent to `accelerate launch` alone, torchrun passes
     it on to the ranks, which save and exit 0, but torchrun itself then exits 1 with a SignalException.)"""
-    run = Started(patched, tmp_path, env, nproc, "--mixed_precision", prec)
+    run = start(patched, tmp_path, env, nproc, "--mixed_precision", prec)
     try:
         run.wait_until(lambda: log_lines(run.output), "the first log line")
-        ranks = child_pids(run.proc.pid) if nproc > 1 else [run.proc.pid]
+        ranks = run.ranks(nproc)
         assert len(ranks) == nproc, ranks
         for pid in ranks:
             os.kill(pid, signal.SIGTERM)

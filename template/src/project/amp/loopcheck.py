@@ -6,12 +6,14 @@ process-wide) and report what would otherwise fail silently:
 - fp16: the loss went through ``loss.backward()`` instead of ``accelerator.backward(loss)`` (gradients never scaled,
   then unscaled: the update is ``init_scale`` times too small), or the weights were updated without
   ``optimizer.step()`` of a prepared optimizer (scaled gradients applied as they are, the scale never updated);
-  both are a :class:`LoopError` at the step where they happen;
+  both are a :class:`LoopError` at the first step where they happen (at the unscale, the optimizer step or
+  ``after_step``, whichever comes first);
 - fp16: gradients made smaller between backward and the optimizer step while still scaled, as
   ``torch.nn.utils.clip_grad_norm_`` does when called before unscaling (it then clips ``scale`` times too hard):
   a warning, from the first few steps (two gradient norms each, kept on the device, read at the first log tick);
 - several processes: every process trained on the same first batch (the data is not split between them): a
-  warning, from a fingerprint of each process's first batch exchanged in the tick's collective.
+  warning, from a fingerprint of each process's first batch (its first loss, for batches without a tensor)
+  exchanged in the tick's collective.
 """
 
 from __future__ import annotations
@@ -61,12 +63,28 @@ class LoopChecks:
             return out
 
         acc.backward = checked_backward
+        unscale = acc.unscale_gradients
 
-    def wrap_optimizers(self) -> None:
-        """Watch every optimizer the accelerator prepared (idempotent: call after each prepare)."""
+        def checked_unscale(*args: Any, **kwargs: Any) -> Any:
+            if acc.sync_gradients:  # clip_grad_norm_ comes here first
+                self._require_backward()
+            return unscale(*args, **kwargs)
+
+        acc.unscale_gradients = checked_unscale
+
+    def _require_backward(self) -> None:
+        if self.scaler is not None and self.backwards == self._seen[0]:
+            raise LoopError("fp16: the loss did not go through accelerator.backward(loss) in this step "
+                            "(loss.backward() skips the loss scaling, so the GradScaler would unscale gradients that "
+                            "were never scaled); call accelerator.backward(loss)")
+
+    def wrap_optimizers(self) -> int:
+        """Watch every optimizer the accelerator prepared (idempotent); returns how many were new."""
+        new = 0
         for opt in self.accelerator._optimizers:
             if getattr(opt, "_amp_checked", False):
                 continue
+            new += 1
             step = opt.step
 
             def checked_step(*args: Any, __opt=opt, __step=step, **kwargs: Any) -> Any:
@@ -76,6 +94,7 @@ class LoopChecks:
 
             opt.step = checked_step
             opt._amp_checked = True
+        return new
 
     def _norm_now(self) -> torch.Tensor | None:
         opts = self.accelerator._optimizers
@@ -83,6 +102,7 @@ class LoopChecks:
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
     def _before_step(self, opt: Any) -> None:
+        self._require_backward()
         self.steps += 1
         if self.scaler is None or self._checked >= CHECKED_STEPS or self._after_backward is None:
             return
@@ -101,12 +121,12 @@ class LoopChecks:
         """At each optimizer step (gradients synced): the errors that must stop a run at once (fp16 only)."""
         if self.scaler is None:
             return
-        backwards, steps = self._seen
+        if self.wrap_optimizers():  # prepared by accelerator.prepare directly: watched from the next step on
+            self._seen = (self.backwards, self.steps)
+            return
+        self._require_backward()
+        steps = self._seen[1]
         self._seen = (self.backwards, self.steps)
-        if self.backwards == backwards:
-            raise LoopError("fp16: the loss did not go through accelerator.backward(loss) since the last step "
-                            "(loss.backward() skips the loss scaling, so the GradScaler unscales gradients that were "
-                            "never scaled); call accelerator.backward(loss)")
         if self.steps == steps:
             raise LoopError("fp16: the optimizer step did not go through the GradScaler: the weights changed without "
                             "optimizer.step() of an optimizer passed to amp.prepare (fp16 needs it to unscale the "

@@ -19,7 +19,6 @@ first batch: the resumed run draws the same seeds and goes on with the same rand
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,15 +79,16 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
-def fingerprint(batch: Any) -> torch.Tensor | float:
+def fingerprint(batch: Any) -> torch.Tensor | None:
     """A number that differs between different batches: a weighted sum of the first tensor's first elements (on its
-    device, no sync), or a checksum of anything else. Compared across processes to find unsplit data."""
+    device, no sync); None for a batch without a tensor (an offset says nothing about the data it selects).
+    Compared across processes to find unsplit data."""
     t = first_tensor(batch)
-    if t is not None and t.numel():
-        flat = t.detach().reshape(-1)[:4096].float()
-        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float32).remainder_(97).add_(1)
-        return (flat * weights).sum()
-    return float(zlib.crc32(repr(batch)[:4096].encode()))
+    if t is None or not t.numel():
+        return None
+    flat = t.detach().reshape(-1)[:4096].float()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float32).remainder_(97).add_(1)
+    return (flat * weights).sum()
 
 
 _END = object()
@@ -97,20 +97,20 @@ _END = object()
 class EpochIterator:
     """One epoch of batches from the position in ``progress`` (see the module docstring). Created by the session."""
 
-    def __init__(self, source: Iterable[Any], progress: Progress, accelerator: Any, seen_iterators: list[int]):
+    def __init__(self, source: Iterable[Any], progress: Progress, accelerator: Any, last: list[Any]):
         self.progress = progress
-        self._iter = self._begin(source, accelerator, seen_iterators)
+        self._iter = self._begin(source, accelerator, last)
 
-    def _begin(self, source: Any, accelerator: Any, seen: list[int]) -> Iterator[Any]:
+    def _begin(self, source: Any, accelerator: Any, last: list[Any]) -> Iterator[Any]:
         p = self.progress
         if not isinstance(source, Iterable):
             raise LoopError(f"amp.batches() needs an iterable of batches (a DataLoader, a range, a list, a generator),"
                             f" got {type(source).__name__}")
         if iter(source) is source:  # an iterator: its items are used up once drawn
-            if id(source) in seen:
+            if last and last[0] is source:
                 raise LoopError("amp.batches() got the same iterator again, whose batches are used up: pass a new "
                                 "one each epoch (call the generator function again)")
-            seen.append(id(source))
+            last[:] = [source]  # the last one only, kept alive so that no new iterator can reuse its id
         skip = p.batch_in_epoch
         if isinstance(source, torch.utils.data.DataLoader):
             shield_workers(source)

@@ -201,8 +201,11 @@ class AmpSession:
         self._micro_n = 0
         self._grad_norm: Any = None
         self._pending_counts = [0, 0]  # samples and tokens counted by batches() since the last optimizer step
-        self._fingerprint: Any = None  # of this process's first batch, compared across processes at the first tick
-        self._seen_iterators: list[int] = []
+        # of this process's first batch (or, for batches without a tensor, its first loss), compared across
+        # processes at the first tick: equal everywhere means the data is not split
+        self._fingerprint: Any = None
+        self._fingerprinted = False
+        self._last_iterator: list[Any] = []
         self._tracked: dict[str, Any] = {}
         self._tracked_state: dict[str, Any] = {}  # loaded for names not tracked yet
         self._clock = _Clock()
@@ -388,13 +391,14 @@ class AmpSession:
         p = self.progress
         if self.stop is not None:
             return
-        for batch in EpochIterator(source, p, self.accelerator, self._seen_iterators):
+        for batch in EpochIterator(source, p, self.accelerator, self._last_iterator):
             p.batch_in_epoch += 1
             samples, tokens = count(batch)
             self._pending_counts[0] += samples
             self._pending_counts[1] += tokens
-            if self._fingerprint is None:
+            if not self._fingerprinted:
                 self._fingerprint = fingerprint(batch)
+                self._fingerprinted = self._fingerprint is not None
             yield batch
             if self.stop is not None:
                 return
@@ -436,7 +440,11 @@ class AmpSession:
         p.samples_seen += (counted[0] if samples is None else samples) * acc.num_processes
         p.tokens_seen += (counted[1] if tokens is None else tokens) * acc.num_processes
         means = {k: v / self._micro_n for k, v in self._micro.items()}
-        self.monitor.record(p.step, means.pop("loss", None), self._grad_norm, means)
+        loss = means.pop("loss", None)
+        if not self._fingerprinted and loss is not None:
+            self._fingerprint = loss.float().clone() if isinstance(loss, torch.Tensor) else float(loss)
+            self._fingerprinted = True
+        self.monitor.record(p.step, loss, self._grad_norm, means)
         self._micro, self._micro_n, self._grad_norm = {}, 0, None
 
         tick = None
