@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -429,6 +430,11 @@ def _check_json(path: Path) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise BenchError(f"--json: {parent} is a file, not a directory")
+    if parent is not None:  # a probe file now, not a traceback after the whole benchmark
+        try:
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise BenchError(f"--json: cannot write under {parent} ({e.strerror or e})") from None
 
 
 def run(opts: Options, cfg: Config) -> int:

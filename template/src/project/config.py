@@ -156,6 +156,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, "
+              "amp.guard.max_consecutive_skips; to try: --config configs/fp16_safe.yaml (lower "
+              "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[lm_head,'*.norm*'], a lower train.lr")
+
 # Keys a checkpoint cannot be resumed under when they change: the weights would not load (model.*), or the
 # run would silently become another experiment (other data, another split, another seed). An entry names a
 # key or a whole section. Any other change is applied on resume, with a notice (see resume_changes).
@@ -311,8 +315,50 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return []
 
 
-def load_yaml(cfg: Config, path: str | Path) -> None:
-    """Apply a YAML file's keys on top of ``cfg``."""
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; anchors that expand past this are a "billion laughs" file
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping and documents whose anchors expand past
+    MAX_YAML_VALUES values (either is one ConfigError line, not a silent last-wins or a hang)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:  # values after alias expansion; shared nodes counted once each, cheaply
+            if id(n) not in sizes:
+                sizes[id(n)] = 0  # a recursive alias: counted as nothing more
+                if isinstance(n, yaml.MappingNode):
+                    total = 1 + sum(size(k) + size(v) for k, v in n.value)
+                elif isinstance(n, yaml.SequenceNode):
+                    total = 1 + sum(size(v) for v in n.value)
+                else:
+                    total = 1
+                sizes[id(n)] = min(total, MAX_YAML_VALUES + 1)
+            return sizes[id(n)]
+
+        if size(node) > MAX_YAML_VALUES:
+            raise ConfigError(f"expands to more than {MAX_YAML_VALUES:,} values through its anchors and aliases "
+                              "(a config holds hundreds); write the values out")
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"the key {key!r} is given twice in one mapping (line {line}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+
+
+def load_yaml(cfg: Config, path: str | Path) -> list[str]:
+    """Apply a YAML file's keys on top of ``cfg``; returns the dotted keys it set."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"--config: {p} is a directory, not a YAML file")
@@ -326,24 +372,29 @@ def load_yaml(cfg: Config, path: str | Path) -> None:
     except OSError as e:
         raise ConfigError(f"--config: cannot read {p}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _load(text) or {}
+    except ConfigError as e:
+        raise ConfigError(f"--config: {p}: {e}") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(f"--config: {p} is not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {p} must hold a mapping of keys, got {type(data).__name__}")
+    keys = []
     for key, value in _flatten(data):
         try:
             set_key(cfg, key, value)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
+        keys.append(key)
+    return keys
 
 
 def parse_value(text: str) -> Any:
     """Read a command-line value the way YAML would: 1e-3 -> float, true -> bool, [a,b] -> list."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return _load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -392,6 +443,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", cfg.checkpoint.keep)
     need(cfg.log.every >= 1, "log.every", ">= 1", cfg.log.every)
     need(cfg.out_dir != "", "out_dir", "a directory path", cfg.out_dir)
+    need(0 <= cfg.seed < 2**32, "seed", "between 0 and 2**32 - 1 (what numpy and torch accept)", cfg.seed)
+    name = cfg.log.run_name
+    need(name == "" or ("/" not in name and "\\" not in name and name not in (".", "..")), "log.run_name",
+         "a plain name (no / or \\, not . or ..): trackers write under out_dir/NAME", name)
     return cfg
 
 
@@ -405,11 +460,12 @@ USAGE = (
 )
 
 
-def parse_args(argv: list[str]) -> Config:
+def parse_args(argv: list[str], notices: list[str] | None = None) -> Config:
     """Build the config from defaults, then ``--config`` files, then ``key=value`` arguments.
 
     ``-h``/``--help`` raises :class:`ConfigExit` with :func:`help_text`; ``--print-config`` raises it with the
-    resolved, validated config as YAML. Bad input raises :class:`ConfigError`.
+    resolved, validated config as YAML. Bad input raises :class:`ConfigError`. ``notices`` receives one line
+    naming the keys a file set and the command line changed.
     """
     if "-h" in argv or "--help" in argv:
         raise ConfigExit(help_text())
@@ -436,10 +492,17 @@ def parse_args(argv: list[str]) -> Config:
             overrides.append((key.strip(), value))
         else:
             raise ConfigError(f"{arg}: not a key=value override or --config FILE ({USAGE})")
+    from_files: dict[str, str] = {}
     for path in files:
-        load_yaml(cfg, path)
+        from_files.update(dict.fromkeys(load_yaml(cfg, path), path))
+    before = flat(to_dict(cfg))
     for key, value in overrides:
         set_key(cfg, key, value, text=True)
+    after = flat(to_dict(cfg))
+    changed = [f"{k} {before[k]} -> {after[k]} ({from_files[k]})" for k in dict.fromkeys(k for k, _ in overrides)
+               if k in from_files and k in before and before[k] != after[k]]
+    if changed and notices is not None:
+        notices.append(f"config: the command line overrode the file's {', '.join(changed)}")
     validate(cfg)
     if print_config:
         raise ConfigExit(to_yaml(cfg).rstrip("\n"))

@@ -28,6 +28,7 @@ from .model import ByteLM
 
 PACKAGE = __package__  # the package name also when run as `python -m PACKAGE.export` (__name__ is __main__)
 WEIGHTS = "model.safetensors"
+DEFAULT_RUN = "runs/default"  # the config's default out_dir
 EXPORT_FILES = {"config.json", WEIGHTS, "README.md"}  # what an export holds; only these may be replaced
 
 
@@ -46,8 +47,12 @@ class ArgParser(argparse.ArgumentParser):
 # Reading a checkpoint
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or the newest complete checkpoint of a run directory (``out_dir``)."""
+def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
+    """A checkpoint directory as given, or the newest complete checkpoint of a run directory (``out_dir``).
+
+    ``notices`` receives what training's ``resume=auto`` would say, such as a newer checkpoint skipped because a
+    part of it differs from what was saved.
+    """
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: no such checkpoint or run directory")
@@ -57,7 +62,9 @@ def find_checkpoint(path: str | Path) -> Path:
         raise ExportError(f"{path}: neither a checkpoint (no meta.json) nor a run directory (no {CHECKPOINTS}/)")
     # the same rule as resume=auto: the newest complete checkpoint (`latest` names it, or lags it by one
     # save when a run died between the rename and the update of `latest`)
-    found, _ = find_resume(path, "auto")
+    found, said = find_resume(path, "auto")
+    if notices is not None:
+        notices += said
     if found is None:
         raise ExportError(f"{path / CHECKPOINTS}: no complete checkpoint")
     return found
@@ -228,6 +235,41 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     return dest
 
 
+def export_after_training(ckpt: Path, say: Any) -> int:
+    """Export the last checkpoint of a finished run to ``final/``; 0, or 1 after a warning when it cannot (a full
+    disk, a foreign ``final/``: the run itself is saved and complete, and the warning says how to export later)."""
+    try:
+        say(f"model: {export(ckpt)} (ByteLM.from_pretrained, python -m {PACKAGE}.sample)")
+        return 0
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        final = ckpt.resolve().parents[1] / "final"
+        say(f"warning: no export to {final} ({first}); the checkpoint {ckpt} has the weights: "
+            f"python -m {PACKAGE}.export {ckpt}", style="yellow")
+        print(f"error: trained and saved, but the export to {final} failed ({first})", file=sys.stderr)
+        return 1
+
+
+def complete_run(ckpt: Path) -> list[str]:
+    """Write what a run killed after its last checkpoint did not: ``final/`` and ``amp_summary.json`` beside
+    ``checkpoints/``. Returns the paths written (main process only)."""
+    from .amp.monitor import AmpMonitor
+    from .amp.session import SUMMARY
+
+    run_dir, wrote = Path(ckpt).resolve().parents[1], []
+    if not (run_dir / "final" / WEIGHTS).is_file():
+        wrote.append(str(export(ckpt)))
+    state_file = Path(ckpt) / "amp_state_0.pt"
+    if not (run_dir / SUMMARY).is_file() and state_file.is_file():
+        monitor = AmpMonitor()
+        monitor.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=False)["monitor"])
+        precision = (read_meta(ckpt).get("precision") or {}).get("effective")
+        summary = {"precision": precision, **monitor.summary(), "precision_switches": monitor.switches}
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+        wrote.append(str(run_dir / SUMMARY))
+    return wrote
+
+
 # ----------------------------------------------------------------------------
 # Command line
 
@@ -235,11 +277,16 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m PACKAGE.export CKPT [--out DIR]``; returns the exit code."""
     parser = ArgParser(prog=f"python -m {PACKAGE}.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ckpt", help="a checkpoint directory (out_dir/checkpoints/step_NNNNNNN) or a run's out_dir")
+    parser.add_argument("ckpt", nargs="?", default=DEFAULT_RUN,
+                        help=f"a checkpoint directory (out_dir/checkpoints/step_NNNNNNN) or a run's out_dir "
+                             f"(default: {DEFAULT_RUN})")
     parser.add_argument("--out", default=None, help="export directory (default: final/ beside checkpoints/)")
     args = parser.parse_args(argv)
+    notices: list[str] = []
     try:
-        ckpt = find_checkpoint(args.ckpt)
+        ckpt = find_checkpoint(args.ckpt, notices)
+        for line in notices:
+            print(line, file=sys.stderr)
         dest = export(ckpt, args.out)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,23 +23,25 @@ from .export import PACKAGE, WEIGHTS, ArgParser, ExportError, find_checkpoint, l
 from .model import ByteLM
 
 
-def _resolve(path: Path) -> Path:
+def _resolve(path: Path, notices: list[str] | None = None) -> Path:
     """An export or checkpoint as given; for a run's out_dir, its newest complete checkpoint, else its final/."""
     if (path / "config.json").is_file() or (path / "meta.json").exists():
         return path
     final = path / "final"
     if (path / CHECKPOINTS).is_dir():
         try:
-            return find_checkpoint(path)
+            return find_checkpoint(path, notices)
         except ExportError:
             if not (final / "config.json").is_file():
                 raise
     return final if (final / "config.json").is_file() else path  # else load_checkpoint names what is wrong
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ByteLM, str]:
-    """The model at ``path`` (export, checkpoint or out_dir) in eval mode, and a line saying which weights."""
-    path = _resolve(Path(path))
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               notices: list[str] | None = None) -> tuple[ByteLM, str]:
+    """The model at ``path`` (export, checkpoint or out_dir) in eval mode, and a line saying which weights.
+    ``notices`` receives why a newer checkpoint was skipped, as training says it."""
+    path = _resolve(Path(path), notices)
     if (path / "config.json").is_file():
         if not (path / WEIGHTS).is_file():
             raise ExportError(f"{path}: no {WEIGHTS} beside config.json")
@@ -61,6 +63,12 @@ def generate_bytes(model: ByteLM, prompt: bytes, max_bytes: int, temperature: fl
     idx = torch.tensor([list(prompt or b"\n")], dtype=torch.long, device=device)
     out = model.generate(idx, max_bytes, temperature=temperature, top_k=top_k, generator=gen)
     return bytes(out[0, idx.shape[1] :].tolist())
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab written as escapes (``\\x1b``)."""
+    return "".join(c if c in "\n\t" or (c.isprintable() and c != "\x7f") else c.encode("unicode_escape").decode()
+                   for c in text)
 
 
 def _device(name: str) -> torch.device:
@@ -91,15 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             parser.error(f"{flag} must be {allowed}, got {value}")
     prompt = args.prompt.encode("utf-8", errors="surrogateescape")  # bytes as typed, even if not valid UTF-8
+    notices: list[str] = []
     try:
-        model, source = load_model(args.path, _device(args.device))
+        model, source = load_model(args.path, _device(args.device), notices)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(source, file=sys.stderr)
+    for line in [*notices, source]:
+        print(line, file=sys.stderr)
     new = generate_bytes(model, prompt, args.max_bytes, args.temperature, args.top_k, args.seed)
     # decode prompt and continuation together: a character may span the boundary
     text = (prompt + new).decode("utf-8", errors="replace")
+    if sys.stdout.isatty():  # a barely trained model emits control bytes (ESC...): show them, do not run them
+        text = printable(text)
     out = getattr(sys.stdout, "buffer", None)
     if out is None:
         print(text)

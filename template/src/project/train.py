@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from .config import Config, ConfigError, ConfigExit, check_trackers, flat, parse_args, resume_check, to_dict, to_yaml
+from .config import Config, ConfigError, ConfigExit, check_trackers, parse_args, resume_check, to_dict, to_yaml
 
 # ----------------------------------------------------------------------------
 # building blocks shared with bench.py: the data, the model, the optimizer and its schedule
@@ -118,14 +118,17 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
 
 
 def done_already(amp: Any, cfg: Config) -> str | None:
-    """The one line to print when the checkpoint to resume is at or past train.max_steps (nothing to train)."""
+    """The one line to print when the checkpoint to resume is at or past train.max_steps (nothing to train); what a
+    run killed after its last checkpoint did not write (final/, the summary) is written now."""
     from .amp.checkpoint import read_meta
+    from .export import complete_run
 
     path, _ = amp.find_checkpoint(cfg.resume)
     step = read_meta(path).get("step", 0) if path is not None else 0
     if isinstance(step, int) and step >= cfg.train.max_steps:
+        wrote = complete_run(path) if amp.is_main else []
         return (f"nothing to do: {path} is at step {step} and train.max_steps is {cfg.train.max_steps}; "
-                "raise train.max_steps to train on")
+                "raise train.max_steps to train on" + "".join(f"; wrote {w}" for w in wrote))
     return None
 
 
@@ -172,13 +175,14 @@ def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: An
 # the run
 
 
-def run(cfg: Config, switch: dict | None = None) -> int:
-    """Train to ``train.max_steps``; returns the exit code. The guard's stop and fallback arrive as exceptions."""
+def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) -> int:
+    """Train to ``train.max_steps``; returns the exit code (1: trained and saved, but the export failed). The
+    guard's stop and fallback arrive as exceptions."""
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from .amp import AmpSession, precision
     from .amp.guard import GuardPolicy
-    from .export import export
+    from .export import export_after_training
     from .metrics import load_metric
 
     check_trackers(cfg.log.trackers, cfg.log.tracker_kwargs)
@@ -191,7 +195,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
-        tracker_config=flat(to_dict(cfg)),
+        tracker_config=to_dict(cfg),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:
@@ -204,6 +208,8 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
         set_seed(cfg.seed)
         amp.say("config:\n" + to_yaml(cfg).rstrip())
+        for line in notices:
+            amp.say(line)
 
         # ----------------------------------------------------------------------------
         # data: real text that needs no download (the stdlib's sources unless data.files says otherwise)
@@ -236,6 +242,7 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         # are the session's (after_step), and a stop (signal, guard) is saved there too: the loop only ends
         batches = forever(amp, train_loader)
         model.train()
+        code = 0
         while not amp.should_stop:
             step = amp.step
             last_step = step >= t.max_steps
@@ -246,15 +253,8 @@ def run(cfg: Config, switch: dict | None = None) -> int:
                     break
                 amp.log(ev)
                 amp.say(" | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-            if last_step:
-                saved = amp.save()
-                if accelerator.is_main_process:  # out_dir/final/: weights and config.json, no training code needed
-                    try:
-                        amp.say(f"model: {export(saved)} (ByteLM.from_pretrained, python -m {__package__}.sample)")
-                    except Exception as e:  # a full disk, a foreign final/: the run itself is saved and complete
-                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                        amp.say(f"warning: no export to {cfg.out_dir}/final ({first}); the checkpoint {saved} "
-                                f"has the weights: python -m {__package__}.export {saved}", style="yellow")
+            if last_step:  # out_dir/final/: weights and config.json, no training code needed (exit 1 if it fails)
+                code = export_after_training(amp.save(), amp.say) if accelerator.is_main_process else 0
                 break
 
             # one optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step
@@ -263,44 +263,42 @@ def run(cfg: Config, switch: dict | None = None) -> int:
         # ----------------------------------------------------------------------------
         # the end: leaving the session saves if needed, prints and writes the AMP summary, ends training; after
         # the collapse guard it raises GuardStop or GuardFallback (handled in main)
-    return 0
-
-
-GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, "
-              "amp.guard.max_consecutive_skips; to try: --config configs/fp16_safe.yaml (lower "
-              "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[lm_head,'*.norm*'], a lower train.lr")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse the config, train, and turn bad input into one line and exit code 2."""
+    """Entry point: parse the config, train, and turn each failure into one line: exit 2 for bad input, 1 for a
+    fault of the machine (a full disk, out of memory, a lost process), 3 for the collapse guard, 130 for Ctrl-C twice."""
+    notices: list[str] = []
     try:  # before torch is imported: a bad key is reported at once
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(sys.argv[1:] if argv is None else argv, notices)
     except ConfigExit as e:
         print(e.text)
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .amp import faults
     from .amp.checkpoint import CheckpointError
     from .amp.guard import GuardFallback, GuardStop
     from .amp.position import LoopError
     from .amp.precision import PrecisionError
     from .amp.rundir import OutputDirError, RunLockedError
+    from .config import GUARD_HINT
     from .data import DataError
+    main_process = os.environ.get("RANK", "0") == "0"  # one hint, not one per process
     switch = None
     while True:
         try:
-            return run(cfg, switch)
+            return run(cfg, switch, tuple(notices))
         except GuardStop:
-            if os.environ.get("RANK", "0") == "0":
+            if main_process:
                 print(GUARD_HINT)
             return 3
-        except GuardFallback as fb:
-            # continue from the checkpoint just saved, in this process (the process group and data cache stay;
-            # Accelerate's precision state is rebuilt below)
-            if os.environ.get("RANK", "0") == "0":
+        except GuardFallback as fb:  # go on from the checkpoint just saved, in this process
+            if main_process:
                 print(f"AMP guard: continuing in {fb.to} from {fb.path}")
-            switch = fb.record()
+            switch, notices = fb.record(), []
             cfg = replace(cfg, resume=fb.path, amp=replace(cfg.amp, precision=fb.to))
         except (ConfigError, CheckpointError, DataError, RunLockedError, PrecisionError, LoopError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -308,12 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         except OutputDirError as e:
             print(f"error: out_dir: {e}", file=sys.stderr)
             return 2
-        except OSError as e:  # a fault of the machine (a full disk while saving): one line, exit 1
-            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # a second Ctrl-C: no save (a half-written checkpoint is removed)
+            print(f"error: interrupted twice: stopped without saving; {cfg.out_dir}/checkpoints has the last "
+                  "complete checkpoint", file=sys.stderr)
+            return 130
+        except (OSError, MemoryError, RuntimeError) as e:  # a fault of the machine: one line, exit 1
+            if faults.describe(e) is None:
+                raise
+            print(f"error: {faults.describe(e)}", file=sys.stderr)
             return 1
-        finally:
-            # Accelerate keeps its precision in process-wide singletons; clearing them lets the next run()
-            # (a fallback, or another main() in the same process) choose its own
+        finally:  # Accelerate's process-wide state, cleared for the next run() (a fallback) in this process
             from accelerate.state import AcceleratorState, GradientState
 
             AcceleratorState._reset_state(reset_partial_state=False)

@@ -169,12 +169,24 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=_order)
 
 
+def check_layout(out_dir: str | Path) -> None:
+    """Refuse, before any training, an ``out_dir`` whose checkpoint folder could not take a save: ``checkpoints``
+    that is a file, or ``checkpoints/latest`` that is not one (CheckpointError, one line)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root} is a file; it must be the folder of the checkpoints: move it away")
+    if (root / LATEST).exists() and not (root / LATEST).is_file():
+        raise CheckpointError(f"{root / LATEST} is a directory; it must be the file naming the newest checkpoint: "
+                              "move it away")
+
+
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
     """Pick the checkpoint to resume from: ``none``, ``auto`` (newest complete one) or a path.
 
     Returns (path or None, notices). A ``resume=PATH`` that is missing, incomplete or corrupt raises CheckpointError;
     under ``auto`` such a checkpoint is skipped with a notice naming the bad part.
     """
+    check_layout(out_dir)
     notices: list[str] = []
     if resume == "none":
         if list_checkpoints(out_dir):
@@ -408,8 +420,9 @@ class CheckpointManager:
             with _scaler_hidden(acc, hide=True):
                 acc.load_state(str(path))
         except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{path}: cannot be loaded into this run ({type(e).__name__}: "
-                                  f"{_first_line(e)[:300]})") from None
+            detail = " ".join(ln.strip() for ln in str(e).strip().splitlines())  # torch puts the key names below
+            raise CheckpointError(f"{path}: cannot be loaded into this run ({type(e).__name__}: {detail[:400]})"
+                                  ) from None
         finally:
             del acc._custom_objects[: len(legacy)]
         notices = [f"resume: loaded {path} (step {meta.get('step', '?')})"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -36,6 +37,10 @@ def exit_status(code: Any) -> int:
     return code if isinstance(code, int) else 1
 
 
+def _end_now(signum: int, frame: Any) -> None:
+    os._exit(128 + signum)
+
+
 def run_main(main: Callable[[], Any]) -> NoReturn:
     """Run ``main()`` and end the process with its exit status (its return value, a SystemExit's code, 1 for an
     uncaught exception after its traceback, 130 for Ctrl-C).
@@ -53,6 +58,10 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
     except BaseException:
         traceback.print_exc()
         code = 1
+    try:  # a Ctrl-C from here on ends the process at once, without a traceback from an exit handler
+        signal.signal(signal.SIGINT, _end_now)
+    except ValueError:  # not the main thread
+        pass
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         atexit._run_exitfuncs()
         logging.shutdown()

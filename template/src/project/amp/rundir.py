@@ -7,6 +7,7 @@ or mixes: everything an earlier run left in ``out_dir`` moves to ``out_dir/previ
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -61,6 +62,8 @@ class RunDir:
                                  ) from None
         except OSError as e:
             self._remove_created()
+            if e.errno == errno.ENOSPC:  # a fault of the machine, not of the path
+                raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from None
             raise OutputDirError(f"{self.path}: cannot be used as the output directory ({e.strerror or e})") from None
         except RuntimeError:
             self._remove_created()

@@ -248,14 +248,14 @@ class AmpSession:
         self.console.log(message, style=style)
 
     def _take_lock(self) -> None:
-        error: RuntimeError | None = None
+        error: Exception | None = None
         if self.is_main:
             try:
                 self._rundir.acquire()
-            except (RunLockedError, OutputDirError) as e:
+            except (RunLockedError, OutputDirError, OSError) as e:
                 error = e
-        if any_rank(self.accelerator, error is not None):
-            raise error or RunLockedError(f"{self.out_dir} is locked by another run (seen by the main process)")
+        if any_rank(self.accelerator, error is not None):  # every process learns it: none waits on the others
+            raise error or RunLockedError(f"{self.out_dir} cannot be used (seen by the main process)")
 
     # ------------------------------------------------------------------ prepare, track and resume
 

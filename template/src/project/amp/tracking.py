@@ -76,16 +76,29 @@ def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, 
     return kwargs
 
 
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; values trackers cannot take (lists) as text."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 class Trackers:
     """The run's trackers: ``metrics.jsonl`` first, then the user's (names or tracker objects, as ``log_with``
-    takes them). :meth:`start` runs ``init_trackers`` once, continuing a resumed run's tracker runs."""
+    takes them). :meth:`start` runs ``init_trackers`` once, continuing a resumed run's tracker runs. ``config``
+    (nested sections are fine) becomes the trackers' hyperparameters as flat ``section.key`` values."""
 
     def __init__(self, metrics: str | Path, log_with: Any, run_name: str, kwargs: dict[str, dict] | None,
                  config: dict[str, Any] | None):
         user = [log_with] if isinstance(log_with, str) else list(log_with or [])
         self.names = [t if isinstance(t, str) else t.name for t in user]
         self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
-        self.run_name, self.kwargs, self.config = run_name, kwargs or {}, config
+        self.run_name, self.kwargs = run_name, kwargs or {}
+        self.config = None if config is None else _flat(config)
         self.started = False
 
     def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int | None = None) -> None:

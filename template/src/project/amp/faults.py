@@ -1,0 +1,31 @@
+"""Faults of the machine, told apart from bugs: a full disk, memory that ran out, a process of the run that died.
+
+:func:`describe` turns such an exception into one line for the user (exit status 1: nothing to fix in the
+input); anything else returns None and stays an error with its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+_OOM = re.compile(r"out of memory|not enough memory|you tried to allocate (\d+) bytes", re.I)
+_PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|communicator was aborted)|"
+                   r"gloo.*(connection|timed out|closed)", re.I)
+
+
+def describe(e: BaseException) -> str | None:
+    """One line for a fault of the machine, or None when ``e`` is not one."""
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OOM.search(str(e))):
+        m = re.search(r"allocate (\d+) bytes", str(e))
+        asked = f" (an allocation of {int(m.group(1)) / 2**30:.1f} GiB)" if m else ""
+        return f"out of memory{asked}: a smaller model or batch, or a machine with more memory"
+    if isinstance(e, RuntimeError) and _PEER.search(str(e)):
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return (f"another process of this run died or stopped answering ({first}); its own output says why, "
+                "and the same command resumes from the last complete checkpoint")
+    if isinstance(e, OSError):
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{f': {e.filename}' if e.filename else ''}"
+        return str(e)
+    return None
