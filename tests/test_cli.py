@@ -244,6 +244,40 @@ def test_new_rejects_a_bad_name_with_one_error_line_exit_2_and_writes_nothing(tm
     assert tree(tmp_path) == {"here"}
 
 
+def test_new_refuses_a_name_too_long_for_a_folder_with_one_line_exit_2(tmp_path):
+    result = cli.invoke(app, ["new", "a" * 300, "--dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert one_error_line(result) == "Error: project name is 300 characters long; use at most 100 (e.g. my-proj)"
+    assert tree(tmp_path) == set()
+
+
+def read_only_folder() -> Path:
+    """A folder nobody may create files in, root included (sysfs); skipped where there is none."""
+    folder = Path("/sys")
+    try:
+        (folder / ".amptpl-probe").mkdir()
+    except OSError:
+        return folder
+    (folder / ".amptpl-probe").rmdir()
+    pytest.skip("no read-only folder on this machine")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["new", "my-proj", "--dir", "{ro}"], "Error: cannot write the project: {ro}/"),
+        (["add", "{ro}/kernel"], "Error: cannot copy the AMP core: {ro}/kernel/amp"),
+    ],
+    ids=["new", "add"],
+)
+def test_a_read_only_destination_is_one_line_and_exit_2_like_trainings_out_dir(args, says):
+    ro = str(read_only_folder())
+    result = cli.invoke(app, [a.format(ro=ro) for a in args])
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert line.startswith(says.format(ro=ro)) and "[Errno" not in line
+
+
 def test_new_refuses_a_non_empty_target_without_force_and_changes_nothing(tmp_path):
     (tmp_path / "my-proj").mkdir()
     (tmp_path / "my-proj" / "notes.txt").write_text("mine")
@@ -648,6 +682,62 @@ def test_run_bad_input_is_one_error_line_and_exit_2_and_runs_nothing(project, ar
     assert result.exit_code == 2
     assert says in one_error_line(result)
     assert not (project / "argv.json").exists()
+
+
+def test_run_of_a_file_says_it_is_not_a_project_directory():
+    result = cli.invoke(app, ["run", "/etc/passwd"])
+    assert result.exit_code == 2
+    assert one_error_line(result) == "Error: project directory /etc/passwd is a file, not a project directory"
+
+
+# accelerate configs that `accelerate launch` stops on, as users break them: (file text, what the line says)
+BROKEN_LAUNCH_CONFIGS = [
+    ("distributed_type: [MULTI_GPU\n", "cannot use it (ParserError"),
+    ("distributed_type: BOGUS_TYPE\nnum_processes: 2\n", "'BOGUS_TYPE' is not a valid DistributedType"),
+    ("distributed_type: MULTI_GPU\nnum_processes: many\n", "num_processes: must be a whole number, got 'many'"),
+    ("distributed_type: NO\nmixed_precision: fp64\n", "mixed_precision: must be one of no, fp16, bf16, fp8"),
+    ("num_processes: 2\n", "distributed_type: missing"),
+    ("distributed_type: NO\nnum_procs: 2\n", "unknown keys (['num_procs'])"),
+    ("- a list\n", "expected a mapping of settings"),
+]
+
+
+@pytest.mark.parametrize(("text", "says"), BROKEN_LAUNCH_CONFIGS)
+def test_run_with_a_launch_config_accelerate_cannot_use_is_one_line_naming_the_file_exit_2(
+    project, tmp_path, text, says
+):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    result = cli.invoke(app, ["run", str(project), "--launch-config", str(config)])
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert line.startswith(f"Error: {config}: accelerate launch cannot use it (") and says in line
+    assert not (project / "argv.json").exists()
+
+
+def test_run_with_num_processes_and_a_broken_default_accelerate_config_names_that_file(project, tmp_path, monkeypatch):
+    """`accelerate launch` without --config_file reads the default config under HF_HOME and stops on it."""
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("distributed_type: BOGUS_TYPE\n")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = cli.invoke(app, ["run", str(project), "--num-processes", "2"])
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result).startswith(f"Error: {config}: accelerate launch cannot use it (ValueError: ")
+    assert not (project / "argv.json").exists()
+
+
+def test_run_with_a_multi_cpu_launch_config_warns_that_it_starts_one_process(tmp_path):
+    project = make_fake_project(
+        tmp_path, "import os, pathlib\npathlib.Path('world_size').write_text(os.environ.get('WORLD_SIZE', '1'))\n"
+    )
+    config = tmp_path / "cpu.yaml"
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n")
+    result = cli.invoke(app, ["run", str(project), "--launch-config", str(config)])
+    assert result.exit_code == 0, result.output  # it ran: the trap is a warning, as in doctor
+    assert (project / "world_size").read_text() == "1"  # the trap is real: one process
+    assert "warning: the accelerate config says MULTI_CPU with use_cpu: true and num_processes=2, but " \
+        "`accelerate launch` starts ONE process" in result.stderr
 
 
 def test_run_propagates_the_training_exit_code_and_passes_overrides_verbatim(project):

@@ -286,6 +286,38 @@ def test_an_unreadable_accelerate_config_is_one_problem_naming_the_file(tmp_path
     assert report.launch["launcher"] is None
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("distributed_type: MULTI_GPU\nnum_processes: many\n", "num_processes: must be a whole number, got 'many'"),
+        ("distributed_type: NO\nmixed_precision: fp64\n", "mixed_precision: must be one of no, fp16, bf16, fp8"),
+        ("num_processes: 1\n", "distributed_type: missing"),
+    ],
+)
+def test_an_accelerate_config_with_a_value_launch_stops_on_is_a_problem_naming_the_file(tmp_path, text, says):
+    config = tmp_path / "accelerate" / "default_config.yaml"
+    config.parent.mkdir()
+    config.write_text(text)
+    report = diagnose(cwd=tmp_path, environ={"HF_HOME": str(tmp_path)}, probe=NO_TORCH_PROBE)
+    assert not report.ok and report.launch["processes"] == 0
+    (problem,) = report.problems
+    assert problem.startswith(f"{config}: accelerate launch cannot use it (") and says in problem
+
+
+def test_doctor_with_a_default_config_accelerate_refuses_says_broken_and_exits_1(tmp_path, monkeypatch):
+    """A value only accelerate knows is wrong (a distributed_type it has no name for) is checked by accelerate."""
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("distributed_type: BOGUS_TYPE\n")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["doctor"])
+    assert result.exit_code == 1, result.output
+    line = one_error_line(result)
+    assert line.startswith("Error: broken: ") and str(config) in line and "BOGUS_TYPE" in line
+    assert "starts 1 process" not in result.stdout
+
+
 def test_an_invalid_project_manifest_here_is_a_problem(tmp_path):
     (tmp_path / ".amptpl.json").write_text('{"package": "not an identifier"}')
     report = diagnose(cwd=tmp_path, environ={"HF_HOME": str(tmp_path)}, probe=NO_TORCH_PROBE)

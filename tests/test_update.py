@@ -237,14 +237,54 @@ def test_a_base_kept_as_a_folder_by_an_earlier_amptpl_is_merged_against_and_repl
     assert base_files(scenario.project) == scenario.today
 
 
-def test_a_second_update_writes_nothing(tmp_path):
+def test_a_second_update_writes_nothing_and_exits_1_while_markers_are_left_then_0_once_resolved(tmp_path):
     scenario = make_scenario(tmp_path)
     cli.invoke(app, ["update", str(scenario.project)])
     after_first = snapshot(scenario.project)
     result = cli.invoke(app, ["update", str(scenario.project)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert snapshot(scenario.project) == after_first
-    assert "keep yours" in result.stdout and "conflict" not in result.stdout
+    assert "keep yours" in result.stdout and "Conflicts in" not in result.stdout
+    assert "warning: 1 file still holds the conflict markers of an earlier update: README.md;" in result.stdout
+
+    readme = scenario.project / "README.md"
+    edit(readme, lambda t: t.split("=======\n", 1)[0].replace("<<<<<<< yours\n", "") + t.split("\n>>>>>>> ", 1)[1].split("\n", 1)[1])
+    result = cli.invoke(app, ["update", str(scenario.project)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stdout and readme.read_text().startswith("# My own title\n")
+
+
+def test_an_update_against_a_damaged_base_names_it_and_points_at_the_amptpl_new_files(tmp_path):
+    scenario = make_scenario(tmp_path)
+    (scenario.project / ".amptpl" / "base.zip").write_bytes(b"not a zip archive at all")
+    result = cli.invoke(app, ["update", str(scenario.project)])
+    assert result.exit_code == 1, result.output
+    out = " ".join(result.stdout.split())  # rich may wrap the long lines
+    assert f"warning: {scenario.project / '.amptpl' / 'base.zip'} cannot be read (BadZipFile: " in out
+    assert "amptpl's version of each is in the .amptpl-new file named below" in out
+    assert "resolve the <<<<<<< ======= >>>>>>> markers" not in out
+    assert "merge amptpl's version from the .amptpl-new file named beside it" in out
+    assert (scenario.project / f"src/{PKG}/train.py.amptpl-new").is_file()
+    assert (scenario.project / f"src/{PKG}/train.py").read_bytes() == scenario.before[f"src/{PKG}/train.py"]
+
+
+def test_an_update_that_cannot_write_is_one_line_exit_2_like_a_read_only_out_dir(tmp_path, monkeypatch):
+    """A read-only project (a mount, a permission): one line naming the path, not a raw [Errno 30]."""
+    import errno
+
+    import amptpl.update as update_mod
+
+    scenario = make_scenario(tmp_path)
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(update_mod, "write_atomic", read_only)
+    result = cli.invoke(app, ["update", str(scenario.project)])
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert line.startswith(f"Error: cannot update the project: {scenario.project}") and "Read-only file system" in line
+    assert "[Errno" not in line
 
 
 def test_dry_run_prints_the_plan_table_and_writes_nothing(tmp_path):

@@ -18,13 +18,22 @@ from pathlib import Path, PurePosixPath
 
 from . import __version__, recipe
 from .errors import AmptplError
-from .manifest import FileData, backup_path, commit, is_executable, read_manifest, recorded_hashes, write_atomic
+from .manifest import (
+    MANIFEST,
+    FileData,
+    backup_path,
+    commit,
+    is_executable,
+    read_manifest,
+    recorded_hashes,
+    write_atomic,
+)
 from .render import iter_files
 from .resources import template_root
 from .update import Action, Plan, apply, plan_root, refuse_dirty
 
 CORE_PARTS = ("src", "project", "amp")
-MANIFEST = ".amptpl.json"
+
 
 # Printed after `amptpl add`: the integration as diffs from plain example scripts to the same scripts using
 # the core, built from amptpl/recipes/ by recipe.py (tests/test_recipe.py applies the printed diff and trains).

@@ -8,6 +8,7 @@ library module (and rich) itself, so ``amptpl new`` and ``amptpl --help`` load o
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -51,6 +52,18 @@ def _fail(message: str, code: int = 2) -> NoReturn:
         f"Error: {message}", style="red", markup=False
     )
     raise typer.Exit(code)
+
+
+# What the user can fix by choosing another place: bad input, exit 2 as for every other bad input (training
+# says the same for a read-only out_dir). Anything else is a fault of the machine: exit 1.
+_USER_FIXABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
+
+
+def _fail_os(exc: OSError, what: str) -> NoReturn:
+    """One line for an ``OSError`` while ``what``: the path and the system's words, without ``[Errno N]``."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    why = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    _fail(f"{what}: {where}{why}", code=2 if exc.errno in _USER_FIXABLE else 1)
 
 
 def _shown(path: Path) -> str:
@@ -127,7 +140,7 @@ def new(
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot write the project: {exc}", code=1)
+        _fail_os(exc, "cannot write the project")
 
     # typer.echo, not rich: `new` prints a few plain lines, and importing rich for them would cost about 20 ms
     # of CPU time, a tenth of the command (benchmarks/cli.py). echo drops the styles off a terminal.
@@ -195,10 +208,15 @@ def run(
         out.print(line, style="dim", markup=False)
         sys.stdout.flush()  # before the child writes to the same stdout
 
+    def warn(line: str) -> None:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {line}", style="yellow", markup=False)
+
+    from rich.console import Console
+
     from .runner import run_project
 
     try:
-        code = run_project(project, launch_config, num_processes, positional, echo=echo, bench=bench)
+        code = run_project(project, launch_config, num_processes, positional, echo=echo, bench=bench, warn=warn)
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -264,7 +282,7 @@ def add(
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot copy the AMP core: {exc}", code=1)
+        _fail_os(exc, "cannot copy the AMP core")
 
     out = _out()
     if result.upgrade is not None and result.upgrade.shown:
@@ -323,15 +341,15 @@ def update(
             code=130,
         )
     except OSError as exc:
-        _fail(f"cannot update the project: {exc}", code=1)
+        _fail_os(exc, "cannot update the project")
 
     out = _out()
     if not plan.shown:
         out.print(f"{_shown(plan.root)} is up to date with amptpl {plan.to_version}", markup=False)
-        return
-    out.print(plan_table(plan, _plan_title(plan, "Updated", dry_run)))
-    if plan.up_to_date:
-        out.print(f"{_files(plan.up_to_date)} already up to date", markup=False)
+    else:
+        out.print(plan_table(plan, _plan_title(plan, "Updated", dry_run)))
+        if plan.up_to_date:
+            out.print(f"{_files(plan.up_to_date)} already up to date", markup=False)
     if _print_conflicts(out, plan, dry_run) and not dry_run:
         raise typer.Exit(1)
 
@@ -344,11 +362,33 @@ def _plan_title(plan: Plan, done: str, dry_run: bool) -> str:
 
 
 def _print_conflicts(out: Console, plan: Plan, dry_run: bool) -> bool:
-    """List the conflicted files last, where they are seen; True when there are any."""
+    """List what is left to resolve last, where it is seen: a damaged base, files still holding an earlier
+    update's markers, this update's conflicts. True when anything is left (the command then exits 1)."""
+    if plan.damaged_base:
+        out.print(
+            f"\nwarning: {plan.root / '.amptpl' / 'base.zip'} cannot be read ({plan.damaged_base}): files you and "
+            "amptpl both changed could not be merged; amptpl's version of each is in the .amptpl-new file named "
+            "below. The next update records a fresh base.",
+            style="yellow", markup=False,
+        )  # fmt: skip
+    if plan.unresolved:
+        names = ", ".join(rel.as_posix() for rel in plan.unresolved)
+        out.print(
+            f"\nwarning: {_files(len(plan.unresolved))} still {'holds' if len(plan.unresolved) == 1 else 'hold'} "
+            f"the conflict markers of an earlier update: {names}; "
+            "resolve each <<<<<<< ======= >>>>>>> block (keep the lines you want, delete the markers)",
+            style="yellow", markup=False,
+        )  # fmt: skip
     if not plan.conflicts:
-        return False
+        return bool(plan.unresolved)
     n = _files(len(plan.conflicts))
-    head = f"{n} would conflict" if dry_run else f"Conflicts in {n}: resolve the <<<<<<< ======= >>>>>>> markers"
+    marked = any(c.beside is None for c in plan.conflicts)
+    beside = any(c.beside is not None for c in plan.conflicts)
+    todo = "; ".join(
+        ["resolve the <<<<<<< ======= >>>>>>> markers"] * marked
+        + ["merge amptpl's version from the .amptpl-new file named beside it"] * beside
+    )
+    head = f"{n} would conflict" if dry_run else f"Conflicts in {n}: {todo}"
     out.print(f"\n{head}:", style="bold red", markup=False)
     for change in plan.conflicts:
         note = f"  ({change.note})" if change.note else ""

@@ -48,22 +48,19 @@ from typing import Any
 
 from . import __version__
 from .errors import AmptplError
+from .launchconfig import LOAD_CHECK, config_problem, default_config_file, predict_launch, read_accelerate_config
+from .manifest import MANIFEST
 
 PACKAGES = ("torch", "accelerate", "datasets")
-MANIFEST = ".amptpl.json"
+
 PROBE_TIMEOUT_S = 300
 JSON_MARK = "AMPTPL_DOCTOR_JSON "
 STAGE_MARK = "AMPTPL_DOCTOR_STAGE "
 INSTALL_TORCH = "pip install torch (for a CUDA build, see https://pytorch.org/get-started/locally/)"
-# distributed types that `accelerate launch` starts through torchrun (or deepspeed) with num_processes ranks
-TORCHRUN_TYPES = frozenset(
-    {"MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_XPU", "MULTI_HPU",
-     "MULTI_NEURON", "FSDP", "MEGATRON_LM"}
-)  # fmt: skip
 
 # The child: prints progress markers (so a crash in a native import can be placed) and one JSON line.
 # argv: template src folder ("" when unavailable), project package ("" when none). Python 3.10 syntax.
-PROBE = r'''
+PROBE = LOAD_CHECK + r'''
 import importlib, importlib.util, inspect, json, os, sys, warnings
 
 template_src, package = sys.argv[1], sys.argv[2]
@@ -155,7 +152,14 @@ if torch is not None:
     out["torch"] = info
 
     # the device train.py resolves for: PartialState(cpu=not torch.cuda.is_available()); ACCELERATE_USE_CPU too
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
+    # (read by the template's own rule when it is there, as for the auto pick)
+    def env_flag(name):
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
+    if template_src:
+        sys.path.insert(0, template_src)
+        env_flag = attempt(lambda: importlib.import_module("project.amp.defaults").env_flag)[0] or env_flag
+        sys.path.pop(0)
+    use_cpu = env_flag("ACCELERATE_USE_CPU")
     device = "cuda" if info["cuda_available"] and not use_cpu else "cpu"
     auto = {"device": device}
     if template_src:
@@ -182,6 +186,8 @@ if out["modules"].get("accelerate", {}).get("ok"):
     try:
         from accelerate.commands.config import default_config_file
         out["default_config_file"] = default_config_file
+        if os.path.isfile(default_config_file):
+            out["default_config_load_error"] = config_load_error(default_config_file)
     except Exception as exc:
         out["default_config_error"] = error(exc)
 
@@ -273,83 +279,6 @@ def cpu_bf16(flags: set[str] | None) -> dict[str, Any]:
     amx = None if flags is None else "amx_bf16" in flags
     avx = None if flags is None else "avx512_bf16" in flags
     return {"amx_bf16": amx, "avx512_bf16": avx, "bf16_feature": "AMX-BF16" if amx else "AVX512-BF16" if avx else None}
-
-
-def default_config_file(environ: Mapping[str, str] | None = None) -> str:
-    """Where ``accelerate launch`` looks for its default config: the rule of accelerate's config_args module.
-
-    Used when accelerate cannot be imported; otherwise accelerate's own
-    ``accelerate.commands.config.default_config_file`` (from the child) is what doctor reports.
-    """
-    env = os.environ if environ is None else environ
-    cache = env.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
-    home = os.path.expanduser(env.get("HF_HOME", os.path.join(cache, "huggingface")))
-    return os.path.join(home, "accelerate", "default_config.yaml")
-
-
-def read_accelerate_config(path: str) -> tuple[dict[str, Any] | None, str | None]:
-    """``(config, error)`` for an accelerate config file (YAML or JSON); ``(None, None)`` when it does not exist."""
-    if not os.path.isfile(path):
-        return None, None
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                data = json.load(f)
-            else:
-                import yaml  # only here: pyyaml is not needed anywhere else on doctor's path
-
-                data = yaml.safe_load(f)
-    except Exception as exc:  # noqa: BLE001 - any parse error is reported as one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"{type(exc).__name__}: {first}"
-    if not isinstance(data, dict):
-        return None, f"expected a mapping of settings, got {type(data).__name__}"
-    return data, None
-
-
-def predict_launch(config: Mapping[str, Any] | None, cuda_devices: int) -> tuple[dict[str, Any], str | None]:
-    """What a plain ``accelerate launch -m PKG.train`` starts with ``config`` (None: no config file).
-
-    Returns ``(launch, warning)``: launch is ``{processes, distributed_type, launcher, why}``, warning names the
-    one-process trap (a MULTI_CPU or NO config, or ``use_cpu: true``, with num_processes > 1 and no MPI host
-    file: ``accelerate launch`` starts ONE process, silently). Follows accelerate 1.x's ``launch_command``.
-    """
-    if config is None:
-        if cuda_devices > 1:
-            why = f"no accelerate config: one process per CUDA GPU ({cuda_devices} found)"
-            return {"processes": cuda_devices, "distributed_type": "MULTI_GPU", "launcher": "torchrun", "why": why}, None
-        why = f"no accelerate config, {'1 CUDA GPU' if cuda_devices == 1 else 'no CUDA GPU'}"
-        return {"processes": 1, "distributed_type": "NO", "launcher": "python", "why": why}, None
-
-    dtype = str(config.get("distributed_type") or "NO").upper().removeprefix("DISTRIBUTEDTYPE.")
-    try:
-        n = int(config.get("num_processes") or 1)
-    except (TypeError, ValueError):
-        n = 1
-    use_cpu = bool(config.get("use_cpu"))
-    hostfile = (config.get("mpirun_config") or {}).get("mpirun_hostfile") if isinstance(
-        config.get("mpirun_config"), dict) else None  # fmt: skip
-    if dtype in TORCHRUN_TYPES or dtype == "DEEPSPEED":
-        launcher = "deepspeed" if dtype == "DEEPSPEED" else "torchrun"
-        where = " on the CPU (use_cpu: true)" if use_cpu else ""
-        return {"processes": n, "distributed_type": dtype, "launcher": launcher,
-                "why": f"config: {dtype} with num_processes={n}{where}"}, None  # fmt: skip
-    if dtype == "XLA":
-        return {"processes": n, "distributed_type": dtype, "launcher": "xla", "why": f"config: XLA, {n} cores"}, None
-    if hostfile:
-        return {"processes": n, "distributed_type": dtype, "launcher": "mpirun",
-                "why": f"config: {dtype} with mpirun_hostfile {hostfile}"}, None  # fmt: skip
-    launch = {"processes": 1, "distributed_type": dtype, "launcher": "python",
-              "why": f"config: {dtype}{' with use_cpu: true' if use_cpu else ''}"}  # fmt: skip
-    if n > 1:
-        warning = (
-            f"the accelerate config says {dtype}{' with use_cpu: true' if use_cpu else ''} and num_processes={n}, "
-            "but `accelerate launch` starts ONE process (MULTI_CPU, like `--cpu`, needs an MPI launcher: "
-            "mpirun_hostfile); for N CPU ranks use distributed_type: MULTI_GPU (configs/accelerate/cpu_2proc.yaml) "
-            "or `amptpl run --num-processes N`"
-        )
-        return launch, warning
-    return launch, None
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -498,9 +427,9 @@ def _launch(config: Mapping[str, Any] | None, config_error: str | None, config_f
             warnings: list[str], problems: list[str]) -> dict[str, Any]:  # fmt: skip
     """The ``launch`` section: what a plain ``accelerate launch`` starts; an unreadable config is a problem."""
     if config_error:
-        problems.append(f"{config_file}: accelerate launch cannot read it ({config_error})")
+        problems.append(f"{config_file}: accelerate launch cannot use it ({config_error})")
         return {"processes": 0, "distributed_type": None, "launcher": None,
-                "why": "it stops with an error: its default config cannot be read"}  # fmt: skip
+                "why": "it stops with an error: its default config cannot be used"}  # fmt: skip
     launch, trap = predict_launch(config, cuda["device_count"] if cuda else 0)
     if trap:
         warnings.append(trap)
@@ -582,6 +511,8 @@ def diagnose(
 
     config_file = probe.get("default_config_file") or default_config_file(env)
     config, config_error = read_accelerate_config(config_file)
+    if config is not None and not config_error:  # values accelerate launch stops on: ours, then accelerate's loader
+        config_error = config_problem(config) or probe.get("default_config_load_error")
     accelerate = _accelerate(config_file, config, config_error, env)
     launch = _launch(config, config_error, config_file, cuda, warnings, problems)
     auto = _auto(probe.get("auto"), accelerate, packages, problems)
@@ -669,7 +600,7 @@ def _auto_rows(auto: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 def _accelerate_rows(acc: Mapping[str, Any], lau: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The default accelerate config, the ACCELERATE_* variables, and what a plain launch starts."""
     if acc["config_error"]:
-        cfg = f"{acc['config_file']}: unreadable ({acc['config_error']})"
+        cfg = f"{acc['config_file']}: accelerate launch cannot use it ({acc['config_error']})"
     elif acc["config_exists"]:
         cfg = (f"{acc['config_file']}: distributed_type={acc['distributed_type']}, num_processes={acc['num_processes']}, "
                f"mixed_precision={acc['mixed_precision']}" + (", use_cpu=true" if acc["use_cpu"] else ""))  # fmt: skip

@@ -146,6 +146,19 @@ def _candidates(root: Path, archives: list[dict[PurePosixPath, bytes]], rel: Pur
         yield _read_file(path)
 
 
+def base_damage(root: Path) -> str | None:
+    """Why ``root``'s base archive cannot be read (one phrase), or None when it reads or is not there."""
+    path = root / BASE
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError, NotImplementedError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return f"{bad} is corrupt" if bad else None
+
+
 def _read_archive(path: Path) -> dict[PurePosixPath, bytes]:
     """Every file in a base archive by relative path; empty when there is none or it cannot be read."""
     if not path.is_file() or path.is_symlink():

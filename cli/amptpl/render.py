@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 # PEP 508 distribution name.
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+MAX_NAME = 100  # a folder and a package of that name; file systems stop at 255 bytes
 # Third-party modules the generated project imports, is run or tested with, or that its dependencies import at
 # run time: a package with one of these names would shadow it inside the project (`import torch` would find
 # the project's own package first under src/). The distributions in the template's pyproject.toml are added
@@ -100,6 +101,8 @@ def package_name(name: str, target: Path | None = None) -> str:
             f"project name {name!r} must be a plain name, not a path (no '/', '\\' or '..'); "
             "use --dir to choose where the project goes"
         )
+    if len(name) > MAX_NAME:
+        raise AmptplError(f"project name is {len(name)} characters long; use at most {MAX_NAME} (e.g. my-proj)")
     if not NAME_RE.match(name):
         raise AmptplError(
             f"invalid project name {name!r}: use letters, digits, '.', '_' and '-', "

@@ -22,12 +22,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .errors import AmptplError
-
-MANIFEST = ".amptpl.json"
+from .launchconfig import LOAD_CHECK, config_problem, default_config_file, predict_launch, read_accelerate_config
+from .manifest import MANIFEST
 
 
 def cuda_device_count(python: str | None = None) -> int:
@@ -76,8 +76,9 @@ def project_python(project_dir: Path) -> str:
     return sys.executable
 
 
-# Run by the project's Python: exit 1 with "module: Error: message" for the first of them that does not import.
-_STACK_CHECK = """\
+# Run by the project's Python: exit 1 with "module: Error: message" for the first of them that does not import;
+# then, given an accelerate config path, exit 3 with "config: Error: message" when accelerate cannot load it.
+_STACK_CHECK = LOAD_CHECK + """
 import importlib, sys
 for name in ("torch", "accelerate"):
     try:
@@ -86,16 +87,22 @@ for name in ("torch", "accelerate"):
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"{name}: {type(exc).__name__}: {first}")
         sys.exit(1)
+problem = config_load_error(sys.argv[1]) if len(sys.argv) > 1 else None
+if problem:
+    print("config: " + problem)
+    sys.exit(3)
 """
 
 
-def check_training_stack(python: str, env: dict[str, str], cwd: Path) -> None:
+def check_training_stack(python: str, env: dict[str, str], cwd: Path, launch_config: str | None = None) -> None:
     """Raise ``AmptplError`` (one line: which Python, what failed, what to install) unless a child ``python``
-    with ``env`` imports torch and accelerate. The run imports them next, so they are then in the page cache."""
+    with ``env`` imports torch and accelerate, and accelerate loads ``launch_config`` (when given). The run
+    imports them next, so they are then in the page cache."""
     try:
         proc = subprocess.run(
-            [python, "-c", _STACK_CHECK], env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False
-        )
+            [python, "-c", _STACK_CHECK, *([launch_config] if launch_config else [])],
+            env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
     except OSError as exc:
         raise AmptplError(f"cannot start the project's Python {python}: {exc}") from exc
     except subprocess.TimeoutExpired as exc:
@@ -104,12 +111,36 @@ def check_training_stack(python: str, env: dict[str, str], cwd: Path) -> None:
         return
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     detail = lines[-1] if lines else f"exit code {proc.returncode}"
+    if proc.returncode == 3 and detail.startswith("config: "):
+        raise AmptplError(f"{launch_config}: accelerate launch cannot use it ({detail.removeprefix('config: ')})")
     problem = "is not installed for" if "ModuleNotFoundError" in detail else "does not import with"
     venv = f", or make {cwd / '.venv'} with it: amptpl run uses that Python" if python == sys.executable else ""
     raise AmptplError(
         f"the project's training stack {problem} {python} ({detail}): run `{python} -m pip install -e {cwd}` "
         f'(or pip install "amptpl[train]"){venv}'
     )
+
+
+def launch_config_used(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """The accelerate config file ``argv`` makes ``accelerate launch`` read: its ``--config_file``, else the
+    default config when one exists; None for a direct run, which reads none."""
+    if "accelerate.commands.launch" not in argv:
+        return None
+    if "--config_file" in argv:
+        return argv[argv.index("--config_file") + 1]
+    default = default_config_file(env)
+    return default if os.path.isfile(default) else None
+
+
+def check_launch_config(path: str, explicit: bool) -> str | None:
+    """Raise ``AmptplError`` (one line naming ``path`` and the value) when ``accelerate launch`` cannot read
+    or use the config at ``path``; return the one-process-trap warning for a config given explicitly."""
+    config, error = read_accelerate_config(path)
+    if config is not None and not error:
+        error = config_problem(config)
+    if error:
+        raise AmptplError(f"{path}: accelerate launch cannot use it ({error})")
+    return predict_launch(config, 0)[1] if explicit else None
 
 
 def _find_launch_config(launch_config: str | os.PathLike[str], project_dir: Path) -> Path:
@@ -141,7 +172,8 @@ def build_run_command(
     """
     project = Path(project_dir).expanduser().resolve()
     if not project.is_dir():
-        raise AmptplError(f"project directory {project_dir} does not exist")
+        what = "is a file, not a project directory" if project.exists() else "does not exist"
+        raise AmptplError(f"project directory {project_dir} {what}")
     package = read_package(project)
     for override in () if bench else overrides:
         key, sep, _ = override.partition("=")
@@ -205,19 +237,26 @@ def run_project(
     overrides: Sequence[str] = (),
     echo: Callable[[str], None] | None = None,
     bench: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> int:
     """Build the command (see ``build_run_command``), check that its Python imports torch and accelerate
     (``check_training_stack``: ``AmptplError`` and nothing started if not), show it through ``echo``, run it;
     return its exit code.
 
-    ``echo`` gets the command as one shell line, with the environment variables amptpl sets in front.
+    ``echo`` gets the command as one shell line, with the environment variables amptpl sets in front; ``warn``
+    the one-process-trap warning for a ``launch_config`` that starts one process where it asks for several.
+    An accelerate config that ``accelerate launch`` would stop on is ``AmptplError`` (``check_launch_config``).
     SIGTERM, SIGINT and SIGHUP sent to amptpl go to the whole run (see ``run_forwarding_signals``), so a
     scheduler's SIGTERM or a Ctrl-C lets the training save and exit; amptpl then returns its exit code.
     """
     argv, env, cwd = build_run_command(project_dir, launch_config, num_processes, overrides, bench=bench)
-    check_training_stack(argv[0], env, cwd)  # argv[0] is the project's Python, direct or under accelerate launch
+    config = launch_config_used(argv, env)
+    trap = check_launch_config(config, explicit=launch_config is not None) if config else None
+    check_training_stack(argv[0], env, cwd, config)  # argv[0]: the project's Python, direct or under the launcher
     if echo is not None:
         echo(format_command(argv, env))
+    if trap and warn is not None:
+        warn(trap)
     return run_forwarding_signals(argv, env, cwd)
 
 
@@ -242,6 +281,31 @@ def _rank_groups(launcher: int) -> list[int]:
     return sorted(set(groups))
 
 
+def _own_group_ending_with(parent: int) -> dict:
+    """``Popen`` arguments that start the child leading a process group of its own (in this session, on this
+    terminal) and, on Linux, have it sent SIGTERM when amptpl dies (``prctl(PR_SET_PDEATHSIG)``): a SIGKILLed
+    ``amptpl run`` does not leave an orphaned training behind holding the run's lock; it saves and exits.
+    """
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child between fork and exec may not
+        except OSError:
+            libc = None
+    if libc is None:  # process_group=0 (3.11+) is setpgid(0, 0) in the child; preexec_fn before 3.11
+        return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+    def in_child() -> None:
+        os.setpgid(0, 0)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG; kept across exec
+        if os.getppid() != parent:  # amptpl died before the prctl: the signal would never come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return {"preexec_fn": in_child}
+
+
 def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | os.PathLike[str]) -> int:
     """Run ``argv`` in its own process group, forward stop signals to that group, return its exit code.
 
@@ -255,6 +319,10 @@ def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | 
     that amptpl was told to ignore (``nohup``: SIGHUP) is left ignored, as the child inherits it. The run
     still writes to the terminal, but it is not the terminal's foreground group, so it cannot read from it:
     to stop at a ``breakpoint()``, run ``python -m PACKAGE.train`` directly.
+
+    amptpl killed outright (SIGKILL, out of memory) cannot forward anything: on Linux the child gets SIGTERM
+    then (see ``_own_group_ending_with``), as if it had been forwarded; under ``accelerate launch`` the launcher
+    passes it on to the ranks.
 
     Returns the child's exit code, ``128 + N`` when it died of signal N.
     """
@@ -287,9 +355,7 @@ def run_forwarding_signals(argv: Sequence[str], env: dict[str, str], cwd: str | 
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, forward)
     try:
-        # process_group=0 (3.11+) keeps the child in this session, on this terminal; setpgid before 3.11
-        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-        child.append(subprocess.Popen(list(argv), env=env, cwd=cwd, **group))
+        child.append(subprocess.Popen(list(argv), env=env, cwd=cwd, **_own_group_ending_with(os.getpid())))
         for signum in pending:
             forward(signum, None)
         return _exit_code(child[0].wait())  # wait() resumes after each handler runs (PEP 475)

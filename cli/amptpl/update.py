@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -46,6 +47,7 @@ from .manifest import (
     STATE_DIR,
     FileData,
     backup_path,
+    base_damage,
     commit,
     is_executable,
     load_base,
@@ -103,6 +105,8 @@ class Plan:
     to_version: str
     refresh_base: bool  # the recorded base or version is out of date even if no file changes
     journal_key: str = ""  # identifies the base this plan starts from (see ``PENDING``)
+    damaged_base: str | None = None  # why .amptpl/base.zip could not be read (its files were merged without it)
+    unresolved: list[PurePosixPath] = field(default_factory=list)  # files still holding an update's markers
 
     @property
     def shown(self) -> list[Change]:
@@ -232,7 +236,20 @@ def plan_root(root: Path, new: Mapping[PurePosixPath, FileData], manifest: dict,
         or manifest.get("template_version") != __version__
         or manifest.get("base") != BASE
     )
-    return Plan(root, changes, dict(new), out, from_version, __version__, refresh, key)
+    damaged = None if adopt or old_hashes is None else base_damage(root)
+    unresolved = [rel for rel in sorted(set(new) | set(hashes)) if _has_markers(root / rel)]
+    return Plan(root, changes, dict(new), out, from_version, __version__, refresh, key, damaged, unresolved)
+
+
+_MARKERS = re.compile(rb"^<<<<<<< yours$.*^>>>>>>> amptpl ", re.MULTILINE | re.DOTALL)
+
+
+def _has_markers(path: Path) -> bool:
+    """True when ``path`` still holds the conflict markers an earlier update wrote (yours / amptpl)."""
+    try:
+        return _is_file(path) and _MARKERS.search(path.read_bytes()) is not None
+    except OSError:
+        return False
 
 
 def _journal_key(hashes: Mapping[PurePosixPath, str]) -> str:
