@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .amp.console import fmt_duration
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
 
 PACKAGE = __package__ or "project"
@@ -340,11 +341,6 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------
 # output: the table, bench.json, the plot
-
-
-def fmt_duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{max(seconds, 0):.0f}s"
 
 
 def _ms(r: dict[str, Any]) -> str:

@@ -7,11 +7,12 @@ input); anything else returns None and stays an error with its traceback.
 from __future__ import annotations
 
 import errno
+import os
 import re
 
 _OOM = re.compile(r"out of memory|not enough memory|you tried to allocate (\d+) bytes", re.I)
 _PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|communicator was aborted)|"
-                   r"gloo.*(connection|timed out|closed)", re.I)
+                   r"timed out|connection closed", re.I)
 
 
 def describe(e: BaseException) -> str | None:
@@ -21,11 +22,24 @@ def describe(e: BaseException) -> str | None:
         asked = f" (an allocation of {int(m.group(1)) / 2**30:.1f} GiB)" if m else ""
         return f"out of memory{asked}: a smaller model or batch, or a machine with more memory"
     if isinstance(e, RuntimeError) and _PEER.search(str(e)):
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        return (f"another process of this run died or stopped answering ({first}); its own output says why, "
-                "and the same command resumes from the last complete checkpoint")
+        return _peer_line(_PEER.search(str(e)).group(0))
     if isinstance(e, OSError):
         if e.errno == errno.ENOSPC:
             return f"no space left on device{f': {e.filename}' if e.filename else ''}"
         return str(e)
     return None
+
+
+def _peer_line(what: str) -> str:
+    """Which rank this is and, with two, which one died (the only other); the launcher's env says."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        rank = world = None
+    if rank is None:
+        return (f"another process of this run died or stopped answering ({what}); its own output says why, "
+                "and the same command resumes from the last complete checkpoint")
+    other = f"rank {1 - rank} of 2" if world == 2 else f"another of the {world} ranks"
+    said = f"rank {1 - rank}'s" if world == 2 else "its"
+    return (f"{other} died or stopped answering ({what}), so rank {rank} stops too; {said} own output says why, "
+            "and the same command resumes from the last complete checkpoint")
