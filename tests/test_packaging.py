@@ -255,7 +255,7 @@ def test_run_refuses_a_python_without_the_training_stack_in_one_line_exit_2_and_
     line = one_error_line(result)
     assert "the project's training stack " + says.format(python=sys.executable) in line
     assert f"run `{sys.executable} -m pip install -e {project.resolve()}`" in line
-    assert 'pip install "amptpl[train]"' in line
+    assert 'pip install ".[train]" in amptpl\'s checkout' in line
     assert f"or make {project.resolve() / '.venv'} with it" in line
     assert result.stdout == ""  # not even the command line: nothing was started
     assert not (project / "python.json").exists()

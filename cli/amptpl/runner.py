@@ -66,7 +66,7 @@ def project_python(project_dir: Path) -> str:
     """The Python that runs the project: ``PROJECT/.venv``'s when the project has one, else amptpl's own.
 
     A project set up with ``python -m venv .venv && .venv/bin/pip install -e .`` then trains in its own
-    environment even when amptpl was installed apart from it, without torch (``pipx install amptpl``). The
+    environment even when amptpl was installed apart from it, without torch (``pipx install .`` from its checkout). The
     path is kept as found, not resolved: a venv's ``bin/python`` is a symlink whose target is another Python.
     """
     for rel in ("bin/python", "Scripts/python.exe"):  # POSIX, Windows
@@ -117,7 +117,7 @@ def check_training_stack(python: str, env: dict[str, str], cwd: Path, launch_con
     venv = f", or make {cwd / '.venv'} with it: amptpl run uses that Python" if python == sys.executable else ""
     raise AmptplError(
         f"the project's training stack {problem} {python} ({detail}): run `{python} -m pip install -e {cwd}` "
-        f'(or pip install "amptpl[train]"){venv}'
+        f'(or pip install ".[train]" in amptpl\'s checkout){venv}'
     )
 
 

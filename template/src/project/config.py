@@ -119,6 +119,7 @@ class EvalConfig:
 
     every: int = 0  # steps between evals; 0 = only at the end
     batches: int = 20  # val batches per eval; 0 = the whole split
+    precision: str = "train"  # train = in the training precision; fp32 = in full precision, autocast off
 
 
 @dataclass
@@ -439,6 +440,9 @@ def validate(cfg: Config) -> Config:
     need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
     need(cfg.eval.every >= 0, "eval.every", ">= 0", cfg.eval.every)
     need(cfg.eval.batches >= 0, "eval.batches", ">= 0", cfg.eval.batches)
+    ep = cfg.eval.precision
+    cfg.eval.precision = "train" if str(ep).strip().lower() == "train" else normalise_precision(ep)
+    need(cfg.eval.precision in ("train", "fp32"), "eval.precision", "train or fp32 (or no)", ep)
     need(cfg.checkpoint.every >= 0, "checkpoint.every", ">= 0", cfg.checkpoint.every)
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", cfg.checkpoint.keep)
     need(cfg.log.every >= 1, "log.every", ">= 1", cfg.log.every)

@@ -125,6 +125,9 @@ def _load_raw(files: list[str], hub_name: str):
     if not hub_name:
         for path in files:
             check_text_file(path)
+        quiet = not datasets.are_progress_bars_disabled()
+        if quiet:  # local files: no "Downloading data" bar for a copy from disk (offline runs included)
+            datasets.disable_progress_bars()
         try:
             return datasets.load_dataset("text", data_files={"train": files}, sample_by="document", split="train")
         except DatasetGenerationError as e:
@@ -134,6 +137,9 @@ def _load_raw(files: list[str], hub_name: str):
                     check_text_file(path, head=-1)
             raise DataError(f"data.files: datasets could not read the files ({type(cause).__name__}: "
                             f"{' '.join(str(cause).split())[:160]})") from None
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
     try:
         return datasets.load_dataset(hub_name, split="train")
     except _network_errors() as e:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -75,8 +76,9 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
 
 
 def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int,
-             show: Any = None, stop: Any = None) -> dict[str, float]:
-    """Held-out loss, accuracy and perplexity, computed in float32 outside autocast from per-batch sums.
+             show: Any = None, stop: Any = None, autocast: Any = None) -> dict[str, float]:
+    """Held-out loss, accuracy and perplexity from per-batch sums; the forward runs under ``autocast()`` (default:
+    ``accelerator.autocast``, the training precision), the loss in float32.
 
     ``show("eval i/n")`` reports progress (the live panel's bar on a terminal); ``stop()`` is asked before each
     batch (a stop signal mid-eval ends it within a batch, with nothing returned).
@@ -97,7 +99,7 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
                 break
             if show is not None:
                 show(f"eval {i + 1}/{total}")
-            with accelerator.autocast():
+            with (autocast or accelerator.autocast)():
                 logits = model(x)
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
             per_sample = torch.stack([(logits.argmax(-1) == y).sum(1).double(),
@@ -240,6 +242,7 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
         # ----------------------------------------------------------------------------
         # the loop: the once-in-a-while blocks, then one optimizer step; checkpoints every checkpoint.every steps
         # are the session's (after_step), and a stop (signal, guard) is saved there too: the loop only ends
+        net, autocast = (amp.unwrap(model), nullcontext) if cfg.eval.precision == "fp32" else (model, None)  # eval
         batches = forever(amp, train_loader)
         model.train()
         code = 0
@@ -247,8 +250,8 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
             step = amp.step
             last_step = step >= t.max_steps
             if last_step or (cfg.eval.every and step > start and step % cfg.eval.every == 0):
-                ev = evaluate(model, val_loader, accelerator, metric, cfg.eval.batches, amp.console.activity,
-                              amp.poll_stop)
+                ev = evaluate(net, val_loader, accelerator, metric, cfg.eval.batches, amp.console.activity,
+                              amp.poll_stop, autocast)
                 if amp.should_stop:  # a stop signal mid-eval: saved, nothing to report
                     break
                 amp.log(ev)
@@ -260,7 +263,6 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
             # one optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step
             train_step(amp, model, optimizer, scheduler, batches, cfg)
 
-        # ----------------------------------------------------------------------------
         # the end: leaving the session saves if needed, prints and writes the AMP summary, ends training; after
         # the collapse guard it raises GuardStop or GuardFallback (handled in main)
     return code
