@@ -12,8 +12,11 @@ Speed-ups and losses are relative to fp32. It also says what ``amp.precision=aut
 fp16 on a CPU runs through a real CPU GradScaler without fast fp16 kernels: slow by design, a correctness
 path. The last line is machine-readable:
 
-    RESULT bf16_speedup=<fp32 time / bf16 time> fp16_speedup=<x> auto_pick=<p> bf16_val_loss_rel=<bf16 / fp32>
-           fp16_val_loss_rel=<x>
+    RESULT bf16_speedup=<fp32 time / bf16 time> fp16_speedup=<x> auto_pick=<p> rule_pick=<p>
+           bf16_val_loss_rel=<bf16 / fp32> fp16_val_loss_rel=<x>
+
+``auto_pick`` is what ``auto`` runs when it times the model (the default), decided on these runs' step times;
+``rule_pick`` what the hardware rule alone picks.
 
 It prints numbers and never fails on a slow machine: there is no threshold to pass.
 """
@@ -116,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             return "nan"
         return f"{(ref[key] / by[p][key]) if inverse else (by[p][key] / ref[key]):.4f}"
 
+    # what auto runs when it times this model (amp.auto.measure, the default): the same decision on these step times
+    from project.amp.autopick import candidates, decide
+
+    device = "cpu" if not torch.cuda.is_available() else "cuda"
+    timed = decide(auto, {p: by[p]["step_time_s"] for p in candidates(device) if p in by}, cached=False)
+    print(f"timed on this model, auto runs {timed.effective} ({timed.reason})")
     print(f"\nRESULT bf16_speedup={rel('bf16', 'step_time_s', True)} fp16_speedup={rel('fp16', 'step_time_s', True)} "
-          f"auto_pick={auto.effective} bf16_val_loss_rel={rel('bf16', 'val_loss')} "
+          f"auto_pick={timed.effective} rule_pick={auto.effective} bf16_val_loss_rel={rel('bf16', 'val_loss')} "
           f"fp16_val_loss_rel={rel('fp16', 'val_loss')}")
     return 0
 

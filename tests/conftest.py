@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# amp.precision=auto caches what it timed: the runs of this test session use a cache of their own, not the user's
+os.environ.setdefault("AMPTPL_CACHE_DIR", tempfile.mkdtemp(prefix="amptpl-cache-"))
 
 
 def render(parent: Path, name: str) -> Path:

@@ -40,7 +40,7 @@ NESTED_KEYS = {
     "cpu": {"flags_source", "amx_bf16", "avx512_bf16", "bf16_feature", "torch_capability", "torch_amx_tile",
             "torch_avx512_bf16"},
     "tf32": {"matmul_allow_tf32", "cudnn_allow_tf32", "float32_matmul_precision"},
-    "auto_precision": {"device", "requested", "effective", "reason", "under_launch", "error"},
+    "auto_precision": {"device", "requested", "effective", "reason", "under_launch", "timed_candidates", "error"},
     "accelerate": {"config_file", "config_exists", "distributed_type", "num_processes", "num_machines",
                    "mixed_precision", "use_cpu", "config_error", "env"},
     "launch": {"processes", "distributed_type", "launcher", "why"},
@@ -124,13 +124,14 @@ def test_doctors_auto_pick_is_what_the_template_cores_resolve_picks_on_this_mach
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
         "from project.amp.precision import resolve; r = resolve('auto', sys.argv[2]);"
-        "print(json.dumps([r.effective, r.reason]))"
+        "from project.amp.autopick import candidates;"
+        "print(json.dumps([r.effective, r.reason, candidates(sys.argv[2])]))"
     )
     src = Path(str(template_root())) / "src"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(src), auto["device"]], capture_output=True, text=True, check=True
     )
-    assert json.loads(proc.stdout) == [auto["effective"], auto["reason"]]
+    assert json.loads(proc.stdout) == [auto["effective"], auto["reason"], auto["timed_candidates"]]
 
 
 def test_a_machine_without_cuda_starts_one_process_under_a_plain_accelerate_launch(real_report):

@@ -21,8 +21,9 @@ and calls ``resolve("auto", device)`` on the device a run would use, so doctor a
     cpu              {flags_source, amx_bf16, avx512_bf16, bf16_feature, torch_capability,
                      torch_amx_tile, torch_avx512_bf16}
     tf32             {matmul_allow_tf32, cudnn_allow_tf32, float32_matmul_precision} or null without torch
-    auto_precision   {device, requested, effective, reason, under_launch, error}; under_launch is the pick
-                     under ``accelerate launch`` with the config's mixed_precision when that differs, else null
+    auto_precision   {device, requested, effective, reason, under_launch, timed_candidates, error}; under_launch
+                     is the pick under ``accelerate launch`` with the config's mixed_precision when that differs,
+                     else null; timed_candidates the precisions a project times on its model first ([]: the rule)
     accelerate       {config_file, config_exists, distributed_type, num_processes, num_machines,
                      mixed_precision, use_cpu, config_error, env}; env holds every ACCELERATE_* variable
     launch           {processes, distributed_type, launcher, why}: what a plain ``accelerate launch`` starts
@@ -177,6 +178,9 @@ if torch is not None:
                 for mp in ("no", "fp16", "bf16"):
                     r = precision.resolve("auto", device, launcher=mp)
                     auto["by_launcher"][mp] = {"effective": r.effective, "reason": r.reason}
+            autopick = attempt(importlib.import_module, "project.amp.autopick")[0]
+            if autopick is not None:  # what a project times on its own model before it trusts the rule
+                auto["timed_candidates"] = attempt(autopick.candidates, device)[0] or []
         except Exception as exc:
             auto["error"] = error(exc)
     out["auto"] = auto
@@ -442,7 +446,7 @@ def _auto(raw: Mapping[str, Any] | None, accelerate: Mapping[str, Any], packages
     if raw is None:
         return None
     auto = {"device": raw["device"], "requested": raw.get("requested"), "effective": raw.get("effective"),
-            "reason": raw.get("reason"), "under_launch": None,
+            "reason": raw.get("reason"), "under_launch": None, "timed_candidates": raw.get("timed_candidates") or [],
             "error": _err_line(raw["error"]) if raw.get("error") else None}  # fmt: skip
     mp = str(accelerate["mixed_precision"] or "no").lower()
     pick = (raw.get("by_launcher") or {}).get(mp)
@@ -590,6 +594,9 @@ def _auto_rows(auto: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     if auto["error"]:
         return [("auto", f"on {auto['device']}: the template's resolve() failed: {auto['error']}")]
     rows = [("auto", f"amp.precision=auto -> {auto['effective']} on {auto['device']}: {auto['reason']}")]
+    if auto.get("timed_candidates"):
+        rows.append(("", f"that is the hardware rule: a project first times {' and '.join(auto['timed_candidates'])} "
+                         "on its own model and runs the fastest (amp.auto.measure; cached)"))  # fmt: skip
     if auto["under_launch"]:
         u = auto["under_launch"]
         rows.append(("", f"under accelerate launch (mixed_precision: {u['mixed_precision']}) -> "

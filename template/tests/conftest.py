@@ -12,11 +12,14 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# auto's timings go to a cache of the test session's own, not the user's
+os.environ.setdefault("AMPTPL_CACHE_DIR", tempfile.mkdtemp(prefix="amptpl-cache-"))
 
 # The real config, shrunk: a tiny model on a small slice of the default corpus.
 TINY = [
     "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
     "train.batch_size=8", "train.warmup_steps=2", "eval.batches=2", "log.every=2", "log.live=false",
+    "amp.auto.measure=false",  # auto by the hardware rule: the same pick in every test (test_autopick times it)
 ]
 
 

@@ -65,6 +65,7 @@ class Options:
     json_path: str | None = None
     plot: str | None = None
     worker: str | None = None
+    probe: list[str] | None = None
     config_args: list[str] = field(default_factory=list)  # --config FILE and key=value, in the order given
 
 
@@ -80,6 +81,7 @@ def parse(argv: list[str]) -> tuple[Options, Config]:
     p.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default out_dir/bench.json)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the step times and speed-ups (needs matplotlib)")
     p.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # auto's measurement: comma-separated candidates
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=64")
     args = p.parse_intermixed_args(argv)
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
@@ -89,7 +91,8 @@ def parse(argv: list[str]) -> tuple[Options, Config]:
         if "=" not in o or o.startswith("="):
             raise BenchError(f"{o!r}: not a key=value override or a bench option (see --help)")
     opts = Options(args.steps, args.warmup, args.repeats, json_path=args.json_path, plot=args.plot, worker=args.worker,
-                   config_args=[a for path in args.config for a in ("--config", path)] + args.overrides)
+                   config_args=[a for path in args.config for a in ("--config", path)] + args.overrides,
+                   probe=_precisions(args.probe) if args.probe else None)
     if args.precisions is not None:
         opts.precisions = _precisions(args.precisions)
     cfg = parse_args(opts.config_args)
@@ -233,6 +236,100 @@ def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, c
             "tokens_per_s": statistics.median(tokens), "loss": float(loss) if loss is not None else None}
 
 
+# ----------------------------------------------------------------------------
+# auto's measurement: a few steps of each candidate, interleaved, in a child process (train.py passes the probe)
+
+PROBE_PREFIX = '{"probe": '
+PROBE_WARMUP, PROBE_ROUNDS, PROBE_STEPS = 1, 3, 2  # per candidate: 1 + 3 x 2 optimizer steps
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
+
+
+def auto_probe(cfg: Config) -> Any:
+    """What ``amp.precision=auto`` times on this model where the hardware cannot say (None: amp.auto.measure=false,
+    or train.compile, whose first steps time the compiler). The key: what the timing depends on besides the machine."""
+    if not cfg.amp.auto.measure or cfg.train.compile:
+        return None
+    from .amp.autopick import Probe
+
+    key = {"package": PACKAGE, "model": asdict(cfg.model), "seq_len": cfg.data.seq_len, "batch": cfg.train.batch_size,
+           "fp32_modules": cfg.amp.fp32_modules, "fused_optimizer": cfg.train.fused_optimizer, "tf32": cfg.amp.tf32}
+    return Probe(run=lambda candidates: run_probe(cfg, candidates), key=key)
+
+
+def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
+    """Seconds per optimizer step for each candidate, timed in a fresh process: the run's model, optimizer, RNG,
+    data position and allocator never see it. Under a launcher the child is a single process of its own."""
+    from .config import to_yaml
+
+    with tempfile.TemporaryDirectory(prefix="auto-") as folder:
+        config = Path(folder) / "config.yaml"
+        config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))
+        argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--probe", ",".join(candidates), "--config", str(config)]
+        env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+        src = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=900)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(PROBE_PREFIX):
+            return json.loads(line)["probe"]
+    last = ([ln for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit code {proc.returncode}"])[-1]
+    raise RuntimeError(last.strip())
+
+
+def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
+    """The child: train.py's data, model and optimizer; each candidate's steps under its autocast (fp16 with a
+    GradScaler), interleaved round by round so that a busy moment of the machine hits every candidate alike."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .amp import precision
+    from .amp.session import has_accelerator
+    from .model import lm_loss
+    from .train import build_data, build_model, build_optimizer
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes") or not has_accelerator()
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
+    device = accelerator.device
+    precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
+    set_seed(cfg.seed)
+    loader, _ = build_data(cfg, accelerator)
+    model = build_model(cfg).to(device)
+    optimizer, _ = build_optimizer(cfg, model, 1)
+    scaler = torch.amp.GradScaler(device.type) if "fp16" in candidates else None
+    batches = (b for _ in iter(int, 1) for b in loader)  # endless
+
+    def step(prec: str) -> None:
+        x, y = (t.to(device) for t in next(batches))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(x)
+        loss = lm_loss(logits, y)
+        if prec == "fp16":
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for prec in candidates:
+        for _ in range(PROBE_WARMUP):
+            step(prec)
+    times: dict[str, list[float]] = {p: [] for p in candidates}
+    for r in range(PROBE_ROUNDS):
+        for prec in candidates[r % len(candidates):] + candidates[: r % len(candidates)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(PROBE_STEPS):
+                step(prec)
+            _sync(device)
+            times[prec].append((time.perf_counter() - t0) / PROBE_STEPS)
+    return {p: statistics.median(ts) for p, ts in times.items()}
+
+
 def worker_main(opts: Options, cfg: Config) -> int:
     """``--worker PREC``: measure one precision and print its row as one JSON line."""
     from .amp.session import RunLockedError
@@ -319,7 +416,8 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"pick": None, "reason": None, "fastest": None, "agrees": None, "text": "no precision was measured"}
     out = {**auto, "fastest": None, "agrees": None}
     head = f"auto picks {auto['pick']} here ({auto['reason']})"
-    measured = [r for r in rows if r.get("status") == "ok" and r["precision"] in ("fp32", "bf16", "fp16")]
+    timings = _timings(rows)  # the precisions auto may run here (not fp16 on a CPU, nothing emulated)
+    measured = [r for r in rows if r["precision"] in timings]
     pick = next((r for r in measured if r["precision"] == auto["pick"]), None)
     if not measured:
         return {**out, "text": f"{head}; nothing was measured to compare"}
@@ -336,7 +434,32 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 f"({fastest['precision']}, {100 * (ratio - 1):.1f}% faster: noise)")
     else:
         text = f"{head}; the measurement disagrees: {fastest['precision']} was {ratio:.2f}x faster here"
+    timed = timed_pick(rows)
+    if timed is not None:
+        out["timed_pick"] = timed.effective
+        text += f". With amp.auto.measure (the default) auto times it: {timed.effective} ({timed.reason})"
     return {**out, "text": text}
+
+
+def _timings(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The step times auto's measurement would weigh: mixed precisions the device runs natively (no fp16 on a
+    CPU), and fp32."""
+    cuda = any(str(r.get("device", "")).startswith("cuda") for r in rows)
+    allowed = ("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16")
+    return {r["precision"]: r["step_time_s"] for r in rows
+            if r.get("status") == "ok" and r["precision"] in allowed and not r.get("note")}
+
+
+def timed_pick(rows: list[dict[str, Any]]) -> Any:
+    """What ``auto`` runs when it times this model (amp/autopick.py's decision on these rows), or None."""
+    from .amp.autopick import decide
+    from .amp.precision import Resolution
+
+    auto = next((r["auto"] for r in rows if "auto" in r), None)
+    timings = _timings(rows)
+    if auto is None or len(timings) < 2:
+        return None
+    return decide(Resolution("auto", auto["pick"], auto["reason"], "cpu"), timings, cached=False)
 
 
 # ----------------------------------------------------------------------------
@@ -411,6 +534,16 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
+def _remember(cfg: Config, device_type: str, rows: list[dict[str, Any]]) -> None:
+    """Put the measured step times where ``auto`` looks first (its cache): the next run of this model costs nothing."""
+    from .amp import autopick
+
+    probe, timings = auto_probe(cfg), _timings(rows)
+    if probe is not None and len(timings) >= 2 and device_type in ("cpu", "cuda"):
+        device = device_type if device_type == "cpu" else "cuda"
+        autopick.store(autopick.cache_key(device, probe.key), timings, {"from": "bench", "probe": probe.key})
+
+
 def _check_plot(opts: Options) -> None:
     if opts.plot is None:
         return
@@ -468,6 +601,7 @@ def run(opts: Options, cfg: Config) -> int:
     add_ratios(rows)
     v = verdict(rows)
     device = next((r["device"] for r in rows if "device" in r), device_type)
+    _remember(cfg, device_type, rows)
     title = f"{PACKAGE} on {device}: {setup}"
     out.print(table(rows, f"bench: {PACKAGE} on {device}"))
     out.print(v["text"], markup=False)
@@ -490,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: bench options and config overrides; bad input is one line and exit code 2."""
     try:
         opts, cfg = parse(sys.argv[1:] if argv is None else argv)
+        if opts.probe:
+            print(PROBE_PREFIX + json.dumps(probe_times(opts.probe, cfg)) + "}", flush=True)
+            return 0
         if opts.worker:
             return worker_main(opts, cfg)
         return run(opts, cfg)

@@ -63,10 +63,18 @@ class GuardConfig:
 
 
 @dataclass
+class AutoConfig:
+    """How amp.precision=auto decides where the hardware alone cannot (a CPU with AVX512-BF16 or AMX, a GPU)."""
+
+    measure: bool = True  # time fp32 and bf16 (and fp16 on a GPU) on this model first; cached per machine and shape
+
+
+@dataclass
 class AmpConfig:
     """Mixed precision: which precision runs, and the fp16 loss scaler and its guard."""
 
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 ("no" is read as fp32)
+    auto: AutoConfig = field(default_factory=AutoConfig)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     fp32_modules: list[str] = field(default_factory=list)  # module name patterns run without autocast

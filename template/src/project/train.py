@@ -184,6 +184,7 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
 
     from .amp import AmpSession, precision
     from .amp.guard import GuardPolicy
+    from .bench import auto_probe
     from .export import export_after_training
     from .metrics import load_metric
 
@@ -197,7 +198,7 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
         max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
-        tracker_config=to_dict(cfg),
+        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg),  # auto: timed on this model where hardware can't say
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:
@@ -240,8 +241,7 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
         metric = load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
 
         # ----------------------------------------------------------------------------
-        # the loop: the once-in-a-while blocks, then one optimizer step; checkpoints every checkpoint.every steps
-        # are the session's (after_step), and a stop (signal, guard) is saved there too: the loop only ends
+        # the loop: evals, then one optimizer step; checkpoints and stops (signal, guard) are the session's to save
         net, autocast = (amp.unwrap(model), nullcontext) if cfg.eval.precision == "fp32" else (model, None)  # eval
         batches = forever(amp, train_loader)
         model.train()
@@ -269,8 +269,8 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse the config, train, and turn each failure into one line: exit 2 for bad input, 1 for a
-    fault of the machine (a full disk, out of memory, a lost process), 3 for the collapse guard, 130 for Ctrl-C twice."""
+    """Entry point: parse the config, train, turn each failure into one line: exit 2 for bad input, 1 for a fault of
+    the machine (full disk, out of memory, a lost process), 3 for the collapse guard, 130 for Ctrl-C twice."""
     notices: list[str] = []
     try:  # before torch is imported: a bad key is reported at once
         cfg = parse_args(sys.argv[1:] if argv is None else argv, notices)

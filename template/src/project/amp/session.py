@@ -32,7 +32,7 @@ from . import __version__
 from . import precision as _precision
 from .checkpoint import CHECKPOINTS, CheckpointManager, find_resume, read_meta, trim_log
 from .console import Status, TrainConsole, summary_table
-from .defaults import SCALER_DEFAULTS, env_flag
+from .defaults import SCALER_DEFAULTS, env_flag, normalise_precision
 from .distributed import any_rank
 from .guard import Decision, GuardFallback, GuardPolicy, GuardStop, Problem, decide
 from .loopcheck import LoopChecks
@@ -125,6 +125,9 @@ class AmpSession:
 
     A loop reads :attr:`accelerator`, :attr:`step`, :attr:`epoch`, :attr:`scale`, :attr:`stop` (None, or why the run
     stopped early) and :attr:`resolution` (the precision asked for, in effect, and why).
+
+    ``precision="auto"`` picks by hardware (amp/precision.py); with ``auto_probe=autopick.Probe(run, key)`` it times
+    the candidates on your model where the hardware alone cannot say, and caches the result (amp/autopick.py).
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class AmpSession:
         run_name: str | None = None,
         tracker_kwargs: dict[str, dict] | None = None,
         tracker_config: dict[str, Any] | None = None,
+        auto_probe: Any = None,
         **accelerator_kwargs: Any,
     ):
         from accelerate import Accelerator, PartialState
@@ -162,8 +166,11 @@ class AmpSession:
         # `accelerate launch --multi_gpu` gives N processes that each think they are rank 0 of 1
         cpu = bool(accelerator_kwargs.pop("cpu", False)) or env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
         state = PartialState(cpu=cpu)
-        self.resolution = _precision.resolve(precision or "auto", state.device,
-                                             launcher=os.environ.get("ACCELERATE_MIXED_PRECISION"))
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        self.resolution = _precision.resolve(precision or "auto", state.device, launcher=launcher)
+        chosen = normalise_precision(precision or "auto") != "auto" or normalise_precision(launcher) in ("bf16", "fp16")
+        if auto_probe is not None and not chosen:  # auto, and the launcher did not choose: time it (amp/autopick.py)
+            self.resolution = _auto_by_measurement(self.resolution, state, auto_probe)
         handlers = list(accelerator_kwargs.pop("kwargs_handlers", None) or [])
         theirs = next((h for h in handlers if isinstance(h, GradScalerKwargs)), None)
         if theirs is not None and scaler:
@@ -655,6 +662,23 @@ class AmpSession:
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         # an exception ends the run without a final save or summary (and without replacing that exception)
         self.close(completed=kind is None)
+
+
+def _auto_by_measurement(rule: _precision.Resolution, state: Any, probe: Any) -> _precision.Resolution:
+    """``auto`` timed on the caller's model where the hardware rule is not certain (amp/autopick.py); the main
+    process measures or reads the cache, and every rank runs what it found."""
+    from . import autopick
+
+    share = None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        def share(value: Any) -> Any:
+            box = [value]
+            broadcast_object_list(box, from_process=0)
+            return box[0]
+
+    return autopick.pick(rule, state.device, probe, state.is_main_process, share)
 
 
 def _plain_module(module: torch.nn.Module) -> torch.nn.Module:

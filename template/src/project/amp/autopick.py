@@ -1,0 +1,169 @@
+"""``auto`` by measurement: where the hardware alone cannot say which precision is fastest for *this* model, time it.
+
+The same CPU runs a tiny model slower in bf16 (the casts dominate) and a wide one twice as fast; GPUs differ the
+same way. So where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU),
+a session asked for ``auto`` with a :class:`Probe` times a few optimizer steps of each candidate precision and
+runs the fastest. The probe is the caller's (the project times its own training step in a child process, so the
+run's model, optimizer, RNG and data position never see it); this module owns the rest:
+
+- which precisions are candidates here (:func:`candidates`): fp32 and bf16 on such a CPU (never fp16 on a CPU:
+  no fast kernels), fp32, bf16 (where native) and fp16 with a GradScaler on a CUDA GPU;
+- the decision (:func:`decide`): the fastest, unless the rule's pick is within :data:`NOISE` of it (then the rule
+  stands: a measurement overrides it only when it clearly disagrees);
+- a cache keyed by the machine (device, CPU feature or GPU name, threads, torch version) and the probe's own key
+  (model and batch shape), in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``: a resume or the next run costs nothing;
+- several processes: the main process measures (or reads the cache), every rank follows its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .precision import Resolution, cpu_bf16_feature
+
+NOISE = 0.05  # a precision must be more than 5% faster than the rule's pick to replace it
+CACHE_FILE = "auto_precision.json"
+
+
+@dataclass
+class Probe:
+    """What the session needs to measure: ``run(candidates)`` returns seconds per optimizer step for each candidate
+    (a missing one was not measured); ``key`` is what the timing depends on besides the machine (model and batch
+    shape, compile, ...): a different key measures again."""
+
+    run: Callable[[list[str]], Mapping[str, float]]
+    key: dict[str, Any] = field(default_factory=dict)
+
+
+def candidates(device: torch.device | str) -> list[str]:
+    """The precisions worth timing on ``device``; empty where the hardware rule is certain."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ["fp32", "bf16"] if cpu_bf16_feature() else []
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
+    return []
+
+
+def machine(device: torch.device | str) -> dict[str, Any]:
+    """What a timing depends on that is not the model: the device, its bf16 feature, threads, torch."""
+    device = torch.device(device)
+    out: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["capability"] = list(torch.cuda.get_device_capability(device))
+    else:
+        out["cpu"] = _cpu_name()
+        out["feature"] = cpu_bf16_feature()
+        out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    if os.environ.get("AMPTPL_CACHE_DIR"):
+        return Path(os.environ["AMPTPL_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amptpl"
+
+
+def cache_key(device: torch.device | str, probe_key: Mapping[str, Any]) -> str:
+    text = json.dumps({"machine": machine(device), "probe": dict(probe_key)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        data = json.loads((cache_dir() / CACHE_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: measure again
+
+
+def lookup(key: str) -> dict[str, float] | None:
+    entry = _read_cache().get(key)
+    timings = entry.get("step_time_s") if isinstance(entry, dict) else None
+    if not isinstance(timings, dict) or not timings:
+        return None
+    if not all(isinstance(v, (int, float)) and v > 0 for v in timings.values()):
+        return None
+    return {str(k): float(v) for k, v in timings.items()}
+
+
+def store(key: str, timings: Mapping[str, float], about: Mapping[str, Any] | None = None) -> None:
+    """Add one entry (atomic replace; a cache that cannot be written only costs the next run a measurement)."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = _read_cache()
+        data[key] = {"step_time_s": dict(timings), **(dict(about) if about else {})}
+        tmp = folder / f".{CACHE_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, folder / CACHE_FILE)
+    except OSError:
+        pass
+
+
+def decide(rule: Resolution, timings: Mapping[str, float], cached: bool) -> Resolution:
+    """The precision to run from measured step times; the reason gives the ratio to fp32 (or to the rule's pick)."""
+    measured = {p: t for p, t in timings.items() if t and t > 0}
+    if not measured:
+        return rule
+    fastest = min(measured, key=measured.get)
+    pick = fastest
+    if rule.effective in measured and measured[rule.effective] <= measured[fastest] * (1 + NOISE):
+        pick = rule.effective  # within noise of the fastest: the rule stands
+    ref = "fp32" if "fp32" in measured and pick != "fp32" else next((p for p in measured if p != pick), None)
+    ratio = f"{measured[ref] / measured[pick]:.2f}x {ref}" if ref else "the only one measured"
+    where = "cached" if cached else "measured now"
+    return Resolution(rule.requested, pick, f"timed on this model: {pick} {ratio}; {where}", rule.device_type)
+
+
+def pick(rule: Resolution, device: torch.device | str, probe: Probe, is_main: bool = True,
+         share: Callable[[Any], Any] | None = None) -> Resolution:
+    """``rule`` (what ``auto`` resolved to by hardware) replaced by a measurement where that is worth doing.
+
+    The main process reads the cache or runs ``probe.run``; ``share(value)`` (several processes: a broadcast from
+    the main process) gives every rank the main process's timings. A failing probe keeps the rule, and says so.
+    """
+    cands = candidates(device)
+    if not cands:
+        return rule
+    timings: dict[str, float] | None = None
+    cached, error = False, None
+    if is_main:
+        key = cache_key(device, probe.key)
+        timings = lookup(key)
+        cached = timings is not None
+        if timings is None:
+            try:
+                timings = {p: float(t) for p, t in probe.run(cands).items() if p in cands}
+            except Exception as e:  # the probe is advice: training goes on by the rule
+                error = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            if timings:
+                store(key, timings, {"machine": machine(device), "probe": probe.key})
+    if share is not None:
+        timings, cached, error = share((timings, cached, error))
+    if error or not timings:
+        why = error or "no precision was timed"
+        return Resolution(rule.requested, rule.effective, f"{rule.reason} (timing it failed: {why})", rule.device_type)
+    return decide(rule, timings, cached)
