@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .amp.defaults import PRECISIONS, SCALER_DEFAULTS, check_scaler, normalise_precision
+from .amp.defaults import PRECISIONS, SCALER_DEFAULTS, check_scaler, flat, normalise_precision
 from .amp.guard import GuardPolicy
 
 
@@ -532,17 +532,6 @@ def from_dict(data: dict[str, Any]) -> Config:
     for key, value in _flatten(data):
         set_key(cfg, key, value)
     return validate(cfg)
-
-
-def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``, lists as strings (for trackers' hparams)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def to_yaml(cfg: Config) -> str:

@@ -60,3 +60,14 @@ def check_scaler(init_scale: float, growth_factor: float, backoff_factor: float,
     if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
         raise ValueError(f"growth_interval: must be >= 1 (an integer), got {growth_interval!r}")
     return {"init_scale": init, "growth_factor": growth, "backoff_factor": backoff, "growth_interval": growth_interval}
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; values trackers cannot take (lists) as text."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

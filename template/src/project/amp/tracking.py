@@ -17,6 +17,8 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker
 
+from .defaults import flat
+
 
 class JsonlTracker(GeneralTracker):
     """One JSON object per ``accelerator.log`` call: ``{"step": N, "train/loss": ...}`` (main process only)."""
@@ -76,17 +78,6 @@ def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, 
     return kwargs
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; values trackers cannot take (lists) as text."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 class Trackers:
     """The run's trackers: ``metrics.jsonl`` first, then the user's (names or tracker objects, as ``log_with``
     takes them). :meth:`start` runs ``init_trackers`` once, continuing a resumed run's tracker runs. ``config``
@@ -98,7 +89,7 @@ class Trackers:
         self.names = [t if isinstance(t, str) else t.name for t in user]
         self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
         self.run_name, self.kwargs = run_name, kwargs or {}
-        self.config = None if config is None else _flat(config)
+        self.config = None if config is None else flat(config)
         self.started = False
 
     def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int | None = None) -> None:
