@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo test test-fast lint bench clean
+.PHONY: help venv install demo test test-fast lint bench docs docs-serve clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ test: install ## run every test: amptpl's own and, end to end, a generated proje
 
 test-fast: install ## the quick tier only (no slow end-to-end runs)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+docs: venv ## build the docs site into build/site, strictly: a broken link, anchor or page fails
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-serve: venv ## preview the docs at http://127.0.0.1:8000, rebuilt on every edit
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 lint: venv ## ruff on the CLI, the template and the tests
 	$(VENV)/bin/ruff check cli template tests benchmarks

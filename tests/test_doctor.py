@@ -29,7 +29,7 @@ try:  # click < 8.2 mixes stderr into stdout unless told not to; 8.2 removed the
 except TypeError:
     cli = CliRunner(env=TERMINAL)
 
-# The --json keys, documented in amptpl/doctor.py and the README: tools rely on them.
+# The --json keys, documented in amptpl/doctor.py and docs/doctor.md: tools rely on them.
 TOP_KEYS = {
     "amptpl", "ok", "python", "packages", "devices", "cuda", "cpu", "tf32", "auto_precision", "accelerate",
     "launch", "project", "warnings", "problems",

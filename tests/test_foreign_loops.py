@@ -24,7 +24,7 @@ import pytest
 from _runs import Started, assert_same_weights, cpu_ranks, latest, launch, log_lines, world_size
 
 LOOPS = Path(__file__).parent / "loops"
-README = Path(__file__).resolve().parents[1] / "README.md"
+COPYING = Path(__file__).resolve().parents[1] / "docs" / "copying-the-core.md"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks through /proc")]
 
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reas
 @dataclass(frozen=True)
 class Loop:
     script: str  # tests/loops/SCRIPT.py
-    heading: str  # its paragraph in the README's "Copying the AMP core into your repo"
+    heading: str  # its paragraph in docs/copying-the-core.md
 
 
 ROWS = [
@@ -159,17 +159,16 @@ def test_two_gloo_ranks_train_are_killed_and_resume(row, repo, env, tmp_path):
     assert "same first batch" not in out  # every shape here splits its data between the processes
 
 
-def test_each_loop_shape_has_a_readme_paragraph_whose_session_calls_its_script_makes():
-    section = README.read_text(encoding="utf-8").split("## Copying the AMP core into your repo\n", 1)[1]
-    section = section.split("\n## ", 1)[0]
+def test_each_loop_shape_has_a_docs_paragraph_whose_session_calls_its_script_makes():
+    section = COPYING.read_text(encoding="utf-8")
     for row in ROWS:
         m = re.search(rf"^\*\*{re.escape(row.heading)}\.\*\*(.*?)(?=\n\n|\Z)", section, re.S | re.M)
-        assert m, f"no paragraph **{row.heading}.** in the README section"
+        assert m, f"no paragraph **{row.heading}.** in docs/copying-the-core.md"
         calls = [c for c in re.findall(r"`([^`]+)`", m.group(1)) if "amp." in c or "accelerator." in c]
         assert calls, f"the paragraph on {row.heading!r} names no call"
         source = (LOOPS / f"{row.script}.py").read_text()
         missing = [c for c in calls if c not in source]
-        assert not missing, f"tests/loops/{row.script}.py does not make the README's {missing}"
+        assert not missing, f"tests/loops/{row.script}.py does not make the docs' {missing}"
 
 
 # ------------------------------------------------------------------------------------------ what each shape adds

@@ -251,4 +251,4 @@ def test_sigkill_to_one_rank_of_two_is_one_line_from_the_other_naming_it_and_exi
     (line,) = [line for line in run.output.splitlines() if line.startswith("error: ")]
     assert line.startswith("error: rank 1 of 2 died or stopped answering (") and "so rank 0 stops too" in line
     assert "resumes from the last complete checkpoint" in line
-    # torchrun then prints its own ChildFailedError report (exit codes per rank): the README says so
+    # torchrun then prints its own ChildFailedError report (exit codes per rank): docs/checkpoints.md says so

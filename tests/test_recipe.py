@@ -90,11 +90,11 @@ def test_add_prints_both_recipes_and_where_each_line_is_explained(tmp_path):
     assert recipe.POINTER in result.stdout
 
 
-def test_the_readme_shows_the_accelerate_diff_exactly_as_add_prints_it():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Copying the AMP core into your repo\n", 1)[1].split("\n## ", 1)[0]
-    m = re.search(r"^```diff\n(.*?)^```$", section, re.S | re.M)
-    assert m, "the README section has no ```diff block"
+@pytest.mark.parametrize("page", ["README.md", "docs/copying-the-core.md"])
+def test_the_readme_and_the_docs_show_the_accelerate_diff_exactly_as_add_prints_it(page):
+    text = (Path(__file__).resolve().parents[1] / page).read_text(encoding="utf-8")
+    m = re.search(r"^```diff\n(.*?)^```$", text, re.S | re.M)
+    assert m, f"{page} has no ```diff block"
     assert m.group(1) == recipe.diff(recipe.ACCELERATE)
 
 

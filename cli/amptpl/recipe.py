@@ -33,8 +33,8 @@ PYTORCH = Recipe("Or, from a plain PyTorch loop", "pytorch_example.py", "pytorch
 RECIPES = (ACCELERATE, PYTORCH)
 
 POINTER = (
-    "Each added line is explained in amp/__init__.py's docstring and in amptpl's README, "
-    '"Copying the AMP core into your repo".'
+    "Each added line is explained in amp/__init__.py's docstring and in amptpl's docs, "
+    "docs/copying-the-core.md (the contract with your loop, and each loop shape)."
 )
 
 

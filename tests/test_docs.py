@@ -1,0 +1,82 @@
+"""The docs as a newcomer meets them: a short README that leads with the integration diff and links every page
+of the reference in docs/, whose pages are all in the site's navigation. `make docs` (in CI) builds the site
+strictly, so a broken link or anchor fails there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = REPO / "docs"
+
+# The sections the long README had: each is a heading of some docs page (nothing was lost in the move).
+SECTIONS = [
+    'Set up',
+    'Install',
+    'Quickstart',
+    'Precision: what `auto` picks, and why',
+    'amptpl doctor',
+    'The generated project',
+    'Copying the AMP core into your repo',
+    'The contract with your loop',
+    'Loop shapes',
+    'Troubleshooting the copied core',
+    'Updating a project',
+    'Checkpoints that never lose a run',
+    'Graceful stop',
+    'One run per out_dir',
+    'The loss scale, seen and guarded',
+    'Collapse guard',
+    'fp32 regions',
+    'Using the trained model',
+    'Scaling out',
+    'What changes with N processes',
+    'Checkpoints and resuming',
+    'Several machines',
+    'FSDP',
+    'DeepSpeed',
+    'What was tested, and what was not',
+    'Performance',
+]
+
+
+def headings() -> set[str]:
+    found = set()
+    for page in DOCS.glob("*.md"):
+        fence = False
+        for line in page.read_text(encoding="utf-8").splitlines():
+            fence ^= line.startswith("```")
+            if not fence and line.startswith("#"):
+                found.add(line.lstrip("#").strip())
+    return found
+
+
+def test_the_readme_is_short_and_leads_with_the_integration_diff():
+    text = README.read_text(encoding="utf-8")
+    assert len(text) <= 12_000, f"README.md has grown to {len(text)} characters"
+    first_diff = text.splitlines().index("```diff")
+    assert first_diff < 25, f"the integration diff starts at line {first_diff + 1}"
+
+
+def test_the_readme_links_every_docs_page_and_each_link_exists():
+    text = README.read_text(encoding="utf-8")
+    links = set(re.findall(r"\]\((docs/[^)#]+)", text))
+    assert {f"docs/{p.name}" for p in DOCS.glob("*.md")} <= links
+    for link in links:
+        assert (REPO / link).is_file(), link
+
+
+def test_every_docs_page_is_in_the_sites_navigation_and_no_more():
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))
+    nav = {next(iter(item.values())) for item in config["nav"]}
+    assert nav == {p.name for p in DOCS.glob("*.md")}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_section_of_the_reference_has_its_page(section):
+    assert section in headings()
