@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo test test-fast lint bench docs docs-serve clean
+.PHONY: help venv install demo test test-fast lint bench docs docs-serve panel clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,11 +45,14 @@ test-fast: install ## the quick tier only (no slow end-to-end runs)
 docs: venv ## build the docs site into build/site, strictly: a broken link, anchor or page fails
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+panel: venv ## redraw docs/panel.svg (the README's picture) from a real demo run
+	$(PY) scripts/panel_svg.py
+
 docs-serve: venv ## preview the docs at http://127.0.0.1:8000, rebuilt on every edit
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 lint: venv ## ruff on the CLI, the template and the tests
-	$(VENV)/bin/ruff check cli template tests benchmarks
+	$(VENV)/bin/ruff check cli template tests benchmarks scripts
 
 bench: install ## side-by-side benchmarks, quick sizes (ratios, printed; about 10 minutes on 2 CPU cores)
 	$(PY) benchmarks/overhead.py --quick

@@ -4,7 +4,10 @@ strictly, so a broken link or anchor fails there."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,20 @@ def test_every_docs_page_is_in_the_sites_navigation_and_no_more():
 @pytest.mark.parametrize("section", SECTIONS)
 def test_every_section_of_the_reference_has_its_page(section):
     assert section in headings()
+
+
+def test_the_readme_shows_the_panel_picture_that_the_script_draws():
+    assert "](docs/panel.svg)" in README.read_text(encoding="utf-8")
+    svg = (DOCS / "panel.svg").read_text(encoding="utf-8")
+    assert svg.startswith("<svg") and "scale" in svg and "skipped" in svg
+
+
+@pytest.mark.slow
+def test_the_panel_picture_is_drawn_from_a_real_demo_run(tmp_path):
+    out = tmp_path / "panel.svg"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "panel_svg.py"), "--steps", "30", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    svg = out.read_text(encoding="utf-8")
+    assert svg.startswith("<svg") and "loss" in svg and "skipped" in svg and "fp16" in svg
