@@ -7,6 +7,8 @@ tensor three times, pass a barrier, then end one of three ways:
 
     none      no destroy_process_group, normal interpreter exit
     destroy   destroy_process_group() (what accelerator.end_training() does), normal interpreter exit
+    settle    destroy_process_group(), gc.collect() and a 0.2 s pause (what AmpSession.close() does with
+              > 1 process), normal interpreter exit
     os_exit   destroy_process_group(), flush, os._exit(0) (what the generated train.py does with > 1 process)
 
 It prints, per ending, how many tries exited non-zero and how many of those printed "terminate called
@@ -17,7 +19,8 @@ began interpreter finalization must take the GIL to release a Python tensor; Pyt
 pthread_exit, whose unwind passes a noexcept destructor (~AsyncWork) and calls std::terminate. The barrier does
 not help: its work keeps the earlier all-reduce alive and is itself released after the main thread wakes.
 Rates depend on how busy the CPU is: on two cores, none and destroy aborted in 1 try in 3 to 1 in 15
-(none 13/40 and 2/30, destroy 6/30 and 3/30); os_exit 0/60.
+(none 13/40 and 2/30, destroy 6/30, 3/30 and 2/25); settle 0/65 (25 beside destroy's 2/25, then 40 alone,
+on a 2-core Intel Xeon); os_exit 0/60.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import time
 
-ENDINGS = ("none", "destroy", "os_exit")
+ENDINGS = ("none", "destroy", "settle", "os_exit")
 
 
 def worker(ending: str, show_threads: bool) -> None:
@@ -43,8 +46,13 @@ def worker(ending: str, show_threads: bool) -> None:
     for _ in range(3):
         dist.all_reduce(t)
     dist.barrier()
-    if ending in ("destroy", "os_exit"):
+    if ending in ("destroy", "settle", "os_exit"):
         dist.destroy_process_group()
+    if ending == "settle":  # what AmpSession.close() does with > 1 process: let the workers drop finished work
+        import gc
+
+        gc.collect()
+        time.sleep(0.2)
     if show_threads and os.environ.get("RANK") == "0":
         tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
         names = sorted(open(f"/proc/self/task/{tid}/comm").read().strip() for tid in tasks)

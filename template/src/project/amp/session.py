@@ -647,7 +647,10 @@ class AmpSession:
             self._signal.restore()
             self._leave_console()
             self._rundir.release()
+            several = self.accelerator.num_processes > 1
             self.accelerator.end_training()
+            if several:  # let gloo's workers drop their finished collectives before the interpreter ends
+                _settle()
         if stop is not None and stop.reason == "guard" and completed:
             raise stop.exception()
 
@@ -662,6 +665,18 @@ class AmpSession:
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         # an exception ends the run without a final save or summary (and without replacing that exception)
         self.close(completed=kind is None)
+
+
+def _settle(seconds: float = 0.2) -> None:
+    """After ``end_training()`` with several processes: DDP keeps gloo's worker threads alive, and one that releases
+    a finished collective's Python tensor once the interpreter has begun to finalize aborts the process (SIGABRT,
+    "terminate called without an active exception") although the run succeeded. A collection and a short pause
+    let them release it first: ``benchmarks/exit_probe.py`` measured 0 aborts in 65 tries with it, 2 in 25 without.
+    :func:`distributed.run_main` (``os._exit``) remains the certain end for scripts that opt in."""
+    import gc
+
+    gc.collect()
+    time.sleep(seconds)
 
 
 def _auto_by_measurement(rule: _precision.Resolution, state: Any, probe: Any) -> _precision.Resolution:
