@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -644,13 +645,16 @@ class AmpSession:
             elif stop is not None and stop.reason == "signal":
                 self.say(f"to resume: run the same command again (it continues from {stop.path})")
         finally:
-            self._signal.restore()
+            # an error on its way out of a run of several processes (a dead peer): the launcher soon sends the
+            # survivors SIGTERM, which must find the session's handler, not kill the rank before it says why
+            failing = self.accelerator.num_processes > 1 and sys.exc_info()[0] is not None
+            if not failing:
+                self._signal.restore()
             self._leave_console()
             self._rundir.release()
-            several = self.accelerator.num_processes > 1
             self.accelerator.end_training()
-            if several:  # let gloo's workers drop their finished collectives before the interpreter ends
-                _settle()
+            if self.accelerator.num_processes > 1 and not failing:
+                _settle()  # gloo's workers drop their finished collectives before the interpreter ends
         if stop is not None and stop.reason == "guard" and completed:
             raise stop.exception()
 
