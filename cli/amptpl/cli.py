@@ -208,12 +208,12 @@ def run(
         out.print(line, style="dim", markup=False)
         sys.stdout.flush()  # before the child writes to the same stdout
 
-    def warn(line: str) -> None:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {line}", style="yellow", markup=False)
-
     from rich.console import Console
 
     from .runner import run_project
+
+    def warn(line: str) -> None:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"warning: {line}", style="yellow", markup=False)
 
     try:
         code = run_project(project, launch_config, num_processes, positional, echo=echo, bench=bench, warn=warn)

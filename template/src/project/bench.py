@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .amp.console import fmt_duration
+from .amp.defaults import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
 
 PACKAGE = __package__ or "project"
@@ -266,10 +267,8 @@ def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
         config = Path(folder) / "config.yaml"
         config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))
         argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--probe", ",".join(candidates), "--config", str(config)]
-        env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
-        src = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=900)
+        proc = subprocess.run(argv, env=_child_env(drop=_RANK_ENV), capture_output=True, text=True, check=False,
+                              timeout=900)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PROBE_PREFIX):
             return json.loads(line)["probe"]
@@ -289,8 +288,7 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
     from .model import lm_loss
     from .train import build_data, build_model, build_optimizer
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes") or not has_accelerator()
-    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
+    accelerator = Accelerator(cpu=env_flag("ACCELERATE_USE_CPU") or not has_accelerator(), mixed_precision="no")
     device = accelerator.device
     precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
     set_seed(cfg.seed)
@@ -355,18 +353,23 @@ def _device_type() -> str:
 
     from .amp.session import has_accelerator
 
-    if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes") or not has_accelerator():
+    if env_flag("ACCELERATE_USE_CPU") or not has_accelerator():
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "other"
+
+
+def _child_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This environment without ``drop``, with the package importable in the child as in this process."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    return env
 
 
 def _worker_command(prec: str, opts: Options) -> tuple[list[str], dict[str, str]]:
     argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--worker", prec, "--steps", str(opts.steps),
             "--warmup", str(opts.warmup), "--repeats", str(opts.repeats), *opts.config_args]
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1])  # the package importable as in this process
-    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
-    return argv, env
+    return argv, _child_env()
 
 
 def run_worker(prec: str, opts: Options) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .precision import Resolution, cpu_bf16_feature
+from .precision import Resolution, cpu_bf16_feature, cpu_name
 
 NOISE = 0.05  # a precision must be more than 5% faster than the rule's pick to replace it
 CACHE_FILE = "auto_precision.json"
@@ -63,21 +62,10 @@ def machine(device: torch.device | str) -> dict[str, Any]:
         out["gpu"] = torch.cuda.get_device_name(device)
         out["capability"] = list(torch.cuda.get_device_capability(device))
     else:
-        out["cpu"] = _cpu_name()
+        out["cpu"] = cpu_name()
         out["feature"] = cpu_bf16_feature()
         out["threads"] = torch.get_num_threads()
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cache_dir() -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,15 +65,25 @@ class Resolution:
 # What the hardware runs natively
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (``flags``, ``model name``), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for keys and reports)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_bf16_feature() -> str | None:
