@@ -14,9 +14,9 @@ import pytest
 os.environ.setdefault("AMPTPL_CACHE_DIR", tempfile.mkdtemp(prefix="amptpl-cache-"))
 
 
-def render(parent: Path, name: str) -> Path:
-    """``amptpl new NAME --dir PARENT`` through the installed package; returns the project folder."""
-    subprocess.run([sys.executable, "-m", "amptpl", "new", name, "--dir", str(parent)], check=True,
+def render(parent: Path, name: str, *options: str) -> Path:
+    """``amptpl new NAME --dir PARENT [OPTIONS]`` through the installed package; returns the project folder."""
+    subprocess.run([sys.executable, "-m", "amptpl", "new", name, "--dir", str(parent), *options], check=True,
                    capture_output=True, text=True)
     return parent / name
 

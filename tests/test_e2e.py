@@ -15,18 +15,28 @@ TINY = [
 ]
 
 
+EXAMPLES = ["bytelm", "segmentation"]
+
+
+@pytest.fixture(scope="module", params=EXAMPLES)
+def project(request, tmp_path_factory) -> Path:
+    """A project of each example: one suite (the project's own) proves the AMP core with both."""
+    return render(tmp_path_factory.mktemp(f"gen-{request.param}"), "e2e-demo", "--example", request.param)
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def bytelm(tmp_path_factory) -> Path:
     return render(tmp_path_factory.mktemp("gen"), "e2e-demo")
 
 
 def test_generated_project_has_the_documented_layout(project):
     for rel in ["pyproject.toml", "README.md", ".github/workflows/ci.yml", "configs/fp16_safe.yaml",
                 "src/e2e_demo/amp/precision.py", "src/e2e_demo/amp/monitor.py", "src/e2e_demo/amp/checkpoint.py",
-                "src/e2e_demo/amp/console.py", "src/e2e_demo/config.py", "src/e2e_demo/data.py",
-                "src/e2e_demo/model.py", "src/e2e_demo/metrics.py", "src/e2e_demo/train.py", "tests/conftest.py",
-                "src/e2e_demo/amp/session.py", "src/e2e_demo/amp/guard.py", "src/e2e_demo/amp/tracking.py",
-                "src/e2e_demo/export.py", "src/e2e_demo/sample.py", "src/e2e_demo/bench.py", "configs/demo.yaml"]:
+                "src/e2e_demo/amp/console.py", "src/e2e_demo/config.py", "src/e2e_demo/configparse.py",
+                "src/e2e_demo/train.py", "tests/conftest.py", "src/e2e_demo/amp/session.py",
+                "src/e2e_demo/amp/guard.py", "src/e2e_demo/amp/tracking.py", "src/e2e_demo/export.py",
+                "src/e2e_demo/sample.py", "src/e2e_demo/bench.py", "configs/demo.yaml",
+                *(f"src/e2e_demo/example/{f}.py" for f in ("__init__", "config", "data", "model", "metrics", "sample"))]:
         assert (project / rel).is_file(), rel
     train_py = (project / "src/e2e_demo/train.py").read_text().splitlines()
     assert len(train_py) <= 330, f"train.py has grown to {len(train_py)} lines"
@@ -82,9 +92,9 @@ def test_generated_project_installs_and_its_own_test_suite_passes(project, env, 
 
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
-def test_amptpl_run_trains_the_project_in_each_precision(project, env, prec, tmp_path):
+def test_amptpl_run_trains_the_project_in_each_precision(bytelm, env, prec, tmp_path):
     out = tmp_path / f"run-{prec}"
-    r = subprocess.run([sys.executable, "-m", "amptpl", "run", str(project), *TINY, "train.max_steps=3",
+    r = subprocess.run([sys.executable, "-m", "amptpl", "run", str(bytelm), *TINY, "train.max_steps=3",
                         f"amp.precision={prec}", f"out_dir={out}"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"precision: requested {prec} -> {prec}" in r.stdout
@@ -93,8 +103,8 @@ def test_amptpl_run_trains_the_project_in_each_precision(project, env, prec, tmp
     assert (out / "checkpoints" / "step_0000003" / "scaler.pt").exists() == (prec == "fp16")
 
 
-def test_amptpl_run_passes_a_bad_override_through_and_returns_its_exit_code(project, env):
-    r = subprocess.run([sys.executable, "-m", "amptpl", "run", str(project), "amp.scaler.backoff_factor=2"], env=env,
+def test_amptpl_run_passes_a_bad_override_through_and_returns_its_exit_code(bytelm, env):
+    r = subprocess.run([sys.executable, "-m", "amptpl", "run", str(bytelm), "amp.scaler.backoff_factor=2"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "amp.scaler.backoff_factor: must be in (0, 1)" in r.stderr
@@ -102,10 +112,11 @@ def test_amptpl_run_passes_a_bad_override_through_and_returns_its_exit_code(proj
 
 
 def test_template_python_imports_as_is_from_the_installed_package(env, tmp_path):
-    """The template is real Python: its package imports without rendering (only *.jinja files are rendered)."""
+    """The template is real Python: its core imports without rendering (only *.jinja files are rendered; the
+    example joins it as src/PACKAGE/example/ when a project is rendered)."""
     from amptpl.resources import template_root
 
     src = Path(str(template_root())) / "src"
-    r = subprocess.run([sys.executable, "-c", "import project.train, project.amp.monitor; print('ok')"],
+    r = subprocess.run([sys.executable, "-c", "import project.amp.session, project.configparse; print('ok')"],
                        env={**env, "PYTHONPATH": str(src)}, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -80,9 +80,9 @@ def _added_test_file() -> str:
 ADDED = _added_test_file()
 CASES = [
     # not touched by the user, changed by the template: replaced by today's version
-    (f"src/{PKG}/data.py", "replace", "today"),
+    (f"src/{PKG}/export.py", "replace", "today"),
     # edited by the user, not changed by the template: kept
-    (f"src/{PKG}/model.py", "keep yours", "user"),
+    (f"src/{PKG}/example/model.py", "keep yours", "user"),
     # edited by the user at the top, changed by the template at the bottom: merged cleanly
     (f"src/{PKG}/train.py", "merge", "merged"),
     # edited by both on the same (first) line: conflict markers
@@ -100,7 +100,7 @@ CASES = [
 
 def make_old_template(dest: Path) -> Path:
     tpl = copy_template(dest)
-    edit(tpl / "src/project/data.py", lambda t: t + "# helper the older template had\n")
+    edit(tpl / "src/project/export.py", lambda t: t + "# helper the older template had\n")
     edit(tpl / "src/project/train.py", lambda t: t + "# a trailing note the older template had\n")
     edit(tpl / "README.md.jinja", first_line(lambda line: line + " (older title)"))
     (tpl / "tools").mkdir()
@@ -113,7 +113,7 @@ def make_old_template(dest: Path) -> Path:
 
 
 def user_edits(project: Path) -> None:
-    edit(project / f"src/{PKG}/model.py", lambda t: t + "# my tweak\n")
+    edit(project / f"src/{PKG}/example/model.py", lambda t: t + "# my tweak\n")
     edit(project / f"src/{PKG}/train.py", lambda t: "# my note at the top\n" + t)
     edit(project / "README.md", first_line(lambda line: "# My own title"))
     (project / ".github/workflows/ci.yml").unlink()
@@ -310,7 +310,7 @@ def test_a_dirty_git_work_tree_is_refused_and_force_updates_it(tmp_path):
 
     result = cli.invoke(app, ["update", str(scenario.project), "--force"])
     assert result.exit_code == 1, result.output
-    assert (scenario.project / f"src/{PKG}/data.py").read_bytes() == scenario.today[f"src/{PKG}/data.py"]
+    assert (scenario.project / f"src/{PKG}/export.py").read_bytes() == scenario.today[f"src/{PKG}/export.py"]
 
 
 @pytest.mark.skipif(not HAS_GIT, reason="git is not installed")

@@ -131,12 +131,20 @@ def new(
             help="Write into a non-empty folder: overwrite template files (backing up any that differ), keep others.",
         ),
     ] = False,
+    example: Annotated[
+        str,
+        typer.Option(
+            "--example",
+            help="What the project trains: bytelm (a byte-level language model on text that needs no download) "
+            "or segmentation (a small U-Net on synthetic shapes). It is one swappable part: src/PKG/example/.",
+        ),
+    ] = "bytelm",
 ) -> None:
     """Create a mixed-precision training project NAME that trains out of the box, on CPU or GPU."""
     from .render import render_project
 
     try:
-        result = render_project(name, directory, force)
+        result = render_project(name, directory, force, example)
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:

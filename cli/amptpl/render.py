@@ -5,6 +5,9 @@ The template contract:
   trailing newline kept) and lose the suffix; every other file is copied byte for byte.
 - ``template/src/project/`` becomes ``src/<package>/`` (its code uses relative imports: the rename is free).
 - ``configs/`` (the presets) is copied to ``NAME/configs/`` as is.
+- ``template/examples/EXAMPLE/`` is the example the project trains (``--example``, default ``bytelm``): its
+  ``example/`` becomes ``src/<package>/example/``, its ``tests/`` and ``configs/`` join the project's. The other
+  examples are not written.
 - Caches (``__pycache__``, ``*.pyc``, ``.pytest_cache``, ``.ruff_cache``) are skipped.
 
 Everything is validated and rendered in memory before the first byte is written, so bad input leaves no
@@ -190,7 +193,25 @@ def _importable_elsewhere(package: str, target: Path | None) -> str | None:
     return origin
 
 
-def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: bool = False) -> RenderResult:
+DEFAULT_EXAMPLE = "bytelm"
+EXAMPLES_DIR = "examples"
+
+
+def examples() -> list[str]:
+    """The examples a project can start from (``amptpl new --example``), the default first."""
+    root = template_root() / EXAMPLES_DIR
+    found = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith((".", "_")))
+    return sorted(found, key=lambda n: n != DEFAULT_EXAMPLE)
+
+
+def check_example(example: str) -> str:
+    if example not in examples():
+        raise AmptplError(f"--example {example!r}: not an example; choose one of {', '.join(examples())}")
+    return example
+
+
+def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: bool = False,
+                   example: str = DEFAULT_EXAMPLE) -> RenderResult:
     """Render the template into ``parent_dir/name`` and return what was written.
 
     Refuses (``AmptplError``, nothing written) an invalid name, a target that is a file, and a non-empty
@@ -200,6 +221,7 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
     parent = Path(parent_dir).expanduser()
     target = parent / name
     package = package_name(name, target)
+    check_example(example)
     if parent.exists() and not parent.is_dir():
         raise AmptplError(f"--dir {parent} is not a directory")
     if target.exists() or target.is_symlink():
@@ -211,12 +233,12 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
                 "(your other files are kept)"
             )
 
-    planned = plan_files(name, package)
+    planned = plan_files(name, package, example)
     manifest = {
         "template_version": __version__,
         "project_name": name,
         "package": package,
-        "answers": {"name": name},
+        "answers": {"name": name, "example": example},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     files = sorted([Path(p) for p in planned] + [Path(MANIFEST)])
@@ -229,9 +251,9 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
     return RenderResult(target, package, files)
 
 
-def plan_files(name: str, package: str) -> dict[PurePosixPath, FileData]:
+def plan_files(name: str, package: str, example: str = DEFAULT_EXAMPLE) -> dict[PurePosixPath, FileData]:
     """Render every output file in memory: relative path -> content. Raises if the template is broken."""
-    context = {"project_name": name, "package": package, "amptpl_version": __version__}
+    context = {"project_name": name, "package": package, "amptpl_version": __version__, "example": example}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     planned: dict[PurePosixPath, FileData] = {}
 
@@ -242,9 +264,15 @@ def plan_files(name: str, package: str) -> dict[PurePosixPath, FileData]:
             raise AmptplError(f"template bug: {source} writes {rel}, which is amptpl's own bookkeeping")
         planned[rel] = item
 
+    chosen = (EXAMPLES_DIR, example)
     for parts, entry in iter_files(template_root()):
         rel_parts = list(parts)
-        if len(rel_parts) > 2 and rel_parts[0] == "src" and rel_parts[1] == "project":
+        if rel_parts[0] == EXAMPLES_DIR:
+            if tuple(rel_parts[:2]) != chosen or len(rel_parts) < 4:
+                continue  # another example, or a loose file beside the example's folders
+            # examples/E/example/... -> src/<package>/example/...; examples/E/tests|configs/... -> tests|configs/...
+            rel_parts = ["src", package, *rel_parts[2:]] if rel_parts[2] == "example" else rel_parts[2:]
+        elif len(rel_parts) > 2 and rel_parts[0] == "src" and rel_parts[1] == "project":
             rel_parts[1] = package
         source = "template/" + "/".join(parts)
         if rel_parts[-1].endswith(JINJA_SUFFIX):

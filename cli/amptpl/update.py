@@ -57,7 +57,7 @@ from .manifest import (
     write_atomic,
 )
 from .merge import is_binary, merge3
-from .render import NAME_RE, plan_files
+from .render import DEFAULT_EXAMPLE, NAME_RE, examples, plan_files
 
 NEW_SUFFIX = ".amptpl-new"
 PENDING = f"{STATE_DIR}/pending.json"
@@ -140,7 +140,7 @@ def update_project(
         what = "is not a directory" if root.exists() else "does not exist"
         raise AmptplError(f"project directory {project} {what}")
     manifest = read_manifest(root)
-    name, package = _recorded_answers(root, manifest)
+    name, package, example = _recorded_answers(root, manifest)
     if recorded_hashes(root, manifest) is None and not adopt:
         raise AmptplError(
             f"{root / MANIFEST} has no file hashes (the project was rendered before amptpl could update it); "
@@ -148,13 +148,13 @@ def update_project(
         )
     if not dry_run and not force:
         refuse_dirty(root)
-    plan = plan_root(root, plan_files(name, package), manifest, adopt=adopt)
+    plan = plan_root(root, plan_files(name, package, example), manifest, adopt=adopt)
     if not dry_run:
         apply(plan)
     return plan
 
 
-def _recorded_answers(root: Path, manifest: dict) -> tuple[str, str]:
+def _recorded_answers(root: Path, manifest: dict) -> tuple[str, str, str]:
     where = root / MANIFEST
     answers = manifest.get("answers")
     name = answers.get("name") if isinstance(answers, dict) else manifest.get("project_name")
@@ -163,7 +163,10 @@ def _recorded_answers(root: Path, manifest: dict) -> tuple[str, str]:
     package = manifest.get("package")
     if not isinstance(package, str) or not package.isidentifier():
         raise AmptplError(f'{where}: "package" must be a Python identifier, got {package!r}')
-    return name, package
+    example = answers.get("example", DEFAULT_EXAMPLE) if isinstance(answers, dict) else DEFAULT_EXAMPLE
+    if example not in examples():  # a project of an example this amptpl does not have
+        raise AmptplError(f'{where}: "answers"."example" must be one of {", ".join(examples())}, got {example!r}')
+    return name, package, example
 
 
 def refuse_dirty(root: Path) -> None:

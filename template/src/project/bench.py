@@ -1,7 +1,7 @@
 """Time this project's training step in each precision on this machine, side by side.
 
     python -m PACKAGE.bench                                   # fp32, bf16, fp16 (and tf32 on a CUDA GPU)
-    python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 model.d_model=512 train.batch_size=64
+    python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 train.batch_size=64 [the example's model.* keys]
     python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
 
 Each precision runs in a fresh process (``--worker PREC``), so no precision inherits another's allocator,
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import example
 from .amp.console import fmt_duration
 from .amp.defaults import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
@@ -170,7 +171,7 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from .amp import AmpSession, precision
-    from .train import build_data, build_model, build_optimizer, forever
+    from .train import build_model, build_optimizer, forever
 
     t = cfg.train
     total = opts.warmup + opts.steps * opts.repeats
@@ -190,7 +191,7 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
         # fp32 is TF32-free; tf32 is fp32 with TF32 on; bf16/fp16 keep amp.tf32 for their fp32 parts, as in training
         precision.set_tf32(prec == "tf32" or (prec in ("bf16", "fp16") and cfg.amp.tf32), cfg.amp.cudnn_benchmark)
         set_seed(cfg.seed)
-        train_loader, _ = build_data(cfg, amp.accelerator)
+        train_loader, _, _ = example.build_data(cfg, amp.accelerator)
         model = build_model(cfg)
         optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
         model, optimizer, train_loader, scheduler = amp.prepare(model, optimizer, train_loader, scheduler)
@@ -253,7 +254,7 @@ def auto_probe(cfg: Config) -> Any:
         return None
     from .amp.autopick import Probe
 
-    key = {"package": PACKAGE, "model": asdict(cfg.model), "seq_len": cfg.data.seq_len, "batch": cfg.train.batch_size,
+    key = {"package": PACKAGE, "model": asdict(cfg.model), "data": asdict(cfg.data), "batch": cfg.train.batch_size,
            "fp32_modules": cfg.amp.fp32_modules, "fused_optimizer": cfg.train.fused_optimizer, "tf32": cfg.amp.tf32}
     return Probe(run=lambda candidates: run_probe(cfg, candidates), key=key)
 
@@ -281,29 +282,27 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
     GradScaler), interleaved round by round so that a busy moment of the machine hits every candidate alike."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
 
     from .amp import precision
     from .amp.session import has_accelerator
-    from .model import lm_loss
-    from .train import build_data, build_model, build_optimizer
+    from .train import build_model, build_optimizer
 
     accelerator = Accelerator(cpu=env_flag("ACCELERATE_USE_CPU") or not has_accelerator(), mixed_precision="no")
     device = accelerator.device
     precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
     set_seed(cfg.seed)
-    loader, _ = build_data(cfg, accelerator)
+    loader, _, _ = example.build_data(cfg, accelerator)
     model = build_model(cfg).to(device)
     optimizer, _ = build_optimizer(cfg, model, 1)
     scaler = torch.amp.GradScaler(device.type) if "fp16" in candidates else None
     batches = (b for _ in iter(int, 1) for b in loader)  # endless
 
     def step(prec: str) -> None:
-        x, y = (t.to(device) for t in next(batches))
+        batch = send_to_device(next(batches), device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = model(x)
-        loss = lm_loss(logits, y)
+            loss = example.loss(model, batch)  # the example's loss is float32 whatever the autocast
         if prec == "fp16":
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -331,11 +330,10 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
 def worker_main(opts: Options, cfg: Config) -> int:
     """``--worker PREC``: measure one precision and print its row as one JSON line."""
     from .amp.session import RunLockedError
-    from .data import DataError
 
     try:
         row = measure(opts.worker, replace(cfg, resume="none"), opts)
-    except (ConfigError, DataError, RunLockedError) as e:
+    except (ConfigError, example.DataError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.flush()
@@ -585,8 +583,7 @@ def run(opts: Options, cfg: Config) -> int:
         opts.precisions = ["fp32", "bf16", "fp16"] + (["tf32"] if device_type == "cuda" else [])
     t, m = cfg.train, cfg.model
     setup = (f"{opts.warmup} warm-up + {opts.repeats} x {opts.steps} timed optimizer steps; batch {t.batch_size} "
-             f"x grad_accum {t.grad_accum}, seq_len {cfg.data.seq_len}; model d_model={m.d_model} "
-             f"n_layer={m.n_layer} n_head={m.n_head}")
+             f"x grad_accum {t.grad_accum}; {' '.join(f'{k}={v}' for k, v in asdict(m).items())}")
     out.print(f"bench: {setup}", markup=False)
     rows: list[dict[str, Any]] = []
     for i, prec in enumerate(opts.precisions, 1):

@@ -3,8 +3,9 @@
     python -m PACKAGE.export runs/default/checkpoints/step_0000500     # -> runs/default/final/
     python -m PACKAGE.export runs/default --out my-model               # the run's newest complete checkpoint
 
-The exported directory needs neither this project's config nor the optimizer state:
-``ByteLM.from_pretrained(dir)`` rebuilds the model from ``config.json`` (the constructor arguments).
+The exported directory needs neither this project's config nor the optimizer state: the example's model class
+(``example.model_class()``, e.g. ``ByteLM``) rebuilds the model with ``from_pretrained(dir)`` from ``config.json``
+(the constructor arguments). What is specific to the model comes from ``example/``; this file is the same for any.
 A bad checkpoint gets one line ``error: ...`` naming the path, and exit code 2.
 """
 
@@ -23,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import example
 from .amp.checkpoint import CHECKPOINTS, CheckpointError, check_complete, find_resume, read_meta, replace_dir
-from .model import ByteLM
 
 PACKAGE = __package__  # the package name also when run as `python -m PACKAGE.export` (__name__ is __main__)
 WEIGHTS = "model.safetensors"
@@ -71,28 +72,16 @@ def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
 
 
 def _model_args(meta: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The ByteLM constructor arguments from the resolved training config stored in meta.json."""
+    """The model's constructor arguments from the resolved training config stored in meta.json."""
     config = meta.get("config")
-    model = config.get("model") if isinstance(config, dict) else None
-    data = config.get("data") if isinstance(config, dict) else None
-    if not isinstance(model, dict) or not isinstance(data, dict):
-        raise ExportError(f"{where}: meta.json has no config.model / config.data (not written by this project?)")
-    args = {"seq_len": data.get("seq_len"), **{k: model.get(k) for k in ("d_model", "n_layer", "n_head", "dropout")}}
-    for key, value in args.items():
-        name = f"config.{'data' if key == 'seq_len' else 'model'}.{key}"
-        if key == "dropout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ExportError(f"{where}: meta.json {name} must be a number in [0, 1), got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ExportError(f"{where}: meta.json {name} must be an integer >= 1, got {value!r}")
-    if args["d_model"] % args["n_head"]:
-        raise ExportError(f"{where}: meta.json config.model.d_model {args['d_model']} is not a multiple of "
-                          f"n_head {args['n_head']}")
-    return args
+    try:
+        return example.model_args(config if isinstance(config, dict) else {})
+    except ValueError as e:
+        raise ExportError(f"{where}: meta.json {e}") from None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ByteLM, dict[str, Any], Path]:
-    """Build the ByteLM of a checkpoint (or of a run's newest one) and load its weights.
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], Path]:
+    """Build the model of a checkpoint (or of a run's newest one) and load its weights.
 
     Returns (model in eval mode, meta.json, the checkpoint directory). Raises ExportError with one line
     naming the path when the checkpoint is missing or incomplete, has no ``model.safetensors``, or holds
@@ -112,7 +101,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         check_complete(path)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    model = ByteLM(**_model_args(meta, path))
+    model = example.model_class()(**_model_args(meta, path))
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -152,9 +141,8 @@ def _val_loss(meta: dict[str, Any], ckpt: Path) -> float | None:
     return found
 
 
-def model_card(model: ByteLM, meta: dict[str, Any], ckpt: Path) -> str:
-    """The README.md of an export: what the model is, how it was trained, how to load and sample it."""
-    cfg = model._hub_mixin_config or {}
+def model_card(model: Any, meta: dict[str, Any], ckpt: Path) -> str:
+    """The README.md of an export: what the model is (the example's rows), how it was trained, how to load it."""
     n_params = sum(p.numel() for p in model.parameters())
     prec = meta.get("precision") or {}
     effective, requested = prec.get("effective", "unknown"), prec.get("requested")
@@ -163,43 +151,29 @@ def model_card(model: ByteLM, meta: dict[str, Any], ckpt: Path) -> str:
     if switches:
         trained_in += ", switched " + ", ".join(f"{s.get('from')} -> {s.get('to')} at step {s.get('step')}"
                                                 for s in switches)
-    rows = [
-        ("what", "GPT-style decoder over raw bytes (vocabulary 256, no tokenizer)"),
-        ("parameters", f"{n_params:,}"),
-        ("context", f"{cfg.get('seq_len')} bytes"),
-        ("layers / width / heads", f"{cfg.get('n_layer')} / {cfg.get('d_model')} / {cfg.get('n_head')}"),
-        ("trained in", trained_in),
-        ("optimizer steps", str(meta.get("step", "unknown"))),
-    ]
+    about, use = example.card(model, PACKAGE)
+    rows = [*about[:1], ("parameters", f"{n_params:,}"), *about[1:], ("trained in", trained_in),
+            ("optimizer steps", str(meta.get("step", "unknown")))]
     val = _val_loss(meta, ckpt)
     if val is not None:
-        rows.append(("val loss", f"{val:.4f} nats/byte (perplexity {math.exp(val):.2f})"))
+        rows.append(("val loss", example.loss_unit(val)))
     rows.append(("from checkpoint", ckpt.name))
-    tags = "".join(f"- {t}\n" for t in ByteLM._hub_mixin_info.model_card_data.tags or [])
+    tags = "".join(f"- {t}\n" for t in type(model)._hub_mixin_info.model_card_data.tags or [])
     table = "".join(f"| {k} | {v} |\n" for k, v in rows)
     return f"""---
 tags:
 {tags}---
 
-# ByteLM
+# {example.TITLE}
 
-A small byte-level language model trained with `{PACKAGE}` (HuggingFace Accelerate, mixed precision).
+A model trained with `{PACKAGE}` (HuggingFace Accelerate, mixed precision).
 
 | | |
 | --- | --- |
 {table}
 ## Use
 
-```python
-import torch
-from {PACKAGE}.model import ByteLM
-
-model = ByteLM.from_pretrained("path/to/this/folder")   # config.json holds the constructor arguments
-out = model.generate(torch.tensor([list(b"def ")]), 200, temperature=0.8, top_k=50)
-print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
-```
-
-or `python -m {PACKAGE}.sample path/to/this/folder --prompt "def "`.
+{use}
 """
 
 
@@ -239,7 +213,7 @@ def export_after_training(ckpt: Path, say: Any) -> int:
     """Export the last checkpoint of a finished run to ``final/``; 0, or 1 after a warning when it cannot (a full
     disk, a foreign ``final/``: the run itself is saved and complete, and the warning says how to export later)."""
     try:
-        say(f"model: {export(ckpt)} (ByteLM.from_pretrained, python -m {PACKAGE}.sample)")
+        say(f"model: {export(ckpt)} ({example.TITLE}.from_pretrained, python -m {PACKAGE}.sample)")
         return 0
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -268,6 +242,52 @@ def complete_run(ckpt: Path) -> list[str]:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         wrote.append(str(run_dir / SUMMARY))
     return wrote
+
+
+# ----------------------------------------------------------------------------
+# Loading a trained model from anything a run leaves (sample.py and your own scripts)
+
+
+def _resolve(path: Path, notices: list[str] | None = None) -> Path:
+    """An export or checkpoint as given; for a run's out_dir, its newest complete checkpoint, else its final/."""
+    if (path / "config.json").is_file() or (path / "meta.json").exists():
+        return path
+    final = path / "final"
+    if (path / CHECKPOINTS).is_dir():
+        try:
+            return find_checkpoint(path, notices)
+        except ExportError:
+            if not (final / "config.json").is_file():
+                raise
+    return final if (final / "config.json").is_file() else path  # else load_checkpoint names what is wrong
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               notices: list[str] | None = None) -> tuple[Any, str]:
+    """The model at ``path`` (export, checkpoint or out_dir) in eval mode, and a line saying which weights.
+    ``notices`` receives why a newer checkpoint was skipped, as training says it."""
+    path = _resolve(Path(path), notices)
+    if (path / "config.json").is_file():
+        if not (path / WEIGHTS).is_file():
+            raise ExportError(f"{path}: no {WEIGHTS} beside config.json")
+        try:
+            model = example.model_class().from_pretrained(str(path), map_location=str(device))
+        except (TypeError, ValueError, RuntimeError, OSError, SafetensorError) as e:  # files that do not fit
+            raise ExportError(f"{path}: not a loadable {example.TITLE} export ({str(e).splitlines()[0]})") from None
+        return model, f"weights from {path} (exported model)"
+    model, meta, ckpt = load_checkpoint(path, device)
+    prec = (meta.get("precision") or {}).get("effective", "?")
+    return model, f"weights from {ckpt} (step {meta.get('step', '?')}, trained in {prec})"
+
+
+def device_arg(name: str) -> torch.device:
+    """A ``--device`` value that works on this machine, or ExportError naming it."""
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:  # unknown type, or no such device on this machine
+        raise ExportError(f"--device {name}: not usable here ({str(e).splitlines()[0]})") from None
+    return device
 
 
 # ----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Train the byte-level language model with Accelerate mixed precision.
+"""Train the example's model (``example/``) with Accelerate mixed precision: the loop, the same for any model.
 
     python -m PACKAGE.train [--config configs/fp16.yaml] [key=value ...]     (--help lists every key)
     accelerate launch -m PACKAGE.train amp.precision=bf16
 
 Sections run in a fixed order: config, session (accelerator and precision), data, model, resume, loop, the end.
-The AMP machinery lives in ``amp/`` (one AmpSession); this file is the loop you read and change.
+The AMP machinery lives in ``amp/`` (one AmpSession); the model, data, loss and metrics in ``example/``; this file
+is the loop you read and change.
 """
 
 from __future__ import annotations
@@ -17,32 +18,18 @@ from contextlib import nullcontext
 from dataclasses import asdict, replace
 from typing import Any
 
+from . import example
 from .config import Config, ConfigError, ConfigExit, check_trackers, parse_args, resume_check, to_dict, to_yaml
 
 # ----------------------------------------------------------------------------
-# building blocks shared with bench.py: the data, the model, the optimizer and its schedule
-
-
-def build_data(cfg: Config, accelerator: Any) -> tuple[Any, Any]:
-    """(train_loader, val_loader) over byte blocks of real text; refuses fewer blocks than one global batch."""
-    from . import data
-
-    with accelerator.main_process_first():
-        files = [] if cfg.data.hub_name else data.resolve_files(cfg.data.files, cfg.data.max_bytes)
-        train_ds, val_ds = data.load_splits(files, cfg.data.hub_name, cfg.data.text_column, cfg.data.seq_len,
-                                            cfg.data.val_fraction)
-    data.check_enough(len(train_ds), cfg.train.batch_size, accelerator.num_processes)
-    train_loader = data.make_loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers)
-    val_loader = data.make_loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
-    return train_loader, val_loader
+# building blocks shared with bench.py: the model, the optimizer and its schedule (the data: example.build_data)
 
 
 def build_model(cfg: Config) -> Any:
-    """The model, with ``amp.fp32_modules`` kept in float32."""
+    """The example's model, with ``amp.fp32_modules`` kept in float32."""
     from .amp import precision
-    from .model import ByteLM
 
-    model = ByteLM(cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head, cfg.model.dropout)
+    model = example.build_model(cfg)
     if cfg.amp.fp32_modules:
         try:
             precision.keep_in_fp32(model, cfg.amp.fp32_modules)
@@ -59,8 +46,6 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
     """
     import torch
 
-    from .model import param_groups
-
     t = cfg.train
     fused = {"fused": True} if t.fused_optimizer else {}  # the session keeps skip detection right for fused
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), **fused)
@@ -75,23 +60,31 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
 
+def param_groups(model: Any, weight_decay: float) -> list[dict]:
+    """Decay matrices (and embeddings, convolutions) only; biases and norms are left alone."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int,
              show: Any = None, stop: Any = None, autocast: Any = None) -> dict[str, float]:
-    """Held-out loss, accuracy and perplexity from per-batch sums; the forward runs under ``autocast()`` (default:
-    ``accelerator.autocast``, the training precision), the loss in float32.
+    """Held-out metrics (``val/...``) from the example's per-batch sums; the forward runs under ``autocast()``
+    (default: ``accelerator.autocast``, the training precision), the loss in float32.
 
     ``show("eval i/n")`` reports progress (the live panel's bar on a terminal); ``stop()`` is asked before each
     batch (a stop signal mid-eval ends it within a batch, with nothing returned).
     """
     import torch
-    import torch.nn.functional as F
 
     t0 = time.perf_counter()
     model.eval()
     rows = []
     total = min(max_batches, len(loader)) if max_batches else len(loader)
     with torch.no_grad():
-        for i, (x, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
             if stop is not None and stop():
@@ -100,20 +93,16 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
             if show is not None:
                 show(f"eval {i + 1}/{total}")
             with (autocast or accelerator.autocast)():
-                logits = model(x)
-            nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-            per_sample = torch.stack([(logits.argmax(-1) == y).sum(1).double(),
-                                      torch.full_like(nll[:, 0], y.shape[1], dtype=torch.float64),
-                                      nll.double().sum(1)], 1)
+                per_sample = example.eval_rows(model, batch)
             # gather per sample (it drops the samples Accelerate repeats to even out the last batch), sum per batch
-            rows.append(accelerator.gather_for_metrics(per_sample).sum(0))
+            rows.append(accelerator.gather_for_metrics(per_sample.double()).sum(0))
     model.train()
     if show is not None:
         show(None)
     if metric is None or rows is None:  # not the main process, or stopped
         return {}
     sums = torch.stack(rows).tolist() if rows else []  # one transfer for the whole eval
-    metric.add_batch(correct=[int(r[0]) for r in sums], count=[int(r[1]) for r in sums], nll_sum=[r[2] for r in sums])
+    metric.add_batch(**{name: [r[j] for r in sums] for j, name in enumerate(example.EVAL_FIELDS)})
     out = {f"val/{k}": v for k, v in metric.compute().items()}
     out["val/time_s"] = time.perf_counter() - t0
     return out
@@ -136,15 +125,13 @@ def done_already(amp: Any, cfg: Config) -> str | None:
 
 def forever(amp: Any, loader: Any):
     """Batches across epochs, from the resumed position on; an epoch without a batch is an error, not a spin."""
-    from .data import DataError
-
     while not amp.should_stop:
         seen = 0
         for batch in amp.batches(loader):
             seen += 1
             yield batch
         if not seen and not amp.progress.batch_in_epoch and not amp.should_stop:
-            raise DataError("data: an epoch of the training data gave no batch (check data.files, "
+            raise example.DataError("data: an epoch of the training data gave no batch (check data.files, "
                             "train.batch_size and the number of processes)")
 
 
@@ -152,14 +139,12 @@ def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: An
     """One optimizer step (bench.py times this same function): accumulate -> forward (autocast) -> fp32 loss ->
     backward -> clip -> step -> schedule. Returns the last micro-batch's loss (a tensor: no device read); after it,
     ``amp.should_stop`` says whether the run stopped (a stop signal or the guard, the state saved)."""
-    from . import model as model_lib
-
     accelerator, t = amp.accelerator, cfg.train
     loss = None
     for _ in range(t.grad_accum):
-        x, y = next(batches)
+        batch = next(batches)
         with accelerator.accumulate(model):
-            loss = model_lib.lm_loss(model(x), y)  # the prepared model autocasts; the loss is float32
+            loss = example.loss(model, batch)  # the prepared model autocasts; the loss is float32
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:  # unscales first in fp16; inf max_norm only measures
@@ -186,7 +171,6 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
     from .amp.guard import GuardPolicy
     from .bench import auto_probe
     from .export import export_after_training
-    from .metrics import load_metric
 
     check_trackers(cfg.log.trackers, cfg.log.tracker_kwargs)
     t = cfg.train
@@ -215,10 +199,9 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
             amp.say(line)
 
         # ----------------------------------------------------------------------------
-        # data: real text that needs no download (the stdlib's sources unless data.files says otherwise)
-        train_loader, val_loader = build_data(cfg, accelerator)
-        amp.say(f"data: {len(train_loader.dataset)} train / {len(val_loader.dataset)} val blocks of "
-                f"{cfg.data.seq_len + 1} bytes")
+        # data: the example's, offline (example/data.py)
+        train_loader, val_loader, about = example.build_data(cfg, accelerator)
+        amp.say(f"data: {about}")
 
         # ----------------------------------------------------------------------------
         # model, optimizer, schedule
@@ -238,7 +221,7 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
             amp.say(f"precision switch: {switch['from']} -> {switch['to']} at step {switch['step']} "
                     f"({switch['reason']})")
         start = amp.step
-        metric = load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
+        metric = example.load_metric() if accelerator.is_main_process else None  # loaded once, fed per-batch sums
 
         # ----------------------------------------------------------------------------
         # the loop: evals, then one optimizer step; checkpoints and stops (signal, guard) are the session's to save
@@ -287,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     from .amp.precision import PrecisionError
     from .amp.rundir import OutputDirError, RunLockedError
     from .config import GUARD_HINT
-    from .data import DataError
     main_process = os.environ.get("RANK", "0") == "0"  # one hint, not one per process
     switch = None
     while True:
@@ -302,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"AMP guard: continuing in {fb.to} from {fb.path}")
             switch, notices = fb.record(), []
             cfg = replace(cfg, resume=fb.path, amp=replace(cfg.amp, precision=fb.to))
-        except (ConfigError, CheckpointError, DataError, RunLockedError, PrecisionError, LoopError) as e:
+        except (ConfigError, CheckpointError, example.DataError, RunLockedError, PrecisionError, LoopError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OutputDirError as e:

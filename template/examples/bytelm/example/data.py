@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-
-class DataError(ValueError):
-    """Bad data settings; the message is one line naming the key or path."""
+from . import DataError
 
 
 def stdlib_files(max_bytes: int) -> list[str]:
