@@ -111,7 +111,7 @@ def test_new_writes_amptpl_json_with_version_name_package_answers_and_creation_t
     assert manifest["template_version"] == amptpl.__version__
     assert manifest["project_name"] == "my-proj"
     assert manifest["package"] == "my_proj"
-    assert manifest["answers"] == {"name": "my-proj"}
+    assert manifest["answers"] == {"name": "my-proj", "example": "bytelm"}
     assert datetime.fromisoformat(manifest["created"]).tzinfo is not None
 
 
@@ -801,3 +801,32 @@ def test_the_amp_core_carries_the_amptpl_version_it_ships_with():
     core_init = Path(str(template_root())) / "src" / "project" / "amp" / "__init__.py"
     found = re.search(r'^__version__ = "([^"]+)"', core_init.read_text(), flags=re.M)
     assert found and found.group(1) == amptpl.__version__
+
+
+# ----------------------------------------------------------------------------
+# --example: what the project trains
+
+
+def test_new_help_lists_every_example_and_each_renders_only_its_own_example(tmp_path):
+    from amptpl.render import examples
+
+    assert examples()[0] == "bytelm" and len(examples()) >= 2
+    help_text = " ".join(cli.invoke(app, ["new", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    for name in examples():
+        assert name in help_text
+        result = cli.invoke(app, ["new", f"p-{name}", "--dir", str(tmp_path), "--example", name])
+        assert result.exit_code == 0, result.output
+        project = tmp_path / f"p-{name}"
+        assert json.loads((project / ".amptpl.json").read_text())["answers"]["example"] == name
+        assert (project / "src" / f"p_{name}" / "example" / "__init__.py").is_file()
+        assert not (project / "examples").exists() and not (project / "src" / f"p_{name}" / "examples").exists()
+        init = (project / "src" / f"p_{name}" / "example" / "__init__.py").read_text()
+        assert f'NAME = "{name}"' in init
+
+
+def test_new_refuses_an_unknown_example_with_one_line_exit_2_and_writes_nothing(tmp_path):
+    result = cli.invoke(app, ["new", "proj", "--dir", str(tmp_path), "--example", "gan"])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "--example 'gan'" in line and "bytelm" in line and "segmentation" in line
+    assert not (tmp_path / "proj").exists()

@@ -672,3 +672,15 @@ def test_a_template_file_named_like_amptpls_bookkeeping_is_a_template_bug(tmp_pa
     assert "amptpl's own bookkeeping" in one_error_line(result)
     assert not (tmp_path / "out").exists()
 
+
+
+def test_update_renders_the_example_the_project_was_made_with(tmp_path):
+    cli.invoke(app, ["new", NAME, "--dir", str(tmp_path), "--example", "segmentation"])
+    project = tmp_path / NAME
+    result = cli.invoke(app, ["update", str(project), "--dry-run"])
+    assert (result.exit_code, result.stdout.strip()) == (0, f"{project} is up to date with amptpl {amptpl.__version__}")
+    manifest = json.loads((project / ".amptpl.json").read_text())
+    manifest["answers"]["example"] = "gan"
+    (project / ".amptpl.json").write_text(json.dumps(manifest))
+    result = cli.invoke(app, ["update", str(project)])
+    assert result.exit_code == 2 and '"answers"."example" must be one of bytelm, segmentation' in result.output

@@ -253,8 +253,12 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
 
 def plan_files(name: str, package: str, example: str = DEFAULT_EXAMPLE) -> dict[PurePosixPath, FileData]:
     """Render every output file in memory: relative path -> content. Raises if the template is broken."""
-    context = {"project_name": name, "package": package, "amptpl_version": __version__, "example": example}
+    context = {"project_name": name, "package": package, "amptpl_version": __version__, "example": example,
+               "key_table": key_table(example)}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    about = template_root() / EXAMPLES_DIR / example / "readme.md.jinja"  # the example's own README sections
+    parts = _render_one(env, about, context, f"template/{EXAMPLES_DIR}/{example}/readme.md.jinja").split("\n---\n")
+    context.update(zip(("example_about", "example_readme"), (p.strip() for p in parts), strict=False))
     planned: dict[PurePosixPath, FileData] = {}
 
     def add(rel: PurePosixPath, item: FileData, source: str) -> None:
@@ -288,6 +292,30 @@ def plan_files(name: str, package: str, example: str = DEFAULT_EXAMPLE) -> dict[
     for parts, entry in iter_files(configs_root()):
         add(PurePosixPath("configs", *parts), FileData(entry.read_bytes()), "configs/" + "/".join(parts))
     return planned
+
+
+def key_table(example: str) -> str:
+    """The README's table of every config key, made by the template's own ``config.py`` (with ``example``'s
+    sections) in a child Python: the README cannot drift from the config. Imports yaml, never torch."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="amptpl-keys-") as tmp:
+        pkg = Path(tmp, "project")
+        sources = [(("src", "project"), template_root() / "src" / "project"),
+                   (("example",), template_root() / EXAMPLES_DIR / example / "example")]
+        for base, root in sources:
+            for parts, entry in iter_files(root):
+                if parts[-1].endswith(".py"):
+                    dest = pkg.joinpath(*parts) if base[0] == "src" else pkg.joinpath("example", *parts)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(entry.read_bytes())
+        proc = subprocess.run([sys.executable, "-c", "from project.config import readme_table; print(readme_table())"],
+                              cwd=tmp, env={**os.environ, "PYTHONPATH": tmp}, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AmptplError(f"template bug: its config.py does not load with the {example} example ({last})")
+    return proc.stdout.rstrip("\n")
 
 
 def iter_files(

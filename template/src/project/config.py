@@ -209,6 +209,14 @@ def help_text() -> str:
     return configparse.help_text(Config, COMMAND)
 
 
+README_START, README_END = "<!-- config keys: start -->", "<!-- config keys: end -->"
+
+
+def readme_table() -> str:
+    """The README's key table, made from the tree above (``python -m PACKAGE.config --write README.md``)."""
+    return configparse.markdown_table(Config)
+
+
 def all_keys() -> list[str]:
     """Every settable dotted key, in declaration order (``out_dir``, ..., ``amp.scaler.init_scale``, ...)."""
     return configparse.all_keys(Config)
@@ -302,3 +310,37 @@ __all__ = [
     "to_yaml",
     "validate",
 ]
+
+
+def _readme_main(argv: list[str]) -> int:
+    """``python -m PACKAGE.config [--check|--write] [README.md]``: print the key table, or check or rewrite the one
+    between the README's markers, so the README cannot drift from this file."""
+    import sys
+    from pathlib import Path
+
+    mode = argv[0] if argv and argv[0] in ("--check", "--write") else None
+    if mode is None:
+        print(readme_table())
+        return 0
+    path = Path(argv[1] if len(argv) > 1 else "README.md")
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if README_START not in text or README_END not in text:
+        print(f"error: {path}: no {README_START} ... {README_END} block to hold the key table", file=sys.stderr)
+        return 2
+    head, rest = text.split(README_START, 1)
+    new = f"{head}{README_START}\n{readme_table()}\n{README_END}{rest.split(README_END, 1)[1]}"
+    if mode == "--check":
+        if new != text:
+            print(f"error: {path}: the key table differs from config.py; run python -m {__package__}.config "
+                  f"--write {path}", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new, encoding="utf-8")
+    print(f"wrote the key table of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_readme_main(sys.argv[1:]))

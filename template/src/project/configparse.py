@@ -401,10 +401,11 @@ def _classes(cls: type) -> set[type]:
     return out
 
 
-def help_text(root: type, command: str) -> str:
-    """The ``--help`` text: usage, precedence, then every key by section with type, default and comment."""
+def sections(root: type) -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
+    """``[(section, its docstring, [(dotted key, type, default as typed, comment), ...]), ...]`` in declaration
+    order: what ``--help`` and the README's key table show."""
     docs = _source_docs({c.__module__ for c in _classes(root)})
-    sections: list[tuple[str, str, list[tuple[str, str, str, str]]]] = []
+    out: list[tuple[str, str, list[tuple[str, str, str, str]]]] = []
 
     def walk(cls: type, obj: Any, prefix: str) -> None:
         doc, comments = docs.get(cls.__name__, ("", {}))
@@ -414,12 +415,29 @@ def help_text(root: type, command: str) -> str:
                 subs.append((tp, getattr(obj, name), f"{prefix}{name}."))
             else:
                 rows.append((f"{prefix}{name}", _type_label(tp), _show(getattr(obj, name)), comments.get(name, "")))
-        sections.append((prefix.rstrip(".") or "top level", doc, rows))
+        out.append((prefix.rstrip(".") or "top level", doc, rows))
         for sub in subs:
             walk(*sub)
 
     walk(root, root(), "")
-    all_rows = [row for _, _, rows in sections for row in rows]
+    return out
+
+
+def markdown_table(root: type) -> str:
+    """Every key as a Markdown table (key, type, default, meaning), one row per key, section by section."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for _, _, rows in sections(root):
+        lines += [f"| `{key}` | {tp} | `{cell(default)}` | {cell(comment)} |" for key, tp, default, comment in rows]
+    return "\n".join(lines)
+
+
+def help_text(root: type, command: str) -> str:
+    """The ``--help`` text: usage, precedence, then every key by section with type, default and comment."""
+    sections_ = sections(root)
+    all_rows = [row for _, _, rows in sections_ for row in rows]
     wk, wt, wd = (max(len(row[i]) for row in all_rows) for i in range(3))
     lines = [
         usage(command),
@@ -433,7 +451,7 @@ def help_text(root: type, command: str) -> str:
         "  --print-config                     print the resolved config as YAML (usable as --config) and exit",
         "  -h, --help                         show this help and exit",
     ]
-    for title, doc, rows in sections:
+    for title, doc, rows in sections_:
         lines += ["", f"{title}: {doc}" if doc else f"{title}:"]
         for key, tp, default, comment in rows:
             lines.append(f"  {key:<{wk}}  {tp:<{wt}}  {default:<{wd}}  {comment}".rstrip())
