@@ -495,7 +495,7 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
             continue
         mem = "-" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:,.0f}"
         loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        t.add_row(name, _ms(r), f"{r['samples_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}", mem, loss,
+        t.add_row(name, _ms(r), f"{r['samples_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-", mem, loss,
                   f"{r['skipped_steps']}/{r['steps']}", _x(r["speedup_vs_fp32"]), _x(r["memory_vs_fp32"]))
     if notes:
         t.caption = "\n".join(f"* {n}" for n in notes)

@@ -78,7 +78,7 @@ class TrainConfig:
     lr: float = 2e-3  # peak learning rate, reached after warmup
     min_lr: float = 2e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 30  # linear warmup, in optimizer steps
-    weight_decay: float = 0.1  # AdamW decay on 2-D weights (matrices, embeddings); none on biases and norms
+    weight_decay: float = 0.1  # AdamW decay on weights of 2 or more dimensions; none on biases and norms
     grad_accum: int = 1  # micro-steps per optimizer step
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     fused_optimizer: bool = False  # fused AdamW kernel (CUDA, or CPU with torch >= 2.4)
@@ -87,7 +87,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out accuracy, loss and perplexity on the validation split."""
+    """Held-out metrics on the validation split (the loss and the example's own, computed in float32)."""
 
     every: int = 0  # steps between evals; 0 = only at the end
     batches: int = 20  # val batches per eval; 0 = the whole split

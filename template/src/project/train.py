@@ -131,8 +131,8 @@ def forever(amp: Any, loader: Any):
             seen += 1
             yield batch
         if not seen and not amp.progress.batch_in_epoch and not amp.should_stop:
-            raise example.DataError("data: an epoch of the training data gave no batch (check data.files, "
-                            "train.batch_size and the number of processes)")
+            raise example.DataError("data: an epoch of the training data gave no batch (check the data keys, "
+                                    "train.batch_size and the number of processes)")
 
 
 def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
