@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE_SRC = REPO / "template" / "src"  # the template's package, unrendered: template/src/project
+
+
+def template_src(example: str = "bytelm") -> Path:
+    """A folder holding the template's package, unrendered, as ``project`` with ``example``'s part joined in as
+    ``project/example`` (what a rendered project has as ``src/PACKAGE``); rebuilt under build/ on each call."""
+    root = REPO / "build" / f"template-{example}"
+    shutil.rmtree(root, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "template" / "src" / "project", root / "project", ignore=ignore)
+    shutil.copytree(REPO / "template" / "examples" / example / "example", root / "project" / "example", ignore=ignore)
+    return root
+
+
+TEMPLATE_SRC = template_src()  # the template's package with the default example: import project
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from project.amp import precision
     from project.amp.session import has_accelerator
     from project.config import parse_args as config_args
-    from project.metrics import load_metric
-    from project.train import build_data, build_model, evaluate
+    from project.example import build_data, load_metric
+    from project.train import build_model, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     res = precision.resolve(args.precision, "cpu" if cpu else "cuda")
     accelerator = Accelerator(cpu=cpu, **precision.accelerator_kwargs(res))
     set_seed(cfg.seed)
-    _, val_loader = build_data(cfg, accelerator)
+    _, val_loader, _ = build_data(cfg, accelerator)
     model, val_loader = accelerator.prepare(build_model(cfg), val_loader)
     metric = load_metric()
     batches = min(args.batches, len(val_loader))

@@ -114,7 +114,8 @@ class Bare:
         from accelerate.utils import DataLoaderConfiguration, set_seed
         from project.amp import precision
         from project.amp.session import has_accelerator
-        from project.train import build_data, build_model, build_optimizer
+        from project.example import build_data
+        from project.train import build_model, build_optimizer
 
         cpu = not has_accelerator()  # the device the session picks
         res = precision.resolve(cfg.amp.precision, "cpu" if cpu else "cuda")
@@ -124,7 +125,7 @@ class Bare:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
         precision.install_cpu_fp16_scaler(self.accelerator, asdict(cfg.amp.scaler))  # else fp16 runs as fp32 here
         set_seed(cfg.seed)
-        train_loader, _ = build_data(cfg, self.accelerator)
+        train_loader, _, _ = build_data(cfg, self.accelerator)
         model = build_model(cfg)
         optimizer, scheduler = build_optimizer(cfg, model, 1)
         self.model, self.optimizer, loader, self.scheduler = self.accelerator.prepare(
@@ -134,13 +135,13 @@ class Bare:
         self.loss = None
 
     def run(self, n: int) -> None:
-        from project.model import lm_loss
+        from project.example import loss as example_loss
 
         acc, t = self.accelerator, self.cfg.train
         for _ in range(n * t.grad_accum):
-            x, y = next(self.batches)
+            batch = next(self.batches)
             with acc.accumulate(self.model):
-                loss = lm_loss(self.model(x), y)
+                loss = example_loss(self.model, batch)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
@@ -161,7 +162,8 @@ class Generated:
         from project.amp import AmpSession
         from project.amp.guard import GuardPolicy
         from project.config import to_dict
-        from project.train import build_data, build_model, build_optimizer, forever
+        from project.example import build_data
+        from project.train import build_model, build_optimizer, forever
 
         t = cfg.train
         self.amp = AmpSession(
@@ -171,7 +173,7 @@ class Generated:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         )
         set_seed(cfg.seed)
-        train_loader, _ = build_data(cfg, self.amp.accelerator)
+        train_loader, _, _ = build_data(cfg, self.amp.accelerator)
         model = build_model(cfg)
         optimizer, scheduler = build_optimizer(cfg, model, self.amp.accelerator.num_processes)
         self.model, self.optimizer, loader, self.scheduler = self.amp.prepare(model, optimizer, train_loader, scheduler)
@@ -181,15 +183,15 @@ class Generated:
         self.loss = None
 
     def run(self, n: int) -> None:
-        from project.model import lm_loss
+        from project.example import loss as example_loss
 
         amp, t = self.amp, self.cfg.train
         accelerator = amp.accelerator
         for _ in range(n):
             for _ in range(t.grad_accum):
-                x, y = next(self.batches)
+                batch = next(self.batches)
                 with accelerator.accumulate(self.model):
-                    loss = lm_loss(self.model(x), y)
+                    loss = example_loss(self.model, batch)
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    sys.path.insert(0, str(REPO / "template" / "src"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import template_src
+
+    sys.path.insert(0, str(template_src()))  # the template's package with the default example, as ``project``
 
     from project.amp import console as console_mod
     from project.train import main as train
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console_mod.TrainConsole.__exit__ = keep_last_status
     with tempfile.TemporaryDirectory(prefix="panel-") as out_dir:
-        code = train(["--config", str(REPO / "configs" / "demo.yaml"), f"train.max_steps={args.steps}",
+        demo = REPO / "template" / "examples" / "bytelm" / "configs" / "demo.yaml"
+        code = train(["--config", str(demo), f"train.max_steps={args.steps}",
                       f"out_dir={out_dir}", "log.live=false", "checkpoint.every=0", "amp.auto.measure=false"])
     if code != 0 or not seen:
         print(f"error: the demo run ended with exit code {code}", file=sys.stderr)

@@ -76,12 +76,13 @@ def rendered_sources() -> list[tuple[str, ...]]:
     return [parts for parts, _ in iter_files(template_root()) if parts[-1].endswith(".jinja")]
 
 
-def output_path(project: Path, package: str, parts: tuple[str, ...]) -> Path:
-    parts = list(parts)
-    if len(parts) > 2 and parts[:2] == ["src", "project"]:
-        parts[1] = package
-    parts[-1] = parts[-1].removesuffix(".jinja")
-    return project.joinpath(*parts)
+def output_path(project: Path, package: str, parts: tuple[str, ...], example: str = "bytelm") -> Path | None:
+    """Where a template file lands in a project of ``example``; None for another example's files."""
+    out = render_mod.destination(parts, package, example)
+    if out is None:
+        return None
+    out[-1] = out[-1].removesuffix(".jinja")
+    return project.joinpath(*out)
 
 
 # ---------------------------------------------------------------------------------------------------- new
@@ -145,6 +146,8 @@ def test_new_leaves_no_jinja_markers_in_any_rendered_file_and_no_jinja_suffix(tm
     assert ("pyproject.toml.jinja",) in sources and ("README.md.jinja",) in sources
     for parts in sources:
         out = output_path(result.path, result.package, parts)
+        if out is None:  # another example's file, or an example's README part (rendered into README.md)
+            continue
         assert out.is_file(), f"{'/'.join(parts)} was not rendered to {out}"
         text = out.read_text()
         # `${{ }}` is a GitHub Actions expression that a workflow may keep through {% raw %}; not Jinja.
@@ -156,8 +159,9 @@ def test_new_leaves_no_jinja_markers_in_any_rendered_file_and_no_jinja_suffix(tm
 def test_new_copies_plain_template_files_and_presets_byte_for_byte(tmp_path):
     result = render_project("my-proj", tmp_path)
     for parts, entry in iter_files(template_root()):
-        if not parts[-1].endswith(".jinja"):
-            assert output_path(result.path, "my_proj", parts).read_bytes() == entry.read_bytes()
+        out = output_path(result.path, "my_proj", parts)
+        if out is not None and not parts[-1].endswith(".jinja"):
+            assert out.read_bytes() == entry.read_bytes()
     presets = list(iter_files(configs_root()))
     assert presets, "the wheel ships no configs/"
     for parts, entry in presets:

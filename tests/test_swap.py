@@ -24,10 +24,15 @@ def test_swapping_the_example_keeps_the_core_suite_green_and_trains_and_resumes(
     for test in (project / "tests").glob("test_example_*.py"):
         test.unlink()
     after = {p.relative_to(project) for p in project.rglob("*") if p.is_file()}
-    touched = {str(p) for p in before ^ after} | {"configs/demo.yaml"}
-    assert all(t.startswith(("src/swapped/example/", "tests/test_example_", "configs/demo.yaml")) for t in touched)
+    touched = {str(p) for p in before ^ after} | {"configs/demo.yaml", "README.md"}
+    assert all(t.startswith(("src/swapped/example/", "tests/test_example_", "configs/demo.yaml", "README.md"))
+               for t in touched)
 
     run_env = {**env, "PYTHONPATH": str(project / "src")}
+    # the README's key table, made again from config.py (a core test checks it)
+    r = subprocess.run([sys.executable, "-m", "swapped.config", "--write", "README.md"], cwd=project, env=run_env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "| `data.num_samples` |" in (project / "README.md").read_text(), r.stderr
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow"],
                        cwd=project, env=run_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

@@ -200,12 +200,14 @@ EXAMPLES_DIR = "examples"
 def examples() -> list[str]:
     """The examples a project can start from (``amptpl new --example``), the default first."""
     root = template_root() / EXAMPLES_DIR
+    if not root.is_dir():  # a template of your own (AMPTPL_TEMPLATE_ROOT) need not have examples
+        return []
     found = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith((".", "_")))
     return sorted(found, key=lambda n: n != DEFAULT_EXAMPLE)
 
 
 def check_example(example: str) -> str:
-    if example not in examples():
+    if example not in examples() and (examples() or example != DEFAULT_EXAMPLE):
         raise AmptplError(f"--example {example!r}: not an example; choose one of {', '.join(examples())}")
     return example
 
@@ -254,11 +256,12 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
 def plan_files(name: str, package: str, example: str = DEFAULT_EXAMPLE) -> dict[PurePosixPath, FileData]:
     """Render every output file in memory: relative path -> content. Raises if the template is broken."""
     context = {"project_name": name, "package": package, "amptpl_version": __version__, "example": example,
-               "key_table": key_table(example)}
+               "key_table": key_table(example), "example_about": "", "example_readme": ""}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     about = template_root() / EXAMPLES_DIR / example / "readme.md.jinja"  # the example's own README sections
-    parts = _render_one(env, about, context, f"template/{EXAMPLES_DIR}/{example}/readme.md.jinja").split("\n---\n")
-    context.update(zip(("example_about", "example_readme"), (p.strip() for p in parts), strict=False))
+    if about.is_file():
+        parts = _render_one(env, about, context, f"template/{EXAMPLES_DIR}/{example}/readme.md.jinja").split("\n---\n")
+        context.update(zip(("example_about", "example_readme"), (p.strip() for p in parts), strict=False))
     planned: dict[PurePosixPath, FileData] = {}
 
     def add(rel: PurePosixPath, item: FileData, source: str) -> None:
@@ -268,16 +271,10 @@ def plan_files(name: str, package: str, example: str = DEFAULT_EXAMPLE) -> dict[
             raise AmptplError(f"template bug: {source} writes {rel}, which is amptpl's own bookkeeping")
         planned[rel] = item
 
-    chosen = (EXAMPLES_DIR, example)
     for parts, entry in iter_files(template_root()):
-        rel_parts = list(parts)
-        if rel_parts[0] == EXAMPLES_DIR:
-            if tuple(rel_parts[:2]) != chosen or len(rel_parts) < 4:
-                continue  # another example, or a loose file beside the example's folders
-            # examples/E/example/... -> src/<package>/example/...; examples/E/tests|configs/... -> tests|configs/...
-            rel_parts = ["src", package, *rel_parts[2:]] if rel_parts[2] == "example" else rel_parts[2:]
-        elif len(rel_parts) > 2 and rel_parts[0] == "src" and rel_parts[1] == "project":
-            rel_parts[1] = package
+        rel_parts = destination(parts, package, example)
+        if rel_parts is None:
+            continue
         source = "template/" + "/".join(parts)
         if rel_parts[-1].endswith(JINJA_SUFFIX):
             rel_parts[-1] = rel_parts[-1].removesuffix(JINJA_SUFFIX)
@@ -294,18 +291,34 @@ def plan_files(name: str, package: str, example: str = DEFAULT_EXAMPLE) -> dict[
     return planned
 
 
+def destination(parts: tuple[str, ...], package: str, example: str) -> list[str] | None:
+    """Where the template file ``parts`` goes in a project of ``example`` (``.jinja`` still on), or None: a file
+    of another example, or one beside an example's folders (its README part, read by ``plan_files``)."""
+    rel = list(parts)
+    if rel[0] == EXAMPLES_DIR:
+        if tuple(rel[:2]) != (EXAMPLES_DIR, example) or len(rel) < 4:
+            return None
+        # examples/E/example/... -> src/<package>/example/...; examples/E/tests|configs/... -> tests|configs/...
+        return ["src", package, *rel[2:]] if rel[2] == "example" else rel[2:]
+    if len(rel) > 2 and rel[0] == "src" and rel[1] == "project":
+        rel[1] = package
+    return rel
+
+
 def key_table(example: str) -> str:
     """The README's table of every config key, made by the template's own ``config.py`` (with ``example``'s
     sections) in a child Python: the README cannot drift from the config. Imports yaml, never torch."""
     import subprocess
     import tempfile
 
+    if not (template_root() / "src" / "project" / "config.py").is_file():  # a template of your own without one
+        return ""
     with tempfile.TemporaryDirectory(prefix="amptpl-keys-") as tmp:
         pkg = Path(tmp, "project")
         sources = [(("src", "project"), template_root() / "src" / "project"),
                    (("example",), template_root() / EXAMPLES_DIR / example / "example")]
         for base, root in sources:
-            for parts, entry in iter_files(root):
+            for parts, entry in iter_files(root) if root.is_dir() else ():
                 if parts[-1].endswith(".py"):
                     dest = pkg.joinpath(*parts) if base[0] == "src" else pkg.joinpath("example", *parts)
                     dest.parent.mkdir(parents=True, exist_ok=True)
