@@ -4,9 +4,9 @@ the time to that error, the import time, and whether --help shows each key's typ
     python -m venv /tmp/libs && /tmp/libs/bin/pip install tyro "jsonargparse[signatures]" pyyaml
     python benchmarks/config_parsers/run.py --lib-python /tmp/libs/bin/python
 
-The project's parser runs from a project rendered into a temporary folder (amptpl must be installed here); each
-library runs on the same config tree (tree.py: the project's sections with literal defaults; tree_docs.py: the
-same with each comment as an attribute docstring, which jsonargparse needs for its help). Wall times are medians
+Each parser reads the config tree of a project rendered into a temporary folder (amptpl must be installed here):
+the project's own parser, and tyro and jsonargparse given the same dataclasses (the libraries' Python needs
+pyyaml too). Wall times are medians
 of 5 runs after a warm-up, interpreter start included. A library that is not installed is skipped.
 """
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import sys
 
 from jsonargparse import auto_cli, set_parsing_settings
-from tree_docs import Config  # tree.py with each trailing comment turned into an attribute docstring
+from proj.config import Config  # the rendered project's own tree (run.py puts it on the path)
 
-# jsonargparse reads field help from attribute docstrings (or an Args:/Attributes: docstring section), not comments
+# jsonargparse reads field help from attribute docstrings (or an Args:/Attributes: docstring section), not from
+# the trailing comments the project writes: its --help shows types and defaults only
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 

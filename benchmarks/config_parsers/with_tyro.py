@@ -8,7 +8,7 @@ from typing import Annotated
 
 import tyro
 import yaml
-from tree import Config
+from proj.config import Config  # the rendered project's own tree (run.py puts it on the path)
 
 
 @dataclass
