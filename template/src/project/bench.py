@@ -1,6 +1,6 @@
 """Time this project's training step in each precision on this machine, side by side.
 
-    python -m PACKAGE.bench                                   # fp32, bf16, fp16 (and tf32 on a CUDA GPU)
+    python -m PACKAGE.bench                                   # fp32, bf16, fp16, bf16-true (and tf32 on a CUDA GPU)
     python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 train.batch_size=64 [the example's model.* keys]
     python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
 
@@ -39,12 +39,12 @@ from .amp.defaults import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
 
 PACKAGE = __package__ or "project"
-PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "tf32")
 ROW_PREFIX = '{"bench_row": '  # the one stdout line of a worker that the parent reads
 NOISE = 0.05  # two step times within 5% are a tie
 # how much slower than fp32 a CPU without fast kernels may run these, at worst (for the estimate line only:
 # it varies from ~2x to these with the CPU, the torch build and the model)
-SLOWDOWN = {"fp16": 30.0, "bf16": 10.0}
+SLOWDOWN = {"fp16": 30.0, "bf16": 10.0, "bf16-true": 10.0}
 
 
 class BenchError(ValueError):
@@ -63,7 +63,7 @@ class Options:
     steps: int = 10
     warmup: int = 2
     repeats: int = 3
-    precisions: list[str] | None = None  # None: fp32, bf16, fp16, and tf32 on a CUDA GPU
+    precisions: list[str] | None = None  # None: fp32, bf16, fp16, bf16-true, and tf32 on a CUDA GPU
     json_path: str | None = None
     plot: str | None = None
     worker: str | None = None
@@ -78,7 +78,8 @@ def parse(argv: list[str]) -> tuple[Options, Config]:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported (default 3)")
-    p.add_argument("--precisions", help="comma-separated: fp32,bf16,fp16,tf32 (default fp32,bf16,fp16; tf32 too on CUDA)")
+    p.add_argument("--precisions", help="comma-separated: fp32,bf16,fp16,bf16-true,tf32 (default all but tf32; tf32 "
+                   "too on CUDA)")
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="a YAML config file; may repeat")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default out_dir/bench.json)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the step times and speed-ups (needs matplotlib)")
@@ -104,10 +105,10 @@ def parse(argv: list[str]) -> tuple[Options, Config]:
 def _precisions(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
-        raise BenchError("--precisions: give at least one of fp32, bf16, fp16, tf32")
+        raise BenchError(f"--precisions: give at least one of {', '.join(PRECISIONS)}")
     for n in names:
         if n not in PRECISIONS:
-            raise BenchError(f"--precisions: {n!r} is not one of fp32, bf16, fp16, tf32")
+            raise BenchError(f"--precisions: {n!r} is not one of {', '.join(PRECISIONS)}")
     # fp32 first: the reference for the ratios, and the time the estimates of slow precisions start from
     return ["fp32"] + [n for i, n in enumerate(names) if n != "fp32" and n not in names[:i]]
 
@@ -127,11 +128,11 @@ def device_note(prec: str, device: Any) -> str:
         if kind != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
             return "n/a: TF32 needs an Ampere+ CUDA GPU"
         return ""
-    if kind == "cpu" and prec == "bf16" and precision.cpu_bf16_feature() is None:
+    if kind == "cpu" and prec in ("bf16", "bf16-true") and precision.cpu_bf16_feature() is None:
         return "emulated (no AVX512-BF16/AMX): slow by design"
     if kind == "cpu" and prec == "fp16":
         return "no fast fp16 CPU kernels: correctness path"
-    if kind == "cuda" and prec == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if kind == "cuda" and prec in ("bf16", "bf16-true") and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "emulated (no native bf16 on this GPU): slow by design"
     return ""
 
@@ -189,7 +190,7 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
             amp.close(completed=False)
             return {**row, "status": "n/a"}
         # fp32 is TF32-free; tf32 is fp32 with TF32 on; bf16/fp16 keep amp.tf32 for their fp32 parts, as in training
-        precision.set_tf32(prec == "tf32" or (prec in ("bf16", "fp16") and cfg.amp.tf32), cfg.amp.cudnn_benchmark)
+        precision.set_tf32(prec == "tf32" or (prec not in ("fp32", "tf32") and cfg.amp.tf32), cfg.amp.cudnn_benchmark)
         set_seed(cfg.seed)
         train_loader, _, _ = example.build_data(cfg, amp.accelerator)
         model = build_model(cfg)
@@ -256,7 +257,7 @@ def auto_probe(cfg: Config) -> Any:
 
     key = {"package": PACKAGE, "model": asdict(cfg.model), "data": asdict(cfg.data), "batch": cfg.train.batch_size,
            "fp32_modules": cfg.amp.fp32_modules, "fused_optimizer": cfg.train.fused_optimizer, "tf32": cfg.amp.tf32}
-    return Probe(run=lambda candidates: run_probe(cfg, candidates), key=key)
+    return Probe(run=lambda candidates: run_probe(cfg, candidates), key=key, candidates=cfg.amp.auto.candidates or None)
 
 
 def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
@@ -293,16 +294,29 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
     precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
     set_seed(cfg.seed)
     loader, _, _ = example.build_data(cfg, accelerator)
-    model = build_model(cfg).to(device)
-    optimizer, _ = build_optimizer(cfg, model, 1)
+    model = build_model(cfg)
+    models = {"mixed": model.to(device)}
+    optimizers = {"mixed": build_optimizer(cfg, model, 1)[0]}
+    if "bf16-true" in candidates:  # a model of its own in bf16, float32 masters in its optimizer (amp/master.py)
+        from .amp.master import MasterWeights
+
+        set_seed(cfg.seed)
+        models["true"] = build_model(cfg)
+        optimizers["true"] = build_optimizer(cfg, models["true"], 1)[0]
+        master = MasterWeights()
+        master.attach(models["true"], [optimizers["true"]])
+        models["true"].to(device)
+        master.follow_device()
     scaler = torch.amp.GradScaler(device.type) if "fp16" in candidates else None
     batches = (b for _ in iter(int, 1) for b in loader)  # endless
 
     def step(prec: str) -> None:
         batch = send_to_device(next(batches), device)
+        which = "true" if prec == "bf16-true" else "mixed"
+        net, optimizer = models[which], optimizers[which]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = example.loss(model, batch)  # the example's loss is float32 whatever the autocast
+            loss = example.loss(net, batch)  # the example's loss is float32 whatever the autocast
         if prec == "fp16":
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -410,14 +424,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["memory_vs_fp32"] = mem / ref_mem if ok and mem and ref_mem else None
 
 
-def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, Any]:
     """What ``amp.precision=auto`` picks here, the fastest measured precision, and whether they agree."""
     auto = next((r["auto"] for r in rows if "auto" in r), None)
     if auto is None:
         return {"pick": None, "reason": None, "fastest": None, "agrees": None, "text": "no precision was measured"}
     out = {**auto, "fastest": None, "agrees": None}
     head = f"auto picks {auto['pick']} here ({auto['reason']})"
-    timings = _timings(rows)  # the precisions auto may run here (not fp16 on a CPU, nothing emulated)
+    timings = _timings(rows, asked)  # the precisions auto may run here (not fp16 on a CPU, nothing emulated)
     measured = [r for r in rows if r["precision"] in timings]
     pick = next((r for r in measured if r["precision"] == auto["pick"]), None)
     if not measured:
@@ -435,29 +449,29 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 f"({fastest['precision']}, {100 * (ratio - 1):.1f}% faster: noise)")
     else:
         text = f"{head}; the measurement disagrees: {fastest['precision']} was {ratio:.2f}x faster here"
-    timed = timed_pick(rows)
+    timed = timed_pick(rows, asked)
     if timed is not None:
         out["timed_pick"] = timed.effective
         text += f". With amp.auto.measure (the default) auto times it: {timed.effective} ({timed.reason})"
     return {**out, "text": text}
 
 
-def _timings(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The step times auto's measurement would weigh: mixed precisions the device runs natively (no fp16 on a
-    CPU), and fp32."""
+def _timings(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, float]:
+    """The step times auto's measurement would weigh: ``amp.auto.candidates`` where given, else the mixed
+    precisions the device runs natively (no fp16 on a CPU), and fp32; nothing emulated."""
     cuda = any(str(r.get("device", "")).startswith("cuda") for r in rows)
-    allowed = ("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16")
+    allowed = ["fp32", *asked] if asked else ("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16")
     return {r["precision"]: r["step_time_s"] for r in rows
             if r.get("status") == "ok" and r["precision"] in allowed and not r.get("note")}
 
 
-def timed_pick(rows: list[dict[str, Any]]) -> Any:
+def timed_pick(rows: list[dict[str, Any]], asked: list[str] | None = None) -> Any:
     """What ``auto`` runs when it times this model (amp/autopick.py's decision on these rows), or None."""
     from .amp.autopick import decide
     from .amp.precision import Resolution
 
     auto = next((r["auto"] for r in rows if "auto" in r), None)
-    timings = _timings(rows)
+    timings = _timings(rows, asked)
     if auto is None or len(timings) < 2:
         return None
     return decide(Resolution("auto", auto["pick"], auto["reason"], "cpu"), timings, cached=False)
@@ -539,10 +553,10 @@ def _remember(cfg: Config, device_type: str, rows: list[dict[str, Any]]) -> None
     """Put the measured step times where ``auto`` looks first (its cache): the next run of this model costs nothing."""
     from .amp import autopick
 
-    probe, timings = auto_probe(cfg), _timings(rows)
+    probe, timings = auto_probe(cfg), _timings(rows, cfg.amp.auto.candidates)
     if probe is not None and len(timings) >= 2 and device_type in ("cpu", "cuda"):
         device = device_type if device_type == "cpu" else "cuda"
-        autopick.store(autopick.cache_key(device, probe.key), timings, {"from": "bench", "probe": probe.key})
+        autopick.store(autopick.probe_key(device, probe), timings, {"from": "bench", "probe": probe.key})
 
 
 def _check_plot(opts: Options) -> None:
@@ -580,7 +594,7 @@ def run(opts: Options, cfg: Config) -> int:
     _check_json(json_path)
     device_type = _device_type()
     if opts.precisions is None:
-        opts.precisions = ["fp32", "bf16", "fp16"] + (["tf32"] if device_type == "cuda" else [])
+        opts.precisions = ["fp32", "bf16", "fp16", "bf16-true"] + (["tf32"] if device_type == "cuda" else [])
     t, m = cfg.train, cfg.model
     setup = (f"{opts.warmup} warm-up + {opts.repeats} x {opts.steps} timed optimizer steps; batch {t.batch_size} "
              f"x grad_accum {t.grad_accum}; {' '.join(f'{k}={v}' for k, v in asdict(m).items())}")
@@ -599,7 +613,7 @@ def run(opts: Options, cfg: Config) -> int:
         out.print(f"[{i}/{len(opts.precisions)}] {prec}: {rows[-1]['status']} in {fmt_duration(time.perf_counter() - t0)}",
                   markup=False)
     add_ratios(rows)
-    v = verdict(rows)
+    v = verdict(rows, cfg.amp.auto.candidates)
     device = next((r["device"] for r in rows if "device" in r), device_type)
     _remember(cfg, device_type, rows)
     title = f"{PACKAGE} on {device}: {setup}"

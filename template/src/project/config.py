@@ -54,13 +54,14 @@ class AutoConfig:
     """How amp.precision=auto decides where the hardware alone cannot (a CPU with AVX512-BF16 or AMX, a GPU)."""
 
     measure: bool = True  # time fp32 and bf16 (and fp16 on a GPU) on this model first; cached per machine and shape
+    candidates: list[str] = field(default_factory=list)  # the precisions to time instead, e.g. [fp32, bf16, bf16-true]
 
 
 @dataclass
 class AmpConfig:
     """Mixed precision: which precision runs, and the fp16 loss scaler and its guard."""
 
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 ("no" is read as fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | bf16-true (bf16 weights, fp32 masters); "no" is fp32
     auto: AutoConfig = field(default_factory=AutoConfig)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -155,6 +156,10 @@ def validate(cfg: Config) -> Config:
     p = cfg.amp.precision
     cfg.amp.precision = normalise_precision(p)
     need(cfg.amp.precision in PRECISIONS, "amp.precision", f"one of {'|'.join(PRECISIONS)} (or no)", p)
+    asked = cfg.amp.auto.candidates
+    cfg.amp.auto.candidates = [normalise_precision(c) for c in asked]
+    for c, given in zip(cfg.amp.auto.candidates, asked, strict=True):
+        need(c in PRECISIONS[1:], "amp.auto.candidates", f"a list of {'|'.join(PRECISIONS[1:])}", given)
     for section, check in (("amp.scaler", lambda: check_scaler(**dataclasses.asdict(cfg.amp.scaler))),
                            ("amp.guard", lambda: GuardPolicy(**dataclasses.asdict(cfg.amp.guard)))):
         try:  # the core's own checks; its messages start with the setting's name

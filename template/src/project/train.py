@@ -182,7 +182,7 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
         max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
-        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg),  # auto: timed on this model where hardware can't say
+        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg) or False,  # auto: timed on this model (bench.py)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:
@@ -225,7 +225,6 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
 
         # ----------------------------------------------------------------------------
         # the loop: evals, then one optimizer step; checkpoints and stops (signal, guard) are the session's to save
-        net, autocast = (amp.unwrap(model), nullcontext) if cfg.eval.precision == "fp32" else (model, None)  # eval
         batches = forever(amp, train_loader)
         model.train()
         code = 0
@@ -233,6 +232,8 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
             step = amp.step
             last_step = step >= t.max_steps
             if last_step or (cfg.eval.every and step > start and step % cfg.eval.every == 0):
+                fp32 = cfg.eval.precision == "fp32"  # float32 weights (bf16-true: the masters), autocast off
+                net, autocast = (amp.full_precision(model), nullcontext) if fp32 else (model, None)
                 ev = evaluate(net, val_loader, accelerator, metric, cfg.eval.batches, amp.console.activity,
                               amp.poll_stop, autocast)
                 if amp.should_stop:  # a stop signal mid-eval: saved, nothing to report

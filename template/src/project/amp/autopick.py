@@ -37,21 +37,39 @@ CACHE_FILE = "auto_precision.json"
 class Probe:
     """What the session needs to measure: ``run(candidates)`` returns seconds per optimizer step for each candidate
     (a missing one was not measured); ``key`` is what the timing depends on besides the machine (model and batch
-    shape, compile, ...): a different key measures again."""
+    shape, compile, ...): a different key measures again. ``run=None`` reads the cache only (a plain script that
+    cannot time its step: ``bench`` or an earlier run may have). ``candidates``: the precisions to weigh instead of
+    the device's own set (:func:`candidates`), e.g. with ``bf16-true``."""
 
-    run: Callable[[list[str]], Mapping[str, float]]
+    run: Callable[[list[str]], Mapping[str, float]] | None
     key: dict[str, Any] = field(default_factory=dict)
+    candidates: list[str] | None = None
 
 
-def candidates(device: torch.device | str) -> list[str]:
-    """The precisions worth timing on ``device``; empty where the hardware rule is certain."""
+TIMEABLE = ("fp32", "bf16", "fp16", "bf16-true")
+
+
+def candidates(device: torch.device | str, asked: list[str] | None = None) -> list[str]:
+    """The precisions worth timing on ``device``: ``asked`` (fp32, the reference, always among them) where a device
+    can be timed, else fp32 and bf16 on a CPU with AVX512-BF16 or AMX, and fp16 too on a CUDA GPU (never fp16 on a
+    CPU unless asked: no fast kernels); empty where the hardware rule is certain and nothing was asked."""
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return []
+    if asked:
+        return ["fp32"] + [p for i, p in enumerate(asked) if p != "fp32" and p not in asked[:i]]
     if device.type == "cpu":
         return ["fp32", "bf16"] if cpu_bf16_feature() else []
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
-    return []
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
+
+
+def probe_key(device: torch.device | str, probe: Probe) -> str:
+    """The cache key of ``probe``'s timings on ``device`` (the candidates count only when they were asked for)."""
+    key = dict(probe.key)
+    if probe.candidates:
+        key["candidates"] = candidates(device, probe.candidates)
+    return cache_key(device, key)
 
 
 def machine(device: torch.device | str) -> dict[str, Any]:
@@ -133,16 +151,18 @@ def pick(rule: Resolution, device: torch.device | str, probe: Probe, is_main: bo
     The main process reads the cache or runs ``probe.run``; ``share(value)`` (several processes: a broadcast from
     the main process) gives every rank the main process's timings. A failing probe keeps the rule, and says so.
     """
-    cands = candidates(device)
+    cands = candidates(device, probe.candidates)
     if not cands:
         return rule
     timings: dict[str, float] | None = None
     cached, error = False, None
     if is_main:
-        key = cache_key(device, probe.key)
+        key = probe_key(device, probe)
         timings = lookup(key)
         cached = timings is not None
-        if timings is None:
+        if timings is None and probe.run is None:
+            error = UNTIMED
+        elif timings is None:
             try:
                 timings = {p: float(t) for p, t in probe.run(cands).items() if p in cands}
             except Exception as e:  # the probe is advice: training goes on by the rule
@@ -151,7 +171,19 @@ def pick(rule: Resolution, device: torch.device | str, probe: Probe, is_main: bo
                 store(key, timings, {"machine": machine(device), "probe": probe.key})
     if share is not None:
         timings, cached, error = share((timings, cached, error))
+    if error == UNTIMED:
+        return untimed(rule, "nothing cached for this model")
     if error or not timings:
         why = error or "no precision was timed"
         return Resolution(rule.requested, rule.effective, f"{rule.reason} (timing it failed: {why})", rule.device_type)
     return decide(rule, timings, cached)
+
+
+UNTIMED = "untimed"
+
+
+def untimed(rule: Resolution, why: str = "no probe") -> Resolution:
+    """The rule's pick, with the one-line hint that a measurement could do better on this model."""
+    return Resolution(rule.requested, rule.effective, f"{rule.reason}; not timed on this model ({why}: "
+                      "AmpSession(auto_probe=autopick.Probe(run, key)) or the project's bench measures it)",
+                      rule.device_type)

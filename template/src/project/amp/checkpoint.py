@@ -324,17 +324,23 @@ class CheckpointManager:
     """
 
     def __init__(self, accelerator: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
-                 state: Callable[[], dict[str, Any]] | None = None):
+                 state: Callable[[], dict[str, Any]] | None = None, *,
+                 on_save: Callable[[list[dict[str, Any]]], None] | None = None,
+                 on_load: Callable[[Path, list[Any]], None] | None = None):
         self.accelerator = accelerator
         self.root = Path(out_dir) / CHECKPOINTS
         self.keep = keep
         self.meta = meta
         self.state = state
+        # bf16-true (amp/master.py): the float32 master weights are what a checkpoint holds, and what a resume restores
+        self.on_save, self.on_load = on_save, on_load
         self._hook = accelerator.register_save_state_pre_hook(self._before_save)
 
     def _before_save(self, models: Any, weights: Any, output_dir: str) -> None:
         # runs inside save_state on every process: each writes its own state, the main process the shared meta.json
         acc = self.accelerator
+        if self.on_save is not None:
+            self.on_save(weights)
         if self.state is not None:
             torch.save(self.state(), Path(output_dir) / STATE.format(acc.process_index))
         if acc.is_main_process:
@@ -425,6 +431,8 @@ class CheckpointManager:
                                   ) from None
         finally:
             del acc._custom_objects[: len(legacy)]
+        if self.on_load is not None:
+            self.on_load(path, list(acc._models))
         notices = [f"resume: loaded {path} (step {meta.get('step', '?')})"]
         saved_world = meta.get("world_size")
         if saved_world is not None and saved_world != acc.num_processes:

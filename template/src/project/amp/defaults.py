@@ -11,10 +11,12 @@ import math
 import os
 from typing import Any
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-true")
 # other spellings users and launchers give the same precisions (Accelerate's "no" is fp32)
 ALIASES = {"no": "fp32", "float32": "fp32", "fp32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
-           "float16": "fp16", "auto": "auto"}
+           "float16": "fp16", "auto": "auto", "bf16-true": "bf16-true", "bf16_true": "bf16-true"}
+# precisions that store the weights in low precision (float32 master weights in the optimizer: amp/master.py)
+LOW_WEIGHTS = {"bf16-true": "bfloat16"}
 
 # torch.amp.GradScaler's own defaults: the config's defaults are these, not a copy
 SCALER_DEFAULTS: dict[str, Any] = {"init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,

@@ -51,10 +51,10 @@ class Decision:
 
 
 def fallback_target(precision: str, native_bf16: bool) -> str | None:
-    """fp16 -> bf16 where the device runs it natively, else fp32; bf16 -> fp32; fp32 -> None (nowhere to go)."""
+    """fp16 -> bf16 where the device runs it natively, else fp32; bf16 and bf16-true -> fp32; fp32 -> None."""
     if precision == "fp16":
         return "bf16" if native_bf16 else "fp32"
-    if precision == "bf16":
+    if precision in ("bf16", "bf16-true"):
         return "fp32"
     return None
 

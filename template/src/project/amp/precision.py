@@ -15,6 +15,7 @@ updates come out ``init_scale`` times too large without any error.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import functools
 import platform
@@ -24,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .defaults import PRECISIONS, SCALER_DEFAULTS, check_scaler, env_flag, normalise_precision
+from .defaults import LOW_WEIGHTS, PRECISIONS, SCALER_DEFAULTS, check_scaler, env_flag, normalise_precision
 
-# our names -> Accelerate's mixed_precision values
-ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# our names -> Accelerate's mixed_precision values (bf16-true: no autocast, the weights themselves are bf16)
+ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "bf16-true": "no"}
 
 
 class PrecisionError(ValueError):
@@ -39,7 +40,7 @@ class Resolution:
     """The outcome of :func:`resolve`: what was asked, what runs, and why."""
 
     requested: str
-    effective: str  # fp32 | bf16 | fp16
+    effective: str  # fp32 | bf16 | fp16 | bf16-true
     reason: str
     device_type: str
 
@@ -55,6 +56,12 @@ class Resolution:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.effective)
+
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype the model's weights are stored in when it is not float32 (bf16-true), else None."""
+        name = LOW_WEIGHTS.get(self.effective)
+        return getattr(torch, name) if name else None
 
     def line(self) -> str:
         """One line for the start banner, e.g. ``precision: requested auto -> bf16 (CPU supports AMX-BF16)``."""
@@ -140,9 +147,9 @@ def _resolve(req: str, device: torch.device) -> Resolution:
             if bf16_ok:
                 return Resolution(requested, "bf16", f"{name} supports bf16 natively; no loss scaling needed", kind)
             return Resolution(requested, "fp16", f"{name} has no native bf16; fp16 with a GradScaler", kind)
-        if req == "bf16" and not bf16_ok:
-            return Resolution(requested, "bf16", f"{name} emulates bf16: expect it to be slow", kind)
-        return Resolution(requested, req, "as requested", kind)
+        if req in ("bf16", "bf16-true") and not bf16_ok:
+            return Resolution(requested, req, f"{name} emulates bf16: expect it to be slow", kind)
+        return Resolution(requested, req, _as_requested(req), kind)
     if kind == "cpu":
         feature = cpu_bf16_feature()
         if req == "auto":
@@ -153,11 +160,12 @@ def _resolve(req: str, device: torch.device) -> Resolution:
                 return Resolution(requested, "bf16", "CPU supports AVX512-BF16: native bf16, faster than fp32 from "
                                   "models the size of the default example up", kind)
             return Resolution(requested, "fp32", "CPU has neither AMX-BF16 nor AVX512-BF16; bf16 would be emulated", kind)
-        if req == "bf16" and not feature:
-            return Resolution(requested, "bf16", "as requested; CPU lacks AMX/AVX512-BF16, bf16 is emulated and slow", kind)
+        if req in ("bf16", "bf16-true") and not feature:
+            return Resolution(requested, req, f"{_as_requested(req)}; CPU lacks AMX/AVX512-BF16, bf16 is emulated "
+                              "and slow", kind)
         if req == "fp16":
             return Resolution(requested, "fp16", "as requested; CPU autocast with a CPU GradScaler", kind)
-        return Resolution(requested, req, "as requested", kind)
+        return Resolution(requested, req, _as_requested(req), kind)
     if kind == "mps":
         return _resolve_mps(req)
     # xpu, npu, mlu, ...: bf16 where the backend says it is native, else fp32 unless asked
@@ -167,7 +175,13 @@ def _resolve(req: str, device: torch.device) -> Resolution:
         if bf16_ok:
             return Resolution(requested, "bf16", f"{kind} reports native bf16; no loss scaling needed", kind)
         return Resolution(requested, "fp32", f"{kind} does not report native bf16; choose bf16 or fp16 explicitly", kind)
-    return Resolution(requested, req, "as requested", kind)
+    return Resolution(requested, req, _as_requested(req), kind)
+
+
+def _as_requested(req: str) -> str:
+    if req == "bf16-true":
+        return "as requested: bf16 weights, activations and gradients, float32 master weights in the optimizer"
+    return "as requested"
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -207,11 +221,11 @@ def _resolve_mps(req: str) -> Resolution:
             return Resolution(req, "fp16", f"MPS: bf16 needs torch >= 2.6 and macOS 14, this is {version}; "
                               "fp16 with a GradScaler", "mps")
         return Resolution(req, "fp32", f"MPS mixed precision needs torch >= 2.5, this is {version}", "mps")
-    if req == "bf16" and not bf16_ok:
-        return Resolution(req, "fp32", f"bf16 on MPS needs torch >= 2.6 and macOS 14 ({version}): running fp32", "mps")
+    if req in ("bf16", "bf16-true") and not bf16_ok:
+        return Resolution(req, "fp32", f"{req} on MPS needs torch >= 2.6 and macOS 14 ({version}): running fp32", "mps")
     if req == "fp16" and not fp16_ok:
         return Resolution(req, "fp32", f"fp16 on MPS needs torch >= 2.5 ({version}): running fp32", "mps")
-    return Resolution(req, req, "as requested", "mps")
+    return Resolution(req, req, _as_requested(req), "mps")
 
 
 # ----------------------------------------------------------------------------
@@ -335,14 +349,25 @@ def fp32_region(device_type: str | None = None) -> Iterator[None]:
         yield
 
 
-def _to_fp32(x: Any) -> Any:
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
-        return x.float()
+def cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` with every floating-point tensor in it (nested in lists, tuples, dicts, HF ModelOutputs) cast to
+    ``dtype``; integer tensors and everything else as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+        return type(x)(*(cast_floats(v, dtype) for v in x))
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_fp32(v) for v in x)
+        return type(x)(cast_floats(v, dtype) for v in x)
     if isinstance(x, dict):
-        return {k: _to_fp32(v) for k, v in x.items()}
+        out = copy.copy(x)  # keeps the class (a ModelOutput stays one)
+        for k, v in x.items():
+            out[k] = cast_floats(v, dtype)
+        return out
     return x
+
+
+def _to_fp32(x: Any) -> Any:
+    return cast_floats(x, torch.float32)
 
 
 def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -367,10 +392,12 @@ def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
         forward = mod.forward
 
         @functools.wraps(forward)
-        def fp32_forward(*args: Any, __forward=forward, **kwargs: Any) -> Any:
+        def fp32_forward(*args: Any, __forward=forward, __mod=mod, **kwargs: Any) -> Any:
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             with torch.autocast(device_type=_autocast_device(first, "cpu"), enabled=False):
-                return __forward(*_to_fp32(args), **_to_fp32(kwargs))
+                out = __forward(*_to_fp32(args), **_to_fp32(kwargs))
+            back = getattr(__mod, "_amp_cast_back", None)  # bf16-true: the next module takes bf16 (amp/master.py)
+            return out if back is None else cast_floats(out, back)
 
         mod.forward = fp32_forward
         mod._amp_fp32 = True

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from . import autopick as _autopick
 from . import precision as _precision
 from .checkpoint import CHECKPOINTS, CheckpointManager, find_resume, read_meta, trim_log
 from .console import Status, TrainConsole, summary_table
@@ -37,6 +38,7 @@ from .defaults import SCALER_DEFAULTS, env_flag, normalise_precision
 from .distributed import any_rank
 from .guard import Decision, GuardFallback, GuardPolicy, GuardStop, Problem, decide
 from .loopcheck import LoopChecks
+from .master import MasterWeights
 from .monitor import AmpMonitor, value_key
 from .position import EpochIterator, LoopError, Progress, count, fingerprint
 from .rundir import OutputDirError, RunDir, RunLockedError, move_aside
@@ -128,7 +130,8 @@ class AmpSession:
     stopped early) and :attr:`resolution` (the precision asked for, in effect, and why).
 
     ``precision="auto"`` picks by hardware (amp/precision.py); with ``auto_probe=autopick.Probe(run, key)`` it times
-    the candidates on your model where the hardware alone cannot say, and caches the result (amp/autopick.py).
+    the candidates on your model where the hardware alone cannot say, and caches the result (amp/autopick.py);
+    without one the precision line says how to time it (``auto_probe=False``: keep the rule, without that hint).
     """
 
     def __init__(
@@ -170,8 +173,10 @@ class AmpSession:
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
         self.resolution = _precision.resolve(precision or "auto", state.device, launcher=launcher)
         chosen = normalise_precision(precision or "auto") != "auto" or normalise_precision(launcher) in ("bf16", "fp16")
-        if auto_probe is not None and not chosen:  # auto, and the launcher did not choose: time it (amp/autopick.py)
+        if auto_probe and not chosen:  # auto, and the launcher did not choose: time it (amp/autopick.py)
             self.resolution = _auto_by_measurement(self.resolution, state, auto_probe)
+        elif auto_probe is None and not chosen and _autopick.candidates(state.device):  # say how to time it
+            self.resolution = _autopick.untimed(self.resolution)
         handlers = list(accelerator_kwargs.pop("kwargs_handlers", None) or [])
         theirs = next((h for h in handlers if isinstance(h, GradScalerKwargs)), None)
         if theirs is not None and scaler:
@@ -219,6 +224,7 @@ class AmpSession:
         self._clock = _Clock()
         self._scheduler: Any = None
         self._optimizer: Any = None
+        self.master = MasterWeights(self.resolution.weights_dtype or torch.bfloat16)  # used by bf16-true only
         try:
             self._take_lock()
         except BaseException:
@@ -271,7 +277,11 @@ class AmpSession:
         """``accelerator.prepare(...)``; the session then knows the optimizer and scheduler and can checkpoint.
         Returns what prepare returns."""
         acc = self.accelerator
+        if self.resolution.weights_dtype is not None:  # bf16-true: bf16 model, float32 masters (amp/master.py)
+            self._low_precision_weights(objects)
         prepared = acc.prepare(*objects)
+        if self.master:
+            self.master.follow_device()
         items = prepared if isinstance(prepared, tuple) else (prepared,)
         model = next((o for o in items if isinstance(o, torch.nn.Module)), None)
         self._optimizer = next((o for o in items if hasattr(o, "param_groups")), self._optimizer)
@@ -285,8 +295,22 @@ class AmpSession:
             _precision.fix_skip_flag(opt, acc.scaler)
         self.checks.wrap_optimizers()
         if self.ckpt is None:
-            self.ckpt = CheckpointManager(acc, self.out_dir, self.keep, self._meta, self._state)
+            self.ckpt = CheckpointManager(acc, self.out_dir, self.keep, self._meta, self._state,
+                                          on_save=self.master.on_save, on_load=self.master.load)
         return prepared
+
+    def _low_precision_weights(self, objects: tuple[Any, ...]) -> None:
+        acc = self.accelerator
+        engine = str(acc.distributed_type)
+        if "FSDP" in engine or "DEEPSPEED" in engine or "MEGATRON" in engine:
+            raise _precision.PrecisionError(
+                f"precision {self.resolution.effective} runs on one process or under DDP; under {engine.split('.')[-1]} "
+                "use bf16, whose engine keeps float32 master weights itself")
+        optimizers = [o for o in (*objects, *acc._optimizers) if hasattr(o, "param_groups")]
+        for model in (o for o in objects if isinstance(o, torch.nn.Module)):
+            self.master.attach(model, optimizers)
+        for opt in optimizers:
+            self.master.take(opt)
 
     def track(self, obj: Any, name: str | None = None) -> Any:
         """Keep ``obj`` in every checkpoint and restore it on resume; returns ``obj``.
@@ -611,6 +635,12 @@ class AmpSession:
         """
         return _plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
 
+    def full_precision(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Your model in float32 for evaluation with autocast off (``eval.precision=fp32``): :meth:`unwrap`'s module,
+        or under bf16-true a float32 copy holding the master weights (made anew at each call)."""
+        plain = self.unwrap(model)
+        return self.master.float_copy(plain) if self.master else plain
+
     def summary(self) -> dict[str, Any]:
         """The run's AMP statistics (what :meth:`close` writes to out_dir/amp_summary.json)."""
         acc = self.accelerator
@@ -686,8 +716,6 @@ def _settle(seconds: float = 0.2) -> None:
 def _auto_by_measurement(rule: _precision.Resolution, state: Any, probe: Any) -> _precision.Resolution:
     """``auto`` timed on the caller's model where the hardware rule is not certain (amp/autopick.py); the main
     process measures or reads the cache, and every rank runs what it found."""
-    from . import autopick
-
     share = None
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -697,7 +725,7 @@ def _auto_by_measurement(rule: _precision.Resolution, state: Any, probe: Any) ->
             broadcast_object_list(box, from_process=0)
             return box[0]
 
-    return autopick.pick(rule, state.device, probe, state.is_main_process, share)
+    return _autopick.pick(rule, state.device, probe, state.is_main_process, share)
 
 
 def _plain_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,204 @@
+"""``bf16-true``: weights, activations and gradients in bf16 without autocast, float32 master weights in the optimizer.
+
+Pure bf16 training loses small updates: a bf16 weight has 8 significant bits, so an AdamW step smaller than half
+its spacing (``lr`` 1e-4 on a weight of 0.5 is 1/20 of it) rounds back to the same value and is gone, step after
+step (``benchmarks/lost_updates.py`` shows it). Two remedies are known: float32 master weights (the optimizer
+updates a float32 copy, the model gets it rounded to bf16) and stochastic rounding of the bf16 update (unbiased
+only on average). This core keeps master weights: no update is ever lost, any ``torch.optim`` optimizer works
+unchanged with float32 state, and the run stays deterministic, so a resume is bitwise exact (stochastic rounding
+would draw random numbers in every step). The cost is 4 bytes per parameter more than pure bf16.
+
+:class:`MasterWeights` does it around a model and its optimizers, before ``accelerator.prepare``:
+
+- the model's parameters and floating buffers become bf16 (modules kept in float32 by ``keep_in_fp32`` stay float32
+  and hand bf16 on to the next module); its forward takes float inputs as bf16 and returns float outputs as float32,
+  so the loss is computed in float32 as under autocast;
+- each optimizer updates float32 copies of the bf16 parameters (its state is float32 too): at ``step()`` the bf16
+  gradients are copied in, and after it the updated masters are rounded into the model;
+- a checkpoint holds the float32 masters as the model's weights (like every other precision, so a resume across
+  precisions loses nothing); :meth:`load` puts the float32 values back into the masters after a resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .precision import cast_floats
+
+
+class MasterWeights:
+    """Float32 master weights for a model stored in ``dtype`` (bf16). Attach before ``accelerator.prepare``."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+        self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (low-precision param, float32 master)
+        self.models: list[torch.nn.Module] = []
+        self._masters: dict[int, torch.nn.Parameter] = {}  # id(low-precision param) -> its master
+        self._optimizers: list[Any] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.models)
+
+    # ------------------------------------------------------------------ set-up
+
+    def attach(self, model: torch.nn.Module, optimizers: Iterable[Any] = ()) -> None:
+        """Store ``model`` in ``dtype`` and give ``optimizers`` (those that hold its parameters) float32 masters."""
+        if any(m is model for m in self.models):
+            return
+        fp32_parts = [m for m in model.modules() if getattr(m, "_amp_fp32", False)]
+        keep = {id(t) for m in fp32_parts for t in (*m.parameters(), *m.buffers())}
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) in keep or not p.is_floating_point() or id(p) in self._masters:
+                    continue
+                master = torch.nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
+                self._masters[id(p)] = master
+                p.data = p.data.to(self.dtype)
+                self.pairs.append((p, master))
+            for b in model.buffers():
+                if id(b) not in keep and b.is_floating_point():
+                    b.data = b.data.to(self.dtype)
+        for m in fp32_parts:
+            m._amp_cast_back = self.dtype  # its output goes on to bf16 modules
+        self._wrap_forward(model)
+        self.models.append(model)
+        for opt in optimizers:
+            self.take(opt)
+
+    def follow_device(self) -> None:
+        """After ``prepare`` moved the model: each master (and its optimizer state) on its parameter's device."""
+        moved = {}
+        for p, m in self.pairs:
+            if m.device != p.device:
+                m.data = m.data.to(p.device)
+                moved[id(m)] = p.device
+        for opt in self._optimizers:
+            for m, state in opt.state.items():
+                if id(m) in moved:
+                    for k, v in state.items():
+                        if torch.is_tensor(v) and v.dim():
+                            state[k] = v.to(moved[id(m)])
+
+    def take(self, opt: Any) -> None:
+        """The optimizer updates the masters; ``step`` copies gradients in and rounds the result out."""
+        opt = getattr(opt, "optimizer", opt)  # an AcceleratedOptimizer's own
+        if getattr(opt, "_amp_master", None) is self:
+            return
+        masters = self._masters
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                master = masters.get(id(p))
+                if master is None:
+                    continue
+                group["params"][i] = master
+                if p in opt.state:  # an optimizer that already stepped: its state follows, in float32
+                    opt.state[master] = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dim()
+                                         else v for k, v in opt.state.pop(p).items()}
+        mine = {id(m) for g in opt.param_groups for m in g["params"]}
+        pairs = [(p, m) for p, m in self.pairs if id(m) in mine]
+        step, zero_grad = opt.step, opt.zero_grad
+
+        @functools.wraps(step)
+        def master_step(*args: Any, **kwargs: Any) -> Any:
+            for p, m in pairs:
+                m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            out = step(*args, **kwargs)
+            with torch.no_grad():
+                for p, m in pairs:
+                    p.copy_(m)  # round to nearest into the model
+            return out
+
+        @functools.wraps(zero_grad)
+        def master_zero_grad(set_to_none: bool = True) -> None:
+            zero_grad(set_to_none)
+            for p, _ in pairs:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+        opt.step, opt.zero_grad = master_step, master_zero_grad
+        opt._amp_master = self
+        self._optimizers.append(opt)
+
+    def _wrap_forward(self, model: torch.nn.Module) -> None:
+        forward, dtype = model.forward, self.dtype
+
+        @functools.wraps(forward)
+        def low_precision_forward(*args: Any, **kwargs: Any) -> Any:
+            return cast_floats(forward(*cast_floats(args, dtype), **cast_floats(kwargs, dtype)), torch.float32)
+
+        model.forward = low_precision_forward
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _by_storage(self) -> dict[int, torch.nn.Parameter]:
+        return {p.data_ptr(): m for p, m in self.pairs}
+
+    def on_save(self, weights: list[dict[str, Any]]) -> None:
+        """In Accelerate's save-state hook: the float32 masters replace the bf16 weights in the state dicts, and
+        bf16 buffers are saved as float32 (exactly), so a checkpoint is float32 whichever precision wrote it."""
+        masters = self._by_storage()
+        for state in weights:
+            for key, value in list(state.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if value.data_ptr() in masters:
+                    state[key] = masters[value.data_ptr()].detach()
+                elif value.dtype == self.dtype:
+                    state[key] = value.float()
+
+    def load(self, path: str | Path, models: list[torch.nn.Module]) -> None:
+        """After ``accelerator.load_state(path)``: the masters from the checkpoint's weights (float32 when saved by
+        any precision of this core), and the model rounded from them."""
+        masters = self._by_storage()
+        for i, model in enumerate(models):
+            saved = _read_weights(Path(path), i)
+            if saved is None:
+                continue
+            current = model.state_dict()
+            with torch.no_grad():
+                for key, value in saved.items():
+                    now = current.get(key)
+                    if now is not None and now.data_ptr() in masters:
+                        masters[now.data_ptr()].copy_(value)
+        self.round_into_model()
+
+    def round_into_model(self) -> None:
+        with torch.no_grad():
+            for p, m in self.pairs:
+                p.copy_(m)
+
+    # ------------------------------------------------------------------ evaluation and export
+
+    def float_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A float32 copy of ``module`` (a plain module sharing the model's parameters) with the master weights."""
+        masters = self._by_storage()
+        clone = copy.deepcopy(module).float()
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(module.named_parameters(), clone.named_parameters(), strict=True):
+                if p.data_ptr() in masters:
+                    q.copy_(masters[p.data_ptr()])
+        for m in clone.modules():
+            m.__dict__.pop("_amp_cast_back", None)
+        return clone
+
+
+def _read_weights(path: Path, index: int) -> dict[str, torch.Tensor] | None:
+    """Model ``index``'s weights as Accelerate saved them (safetensors or a torch pickle), or None (sharded)."""
+    suffix = "" if index == 0 else f"_{index}"
+    st = path / f"model{suffix}.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    pt = path / f"pytorch_model{suffix}.bin"
+    if pt.is_file():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    return None
