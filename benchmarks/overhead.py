@@ -10,7 +10,9 @@ Two loops train the same model on the same data, in one process per precision:
     (B) generated loop   the same body, inside the template's AmpSession (the precision resolved and printed,
                          the run lock, checkpoint registration, amp.batches() counting samples and tokens,
                          amp.after_step() recording loss, grad norm and loss scale without a sync, and at every
-                         log.every steps one read, metrics.jsonl, the guard check and a console line)
+                         log.every steps one read, metrics.jsonl, the guard check and a console line; the
+                         precision audit after the first step; the meters on each tick's step)
+    (N) the same, meters off (amp.meters=false): B/N is what the meters cost
 
 Both are built with train.py's builders (model, data, AdamW and its schedule, the same seed and clipping), so
 they run the same math: the final losses of A and B are printed side by side to show it. The template is
@@ -30,6 +32,7 @@ waiting for each other (a control run of A against a second A scattered by +-10%
 one). --threads 0 keeps torch's own choice. The last line is machine-readable:
 
     RESULT overhead_vs_accelerate=<geometric mean over the precisions of the median B/A step-time ratio>
+           meters_cost=<the same for B/N: what the meters at log ticks cost>
 
 It prints numbers and never fails on a slow machine: there is no threshold to pass.
 """
@@ -155,21 +158,22 @@ class Bare:
 
 
 class Generated:
-    """(B) The generated loop: train.py's session set-up and loop body (eval and checkpoint saves left out)."""
+    """(B) The generated loop: train.py's session set-up and loop body (eval and checkpoint saves left out); (N) the
+    same with ``amp.meters=false``."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, meters: bool = True):
         from accelerate.utils import DataLoaderConfiguration, set_seed
         from project.amp import AmpSession
-        from project.amp.guard import GuardPolicy
-        from project.config import to_dict
+        from project.config import guard_policy, to_dict
         from project.example import build_data
         from project.train import build_model, build_optimizer, forever
 
         t = cfg.train
         self.amp = AmpSession(
-            cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=GuardPolicy(**asdict(cfg.amp.guard)),
-            log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps, config=to_dict(cfg),
-            live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
+            cfg.amp.precision, cfg.out_dir + ("" if meters else "-no-meters"), scaler=asdict(cfg.amp.scaler),
+            guard=guard_policy(cfg), log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps,
+            config=to_dict(cfg), live=cfg.log.live, rescale_schedule_on_world_size_change=True,
+            gradient_accumulation_steps=t.grad_accum, auto_probe=False, audit=cfg.amp.audit, meters=meters,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         )
         set_seed(cfg.seed)
@@ -226,14 +230,16 @@ def worker(args: argparse.Namespace) -> dict:
     prec = args.worker
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         cfg = build_config(args.mode, os.path.join(tmp, "run"), prec)
-        loops = {"A": Bare(cfg), "B": Generated(cfg)}
+        loops = {"A": Bare(cfg), "B": Generated(cfg), "N": Generated(cfg, meters=False)}
         for loop in loops.values():
             loop.run(args.warmup)
-        rounds: list[dict[str, list[float]]] = []  # per round: summed (cpu, wall) seconds of A and of B
+        rounds: list[dict[str, list[float]]] = []  # per round: summed (cpu, wall) seconds of each loop
         for r in range(args.rounds):
-            sums = {"A": [0.0, 0.0], "B": [0.0, 0.0]}
+            sums = {name: [0.0, 0.0] for name in loops}
             for i in range(args.block):  # one B log tick per round: block is a multiple of log.every
-                for name in ("AB" if (r * args.block + i) % 2 == 0 else "BA"):
+                k = r * args.block + i  # who goes first turns: ABN, BNA, NAB, then backwards
+                order = "ABN"[k % 3:] + "ABN"[:k % 3]
+                for name in (order if (k // 3) % 2 == 0 else order[::-1]):
                     cpu_s, wall_s = timed(loops[name])
                     sums[name][0] += cpu_s
                     sums[name][1] += wall_s
@@ -248,9 +254,11 @@ def worker(args: argparse.Namespace) -> dict:
            "threads": torch.get_num_threads()}
     for i, clock in enumerate(("cpu", "wall")):
         ratios = [x["B"][i] / x["A"][i] for x in rounds]
+        meters = [x["B"][i] / x["N"][i] for x in rounds]
         out[clock] = {"A_ms": 1e3 * statistics.median(x["A"][i] / args.block for x in rounds),
                       "B_ms": 1e3 * statistics.median(x["B"][i] / args.block for x in rounds),
-                      "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+                      "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                      "meters": statistics.median(meters)}
     return out
 
 
@@ -291,19 +299,22 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         c, w = r["cpu"], r["wall"]
         rows.append([prec, f"{c['A_ms']:.2f}", f"{c['B_ms']:.2f}", f"{c['ratio']:.4f}",
-                     f"{c['ratio_min']:.3f}-{c['ratio_max']:.3f}", f"{w['ratio']:.4f}",
+                     f"{c['ratio_min']:.3f}-{c['ratio_max']:.3f}", f"{w['ratio']:.4f}", f"{c['meters']:.4f}",
                      f"{r['losses']['A']:.6f} / {r['losses']['B']:.6f}", str(r["skipped_B"]),
                      f"{time.perf_counter() - t0:.0f}s"])
     print()
-    print(table(["precision", "A ms/step", "B ms/step", "B/A cpu", "B/A range", "B/A wall", "final loss A / B",
+    print(table(["precision", "A ms/step", "B ms/step", "B/A cpu", "B/A range", "B/A wall", "B/N cpu", "final loss A / B",
                  "skipped", "took"], rows))
     ratios = [r[args.clock]["ratio"] for r in results]
     geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
     print(f"\nms/step and ratios: medians over rounds, {'process CPU' if args.clock == 'cpu' else 'wall'} time "
-          "unless marked wall. A = bare Accelerate, B = the generated loop (AmpSession).")
+          "unless marked wall. A = bare Accelerate, B = the generated loop (AmpSession, its meters on), N = the "
+          "same without its meters (amp.meters=false): B/N is what the meters cost.")
+    meters = [r[args.clock]["meters"] for r in results]
+    meters_geo = math.exp(sum(math.log(x) for x in meters) / len(meters))
     print(f"overhead_vs_accelerate: geometric mean of the median B/A ratios over {', '.join(args.precisions)}, "
           f"{args.clock} clock (target: at most 1.02 on a CPU)")
-    print(f"RESULT overhead_vs_accelerate={geo:.4f}")
+    print(f"RESULT overhead_vs_accelerate={geo:.4f} meters_cost={meters_geo:.4f}")
     return 0
 
 

@@ -1,22 +1,25 @@
-"""The default example trained in fp32, bf16 and fp16 for the same number of steps: speed and final val loss.
+"""The default example trained in each precision for the same number of steps, at two model sizes and several
+seeds: speed, final val loss, and what ``auto`` picks.
 
-    python benchmarks/precision.py            # the template's default model; long on a CPU (fp16 especially)
-    python benchmarks/precision.py --quick    # a smaller model and fewer steps: a few minutes on 2 CPU cores
+    python benchmarks/precision.py                      # default and wide models, 3 seeds each (long on a CPU)
+    python benchmarks/precision.py --sizes default --seeds 1
+    python benchmarks/precision.py --quick              # a small model and fewer steps: a few minutes on 2 cores
 
-Each precision is one real training run of the template (``python -m project.train`` from this checkout's
-template/src, offline, on the Python standard library's sources), in a fresh process, from the same seed,
-with the same data order and schedule. The step time is the median of ``perf/step_time_s`` over the log
-intervals in ``metrics.jsonl`` (wall time per optimizer step; the first interval, with the warm-up, is left
-out); the final validation loss is the run's last eval (whole validation split, float32 outside autocast).
-Speed-ups and losses are relative to fp32. It also says what ``amp.precision=auto`` picks on this machine.
-fp16 on a CPU runs through a real CPU GradScaler without fast fp16 kernels: slow by design, a correctness
-path. The last line is machine-readable:
+Sizes: ``default`` is the template's own model (d_model 192, 4 layers, batch 32 x 128 bytes); ``wide`` is d_model 384,
+6 layers, the same batch; ``quick`` is d_model 64, 2 layers, batch 16 x 64 bytes. Each run is one real training
+run of the template (``python -m project.train`` from this checkout's template/src, offline, on the Python standard
+library's sources), in a fresh process, with torch's own thread count (what a user gets; ``--threads`` to set it),
+the same data order and schedule for every precision of a seed. The step time is the median of
+``perf/step_time_s`` over the log intervals in ``metrics.jsonl`` (the first, with the warm-up, left out), taken
+over the seeds; the final validation loss is the run's last eval (the whole validation split), as mean and spread
+over the seeds. Speed-ups and losses are relative to fp32 at the same size. fp16 on a CPU runs through a real CPU
+GradScaler: fast only where the CPU has AVX512-FP16 or AMX-FP16. Per size it says what ``amp.precision=auto``
+runs when it times the model (its default; the same decision, on these step times, over the candidates it weighs
+by default) and what the hardware rule alone picks. The last line is machine-readable, one field per size and
+precision, e.g.:
 
-    RESULT bf16_speedup=<fp32 time / bf16 time> fp16_speedup=<x> auto_pick=<p> rule_pick=<p>
-           bf16_val_loss_rel=<bf16 / fp32> fp16_val_loss_rel=<x>
-
-``auto_pick`` is what ``auto`` runs when it times the model (the default), decided on these runs' step times;
-``rule_pick`` what the hardware rule alone picks.
+    RESULT default_auto_pick=<p> default_fastest=<p> default_auto_agrees=<yes: within 5% of the fastest>
+           default_bf16_speedup=<fp32 time / bf16 time> default_bf16_val_loss_rel=<bf16 / fp32> ... rule_pick=<p>
 
 It prints numbers and never fails on a slow machine: there is no threshold to pass.
 """
@@ -35,42 +38,53 @@ from pathlib import Path
 
 from _common import TEMPLATE_SRC, cpu_line, table, template_env
 
-MODES = {
-    # the template's own defaults (d_model 192, 4 layers, batch 32, seq_len 128), fewer steps than its 500
-    "full": {"train.max_steps": 100, "train.warmup_steps": 10},
+SIZES = {
+    "default": {},  # the template's own model and batch
+    "wide": {"model.d_model": 384, "model.n_layer": 6, "model.n_head": 6},
     "quick": {"model.d_model": 64, "model.n_layer": 2, "model.n_head": 4, "data.seq_len": 64, "train.batch_size": 16,
-              "data.max_bytes": 600_000, "train.max_steps": 150, "train.warmup_steps": 15},
+              "data.max_bytes": 600_000},
 }
-COMMON = {"log.every": 10, "log.live": "false", "checkpoint.every": 0, "eval.every": 0, "eval.batches": 0}
+STEPS = {"default": 100, "wide": 100, "quick": 150}
+NAMES = ("fp32", "bf16", "fp16", "bf16-true")
+COMMON = {"log.every": 10, "log.live": "false", "checkpoint.every": 0, "eval.every": 0, "eval.batches": 0,
+          "amp.auto.measure": "false"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a few minutes on 2 cores)")
-    p.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16 (fp32 always runs)")
+    p.add_argument("--quick", action="store_true", help="--sizes quick --seeds 1: a few minutes on 2 cores")
+    p.add_argument("--sizes", default="default,wide", help=f"comma-separated: {','.join(SIZES)} (default default,wide)")
+    p.add_argument("--precisions", default=",".join(NAMES), help=f"comma-separated: {','.join(NAMES)} (fp32 always runs)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per size and precision (default 3)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: 100, quick 150)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the runs (OMP_NUM_THREADS; default: torch's)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.seeds = "quick", 1
+    args.sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    for size in args.sizes:
+        if size not in SIZES:
+            p.error(f"--sizes: {size!r} is not one of {', '.join(SIZES)}")
     names = [x.strip() for x in args.precisions.split(",") if x.strip()]
     for name in names:
-        if name not in ("fp32", "bf16", "fp16"):
-            p.error(f"--precisions: {name!r} is not one of fp32, bf16, fp16")
+        if name not in NAMES:
+            p.error(f"--precisions: {name!r} is not one of {', '.join(NAMES)}")
     args.precisions = ["fp32"] + [n for n in dict.fromkeys(names) if n != "fp32"]
     if args.steps is not None and args.steps < 20:
         p.error("--steps must be >= 20 (two log intervals after the first)")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     return args
 
 
-def overrides(args: argparse.Namespace) -> dict[str, object]:
-    out = {**MODES["quick" if args.quick else "full"], **COMMON}
-    if args.steps:
-        out["train.max_steps"] = args.steps
-    return out
+def overrides(args: argparse.Namespace, size: str) -> dict[str, object]:
+    steps = args.steps or STEPS[size]
+    return {**SIZES[size], "train.max_steps": steps, "train.warmup_steps": steps // 10, **COMMON}
 
 
-def train(prec: str, keys: dict[str, object], out_dir: Path, threads: int) -> dict:
+def train(prec: str, keys: dict[str, object], out_dir: Path, threads: int, seed: int) -> dict:
     """One training run; its step time, final val loss, skipped steps and wall time."""
-    argv = [sys.executable, "-m", "project.train", f"amp.precision={prec}", f"out_dir={out_dir}",
+    argv = [sys.executable, "-m", "project.train", f"amp.precision={prec}", f"out_dir={out_dir}", f"seed={seed}",
             *(f"{k}={v}" for k, v in keys.items())]
     t0 = time.perf_counter()
     env = {**template_env(), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -86,48 +100,70 @@ def train(prec: str, keys: dict[str, object], out_dir: Path, threads: int) -> di
             "skipped": summary.get("amp/skipped_steps", 0), "took_s": took}
 
 
+def report(size: str, keys: dict[str, object], runs: dict[str, list[dict]], auto: object) -> dict[str, object]:
+    """The table of one size and its RESULT fields."""
+    from project.amp.autopick import NOISE, candidates, decide
+
+    def time_of(p: str) -> float:
+        return statistics.median(r["step_time_s"] for r in runs[p])
+
+    def loss_of(p: str) -> float:
+        return statistics.mean(r["val_loss"] for r in runs[p])
+
+    ref_t, ref_l = time_of("fp32"), loss_of("fp32")
+    print(f"\n{size}: " + " ".join(f"{k}={v}" for k, v in keys.items() if k not in COMMON)
+          + f", {len(runs['fp32'])} seed(s)")
+    head = ["precision", "ms/step", "speed-up", "val loss (mean, min-max)", "val loss / fp32", "skipped", "runs took"]
+    body = []
+    for p, rs in runs.items():
+        ls = [r["val_loss"] for r in rs]
+        body.append([p, f"{1e3 * time_of(p):.1f}", f"{ref_t / time_of(p):.2f}x",
+                     f"{loss_of(p):.4f} ({min(ls):.4f}-{max(ls):.4f})", f"{loss_of(p) / ref_l:.4f}",
+                     "/".join(str(r["skipped"]) for r in rs), f"{sum(r['took_s'] for r in rs):.0f}s"])
+    print(table(head, body))
+    device = "cuda" if auto.device_type == "cuda" else "cpu"
+    weighed = {p: time_of(p) for p in candidates(device) if p in runs}
+    timed = decide(auto, weighed, cached=False)
+    fastest = min(runs, key=time_of)
+    print(f"auto, timing this model (its default), runs {timed.effective} ({timed.reason}); "
+          f"the fastest here: {fastest}" + ("" if fastest in weighed else
+                                            f" (auto weighs {', '.join(weighed)} unless amp.auto.candidates adds it)"))
+    agrees = time_of(timed.effective) <= time_of(fastest) * (1 + NOISE)  # within the noise auto itself allows
+    print(f"auto's pick is {'within' if agrees else 'NOT within'} {100 * NOISE:.0f}% of the fastest")
+    out: dict[str, object] = {f"{size}_auto_pick": timed.effective, f"{size}_fastest": fastest,
+                              f"{size}_auto_agrees": "yes" if agrees else "no"}
+    for p in runs:
+        if p != "fp32":
+            out[f"{size}_{p}_speedup"] = f"{ref_t / time_of(p):.4f}"
+            out[f"{size}_{p}_val_loss_rel"] = f"{loss_of(p) / ref_l:.4f}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(TEMPLATE_SRC))
     import torch
     from project.amp import precision
 
-    keys = overrides(args)
     auto = precision.resolve("auto", "cpu" if not torch.cuda.is_available() else "cuda")
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"torch threads {args.threads or torch.get_num_threads()}")
     print(cpu_line())
-    print(f"{'quick' if args.quick else 'full'} mode, every precision: "
-          + " ".join(f"{k}={v}" for k, v in keys.items() if k not in COMMON)
-          + " (other keys: the template's defaults; eval on the whole validation split at the end)")
-    print(f"auto picks {auto.effective} here ({auto.reason})\n")
-    rows = []
+    print(f"precisions {', '.join(args.precisions)}; seeds 0-{args.seeds - 1}; other keys: the template's defaults; "
+          "eval on the whole validation split at the end")
+    print(f"the hardware rule alone picks {auto.effective} here ({auto.reason})")
+    result: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="precision-bench-") as tmp:
-        for prec in args.precisions:
-            print(f"{prec} ...", flush=True)
-            rows.append(train(prec, keys, Path(tmp) / prec, args.threads))
-    ref = rows[0]
-    head = ["precision", "ms/step", "speed-up", "val loss", "val loss / fp32", "skipped", "run took"]
-    body = [[r["precision"], f"{1e3 * r['step_time_s']:.1f}", f"{ref['step_time_s'] / r['step_time_s']:.2f}x",
-             f"{r['val_loss']:.4f}", f"{r['val_loss'] / ref['val_loss']:.4f}", str(r["skipped"]), f"{r['took_s']:.0f}s"]
-            for r in rows]
-    print(table(head, body))
-    by = {r["precision"]: r for r in rows}
-
-    def rel(p: str, key: str, inverse: bool = False) -> str:
-        if p not in by:
-            return "nan"
-        return f"{(ref[key] / by[p][key]) if inverse else (by[p][key] / ref[key]):.4f}"
-
-    # what auto runs when it times this model (amp.auto.measure, the default): the same decision on these step times
-    from project.amp.autopick import candidates, decide
-
-    device = "cpu" if not torch.cuda.is_available() else "cuda"
-    timed = decide(auto, {p: by[p]["step_time_s"] for p in candidates(device) if p in by}, cached=False)
-    print(f"timed on this model, auto runs {timed.effective} ({timed.reason})")
-    print(f"\nRESULT bf16_speedup={rel('bf16', 'step_time_s', True)} fp16_speedup={rel('fp16', 'step_time_s', True)} "
-          f"auto_pick={timed.effective} rule_pick={auto.effective} bf16_val_loss_rel={rel('bf16', 'val_loss')} "
-          f"fp16_val_loss_rel={rel('fp16', 'val_loss')}")
+        for size in args.sizes:
+            keys = overrides(args, size)
+            runs: dict[str, list[dict]] = {p: [] for p in args.precisions}
+            for seed in range(args.seeds):
+                for prec in args.precisions:
+                    print(f"{size} seed {seed} {prec} ...", flush=True)
+                    runs[prec].append(train(prec, keys, Path(tmp) / f"{size}-{seed}-{prec}", args.threads, seed))
+            result.update(report(size, keys, runs, auto))
+    result["rule_pick"] = auto.effective
+    print("\nRESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 
 

@@ -66,13 +66,14 @@ def env(tmp_path_factory) -> dict[str, str]:
     return e
 
 
-def run(script: Path, cwd: Path, env: dict[str, str], nproc: int = 1, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch(script, nproc, "--mixed_precision", "fp16", "--output_dir", "out", *args), cwd=cwd,
-                          env=cpu_ranks(env, nproc), capture_output=True, text=True, timeout=600, check=False)
+def run(script: Path, cwd: Path, env: dict[str, str], nproc: int = 1, *args: str,
+        precision: str = "fp16") -> subprocess.CompletedProcess:
+    return subprocess.run(launch(script, nproc, "--mixed_precision", precision, "--output_dir", "out", *args),
+                          cwd=cwd, env=cpu_ranks(env, nproc), capture_output=True, text=True, timeout=600, check=False)
 
 
-def start(script: Path, cwd: Path, env: dict[str, str], nproc: int = 1, *args: str) -> Started:
-    return Started(launch(script, nproc, "--mixed_precision", "fp16", "--output_dir", "out", *args), cwd,
+def start(script: Path, cwd: Path, env: dict[str, str], nproc: int = 1, *args: str, precision: str = "fp16") -> Started:
+    return Started(launch(script, nproc, "--mixed_precision", precision, "--output_dir", "out", *args), cwd,
                    cpu_ranks(env, nproc))
 
 
@@ -157,6 +158,30 @@ def test_two_gloo_ranks_train_are_killed_and_resume(row, repo, env, tmp_path):
     assert f"resume: loaded {Path('out', 'checkpoints', killed_at)}" in resumed.stdout, out
     assert latest(tmp_path / "out") > killed_at and (tmp_path / "out" / "amp_summary.json").is_file()
     assert "same first batch" not in out  # every shape here splits its data between the processes
+
+
+def test_bf16_true_in_a_users_loop_resumes_bitwise_and_trains_on_two_gloo_ranks(repo, env, tmp_path):
+    """bf16 weights with float32 masters in a loop the core did not write: float inputs from a plain DataLoader,
+    dropout, ``optimizer.zero_grad()``; killed after a checkpoint, the same command ends bitwise equal; DDP
+    all-reduces the bf16 gradients over gloo."""
+    script = repo / "dropout_loader.py"
+    for name in ("straight", "killed", "two"):
+        (tmp_path / name).mkdir()
+    ref = run(script, tmp_path / "straight", env, precision="bf16-true")
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert re.search(r"^precision: requested bf16-true -> bf16-true \(as requested: bf16 weights", ref.stdout, re.M)
+    final = latest(tmp_path / "straight" / "out")
+    run_ = start(script, tmp_path / "killed", env, precision="bf16-true")
+    run_.wait_until((tmp_path / "killed" / "out" / "checkpoints" / "latest").exists, "the first checkpoint")
+    run_.kill_everything(1)
+    assert latest(tmp_path / "killed" / "out") < final, "the kill came after the run had finished"
+    resumed = run(script, tmp_path / "killed", env, precision="bf16-true")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(tmp_path / "straight" / "out" / "checkpoints" / final,
+                        tmp_path / "killed" / "out" / "checkpoints" / final)
+    two = run(script, tmp_path / "two", env, 2, precision="bf16-true")
+    assert two.returncode == 0 and world_size(two.stdout) == 2, two.stdout + two.stderr
+    assert json.loads((tmp_path / "two" / "out" / "amp_summary.json").read_text())["precision"] == "bf16-true"
 
 
 def test_each_loop_shape_has_a_docs_paragraph_whose_session_calls_its_script_makes():

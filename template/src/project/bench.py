@@ -244,7 +244,7 @@ def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, c
 
 PROBE_PREFIX = '{"probe": '
 PROBE_WARMUP, PROBE_ROUNDS, PROBE_STEPS = 1, 3, 2  # per candidate: 1 + 3 x 2 optimizer steps
-_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
 
 
@@ -269,7 +269,7 @@ def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
         config = Path(folder) / "config.yaml"
         config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))
         argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--probe", ",".join(candidates), "--config", str(config)]
-        proc = subprocess.run(argv, env=_child_env(drop=_RANK_ENV), capture_output=True, text=True, check=False,
+        proc = subprocess.run(argv, env=child_env(drop=RANK_ENV), capture_output=True, text=True, check=False,
                               timeout=900)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PROBE_PREFIX):
@@ -370,7 +370,7 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "other"
 
 
-def _child_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
+def child_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
     """This environment without ``drop``, with the package importable in the child as in this process."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     src = str(Path(__file__).resolve().parents[1])
@@ -381,7 +381,7 @@ def _child_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
 def _worker_command(prec: str, opts: Options) -> tuple[list[str], dict[str, str]]:
     argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--worker", prec, "--steps", str(opts.steps),
             "--warmup", str(opts.warmup), "--repeats", str(opts.repeats), *opts.config_args]
-    return argv, _child_env()
+    return argv, child_env()
 
 
 def run_worker(prec: str, opts: Options) -> dict[str, Any]:

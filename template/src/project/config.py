@@ -47,6 +47,7 @@ class GuardConfig:
     min_scale: float = GuardPolicy.min_scale  # a scale below this counts as collapsed (2**-14)
     max_consecutive_skips: int = GuardPolicy.max_consecutive_skips  # this many skipped steps in a row counts too
     action: str = GuardPolicy.action  # warn | stop (save and exit 3) | fallback (save, go on in a safer precision)
+    locate: bool = False  # when it trips, replay to the first overflow and name the module (python -m PACKAGE.locate)
 
 
 @dataclass
@@ -66,6 +67,8 @@ class AmpConfig:
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     fp32_modules: list[str] = field(default_factory=list)  # module name patterns run without autocast
+    audit: str = "warn"  # check the tensors' dtypes after the first step: off | warn | strict (an error, exit 2)
+    meters: bool = True  # at log ticks: amp/scale_headroom_bits, amp/grad_underflow_frac, amp/lost_update_frac
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs when running fp32 parts
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest kernels (not bitwise reproducible)
 
@@ -156,12 +159,13 @@ def validate(cfg: Config) -> Config:
     p = cfg.amp.precision
     cfg.amp.precision = normalise_precision(p)
     need(cfg.amp.precision in PRECISIONS, "amp.precision", f"one of {'|'.join(PRECISIONS)} (or no)", p)
+    need(cfg.amp.audit in ("off", "warn", "strict"), "amp.audit", "off, warn or strict", cfg.amp.audit)
     asked = cfg.amp.auto.candidates
     cfg.amp.auto.candidates = [normalise_precision(c) for c in asked]
     for c, given in zip(cfg.amp.auto.candidates, asked, strict=True):
         need(c in PRECISIONS[1:], "amp.auto.candidates", f"a list of {'|'.join(PRECISIONS[1:])}", given)
     for section, check in (("amp.scaler", lambda: check_scaler(**dataclasses.asdict(cfg.amp.scaler))),
-                           ("amp.guard", lambda: GuardPolicy(**dataclasses.asdict(cfg.amp.guard)))):
+                           ("amp.guard", lambda: guard_policy(cfg))):
         try:  # the core's own checks; its messages start with the setting's name
             check()
         except ValueError as e:
@@ -197,6 +201,12 @@ def validate(cfg: Config) -> Config:
 
 
 COMMAND = f"python -m {__package__ or 'PACKAGE'}.train"
+
+
+def guard_policy(cfg: Config) -> GuardPolicy:
+    """The core's collapse-guard policy from ``amp.guard`` (``locate`` is the project's: train.py runs it)."""
+    g = cfg.amp.guard
+    return GuardPolicy(min_scale=g.min_scale, max_consecutive_skips=g.max_consecutive_skips, action=g.action)
 
 
 def parse_args(argv: list[str], notices: list[str] | None = None) -> Config:

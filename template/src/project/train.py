@@ -19,7 +19,17 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from . import example
-from .config import Config, ConfigError, ConfigExit, check_trackers, parse_args, resume_check, to_dict, to_yaml
+from .config import (
+    Config,
+    ConfigError,
+    ConfigExit,
+    check_trackers,
+    guard_policy,
+    parse_args,
+    resume_check,
+    to_dict,
+    to_yaml,
+)
 
 # ----------------------------------------------------------------------------
 # building blocks shared with bench.py: the model, the optimizer and its schedule (the data: example.build_data)
@@ -168,7 +178,6 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from .amp import AmpSession, precision
-    from .amp.guard import GuardPolicy
     from .bench import auto_probe
     from .export import export_after_training
 
@@ -177,12 +186,12 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
     # ----------------------------------------------------------------------------
     # session: precision (requested, in effect, why), the Accelerator, scaler, lock, console
     with AmpSession(
-        cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=GuardPolicy(**asdict(cfg.amp.guard)),
+        cfg.amp.precision, cfg.out_dir, scaler=asdict(cfg.amp.scaler), guard=guard_policy(cfg),
         log_every=cfg.log.every, checkpoint_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
         max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
-        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg) or False,  # auto: timed on this model (bench.py)
+        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg) or False, audit=cfg.amp.audit, meters=cfg.amp.meters,  # auto: timed on this model (bench.py)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:
@@ -265,12 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .amp import faults
+    from .amp.audit import AuditError
     from .amp.checkpoint import CheckpointError
     from .amp.guard import GuardFallback, GuardStop
     from .amp.position import LoopError
     from .amp.precision import PrecisionError
     from .amp.rundir import OutputDirError, RunLockedError
     from .config import GUARD_HINT
+    from .locate import after_guard
     main_process = os.environ.get("RANK", "0") == "0"  # one hint, not one per process
     switch = None
     while True:
@@ -278,14 +289,17 @@ def main(argv: list[str] | None = None) -> int:
             return run(cfg, switch, tuple(notices))
         except GuardStop:
             if main_process:
+                after_guard(cfg)  # amp.guard.locate: name the module that overflowed
                 print(GUARD_HINT)
             return 3
         except GuardFallback as fb:  # go on from the checkpoint just saved, in this process
             if main_process:
+                after_guard(cfg)
                 print(f"AMP guard: continuing in {fb.to} from {fb.path}")
             switch, notices = fb.record(), []
             cfg = replace(cfg, resume=fb.path, amp=replace(cfg.amp, precision=fb.to))
-        except (ConfigError, CheckpointError, example.DataError, RunLockedError, PrecisionError, LoopError) as e:
+        except (ConfigError, CheckpointError, example.DataError, RunLockedError, PrecisionError, LoopError,
+                AuditError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OutputDirError as e:

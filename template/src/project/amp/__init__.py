@@ -38,12 +38,15 @@ Nothing process-wide is changed unless asked: the session installs its signal ha
 them at ``close()``; it watches only its own Accelerator and the objects you pass it. ``distributed.run_main`` is
 the explicit call for a clean process end after multi-process gloo runs.
 
-The modules: ``precision`` (resolve, GradScalerKwargs, CPU fp16 scaler, fp32 regions, TF32), ``monitor`` (loss
-scale and overflow statistics), ``guard`` (the collapse-guard policy), ``checkpoint`` (atomic save/load across
-precisions), ``position`` (data position, batches from any iterable), ``rundir`` (lock, fresh starts), ``signals``
-(stop signals, data-loader workers), ``loopcheck`` (fp16 mistakes of a loop), ``console`` (rich live panel or plain
-lines), ``tracking`` (metrics.jsonl and trackers), ``distributed``, ``defaults`` (the shared facts, without torch),
-``session`` (all of them around one Accelerator).
+The modules: ``precision`` (resolve, GradScalerKwargs, CPU fp16 scaler, fp32 regions, TF32), ``autopick`` (``auto``
+by measurement), ``master`` (bf16-true's float32 master weights), ``monitor`` (loss scale and overflow statistics),
+``guard`` (the collapse-guard policy), ``checkpoint`` (atomic save/load across precisions), ``position`` (data
+position, batches from any iterable), ``rundir`` (lock, fresh starts), ``signals`` (stop signals, data-loader
+workers), ``loopcheck`` (fp16 mistakes of a loop), ``console`` (rich live panel or plain lines), ``tracking``
+(metrics.jsonl and trackers), ``distributed``, ``defaults`` (the shared facts, without torch), the debugger's
+``locate`` (which module overflowed), ``audit`` (what precision each tensor has), ``meters`` (headroom, underflow,
+lost updates at log ticks) and ``numerics`` (errors against a float32 shadow), and ``session`` (all of them around
+one Accelerator).
 """
 
 from __future__ import annotations
@@ -59,9 +62,11 @@ _EXPORTS = {
     "AmpSession": "session", "LoopError": "position", "Stop": "session", "StopTraining": "session",
     "RunLockedError": "rundir", "OutputDirError": "rundir",
     "GuardFallback": "guard", "GuardPolicy": "guard", "GuardStop": "guard", "run_main": "distributed",
+    "AuditError": "audit", "MasterWeights": "master", "OverflowLocator": "locate",
 }
-_MODULES = ("checkpoint", "console", "defaults", "distributed", "guard", "loopcheck", "monitor", "position",
-            "precision", "rundir", "session", "signals", "tracking")
+_MODULES = ("audit", "autopick", "checkpoint", "console", "defaults", "distributed", "guard", "locate", "loopcheck",
+            "master", "meters", "monitor", "numerics", "position", "precision", "rundir", "session", "signals",
+            "tracking")
 
 __all__ = [*_EXPORTS, *_MODULES]
 

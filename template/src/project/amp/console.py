@@ -52,6 +52,7 @@ class Status:
     world_size: int = 1
     activity: str | None = None  # what runs between log ticks, e.g. "eval 12/20" (live panel only)
     values: dict[str, float] = field(default_factory=dict)  # the loop's own values (after_step(..., name=value))
+    meters: dict[str, float] = field(default_factory=dict)  # amp/meters.py: headroom, underflow, lost updates
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:
@@ -121,11 +122,24 @@ def render(s: Status) -> Table:
         t.add_row("eta", fmt_duration(s.eta_s))
     if s.peak_mem_gb is not None:
         t.add_row("peak memory", f"{s.peak_mem_gb:.2f} GiB")
+    if s.meters:
+        t.add_row("fp16 edges", " · ".join(_meters(s.meters)))
     for name, value in s.values.items():
         t.add_row(name, _value(value))
     if s.activity:
         t.add_row("now", _bar(s.activity))
     return t
+
+
+def _meters(m: dict[str, float]) -> list[str]:
+    """``headroom 3.2 bits``, ``underflow 0.1%``, ``lost updates 12%`` for the meters measured at this tick."""
+    out = []
+    if "amp/scale_headroom_bits" in m:
+        out.append(f"headroom {_num(m['amp/scale_headroom_bits'], '.1f')} bits")
+    for key, label in (("amp/grad_underflow_frac", "underflow"), ("amp/lost_update_frac", "lost updates")):
+        if key in m and math.isfinite(m[key]):
+            out.append(f"{label} {100 * m[key]:.1f}%")
+    return out
 
 
 def _bar(activity: str, width: int = 20) -> str:
@@ -151,6 +165,7 @@ def plain_line(s: Status) -> str:
         parts.append(f"{s.samples_per_s:,.1f} samples/s")
     if s.eta_s is not None:  # known only with a total number of steps
         parts.append(f"eta {fmt_duration(s.eta_s)}")
+    parts += _meters(s.meters)
     parts += [f"{name} {_value(value)}" for name, value in s.values.items()]
     return " | ".join(parts)
 

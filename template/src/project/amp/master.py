@@ -41,6 +41,7 @@ class MasterWeights:
         self.models: list[torch.nn.Module] = []
         self._masters: dict[int, torch.nn.Parameter] = {}  # id(low-precision param) -> its master
         self._optimizers: list[Any] = []
+        self.meters: Any = None  # amp/meters.py: the lost-update meter on steps that end at a log tick
 
     def __bool__(self) -> bool:
         return bool(self.models)
@@ -108,10 +109,14 @@ class MasterWeights:
         def master_step(*args: Any, **kwargs: Any) -> Any:
             for p, m in pairs:
                 m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            metered = self.meters is not None and self.meters.armed
+            before = self.meters.sample_pairs(pairs) if metered else None
             out = step(*args, **kwargs)
             with torch.no_grad():
                 for p, m in pairs:
                     p.copy_(m)  # round to nearest into the model
+            if metered:
+                self.meters.lost_updates(pairs, before)
             return out
 
         @functools.wraps(zero_grad)
@@ -144,6 +149,8 @@ class MasterWeights:
     def on_save(self, weights: list[dict[str, Any]]) -> None:
         """In Accelerate's save-state hook: the float32 masters replace the bf16 weights in the state dicts, and
         bf16 buffers are saved as float32 (exactly), so a checkpoint is float32 whichever precision wrote it."""
+        if not self:
+            return
         masters = self._by_storage()
         for state in weights:
             for key, value in list(state.items()):
@@ -157,6 +164,8 @@ class MasterWeights:
     def load(self, path: str | Path, models: list[torch.nn.Module]) -> None:
         """After ``accelerator.load_state(path)``: the masters from the checkpoint's weights (float32 when saved by
         any precision of this core), and the model rounded from them."""
+        if not self:
+            return
         masters = self._by_storage()
         for i, model in enumerate(models):
             saved = _read_weights(Path(path), i)

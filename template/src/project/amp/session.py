@@ -32,6 +32,7 @@ import torch
 from . import __version__
 from . import autopick as _autopick
 from . import precision as _precision
+from .audit import Audit, AuditError
 from .checkpoint import CHECKPOINTS, CheckpointManager, find_resume, read_meta, trim_log
 from .console import Status, TrainConsole, summary_table
 from .defaults import SCALER_DEFAULTS, env_flag, normalise_precision
@@ -39,6 +40,7 @@ from .distributed import any_rank
 from .guard import Decision, GuardFallback, GuardPolicy, GuardStop, Problem, decide
 from .loopcheck import LoopChecks
 from .master import MasterWeights
+from .meters import Meters
 from .monitor import AmpMonitor, value_key
 from .position import EpochIterator, LoopError, Progress, count, fingerprint
 from .rundir import OutputDirError, RunDir, RunLockedError, move_aside
@@ -46,6 +48,7 @@ from .signals import StopSignal, shield_workers
 from .tracking import Trackers, run_ids
 
 METRICS = "metrics.jsonl"
+METERS = ("amp/scale_headroom_bits", "amp/grad_underflow_frac", "amp/lost_update_frac")
 SUMMARY = "amp_summary.json"
 
 
@@ -152,6 +155,8 @@ class AmpSession:
         tracker_kwargs: dict[str, dict] | None = None,
         tracker_config: dict[str, Any] | None = None,
         auto_probe: Any = None,
+        audit: str = "warn",
+        meters: bool = True,
         **accelerator_kwargs: Any,
     ):
         from accelerate import Accelerator, PartialState
@@ -221,10 +226,17 @@ class AmpSession:
         self._last_iterator: list[Any] = []
         self._tracked: dict[str, Any] = {}
         self._tracked_state: dict[str, Any] = {}  # loaded for names not tracked yet
+        self._meter_stats: dict[str, float] = {}
         self._clock = _Clock()
         self._scheduler: Any = None
         self._optimizer: Any = None
         self.master = MasterWeights(self.resolution.weights_dtype or torch.bfloat16)  # used by bf16-true only
+        # the precision audit after the first step, and the meters read at log ticks (amp/audit.py, amp/meters.py)
+        deepspeed = "DEEPSPEED" in str(acc.distributed_type)  # its engine owns the weights' and state's precision
+        self.audit = Audit(self.resolution.effective, "off" if deepspeed else audit)
+        self.meters = Meters() if meters else None
+        self.master.meters = self.meters
+        self._wrap_backward()
         try:
             self._take_lock()
         except BaseException:
@@ -294,10 +306,45 @@ class AmpSession:
         for opt in acc._optimizers:
             _precision.fix_skip_flag(opt, acc.scaler)
         self.checks.wrap_optimizers()
+        if self.audit.mode != "off" and self.audit.result is None:
+            self.audit.watch([o for o in items if isinstance(o, torch.nn.Module)],
+                             [o for o in items if hasattr(o, "param_groups")])
         if self.ckpt is None:
             self.ckpt = CheckpointManager(acc, self.out_dir, self.keep, self._meta, self._state,
                                           on_save=self.master.on_save, on_load=self.master.load)
         return prepared
+
+    def _wrap_backward(self) -> None:
+        """After the backward of a step that ends at a log tick: the gradient meters (device work, no read)."""
+        acc, backward = self.accelerator, self.accelerator.backward
+
+        def metered_backward(loss: Any, **kwargs: Any) -> Any:
+            out = backward(loss, **kwargs)
+            due = self.meters is not None and acc.sync_gradients and self._tick_next()
+            scaled = acc.scaler is not None and acc.scaler.is_enabled()
+            if due and scaled:  # the gradients as the backward left them: times the loss scale
+                self.meters.after_backward([p for m in acc._models for p in m.parameters()])
+            if self.meters is not None:
+                self.meters.armed = due  # bf16-true's optimizer step measures its lost updates (amp/master.py)
+            return out
+
+        acc.backward = metered_backward
+
+    def _tick_next(self) -> bool:
+        """Whether the optimizer step being computed now ends at a log tick."""
+        step = self.progress.step + 1
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def _finish_audit(self) -> None:
+        scaler = self.accelerator.scaler
+        problems = self.audit.finish(scaler if scaler is not None and scaler.is_enabled() else None)
+        for line in self.audit.lines():
+            self.say(line)
+        if problems and self.audit.mode == "strict":
+            raise AuditError(f"precision audit: {problems[0]}" + (f" (and {len(problems) - 1} more)"
+                                                                  if len(problems) > 1 else ""))
+        for line in problems:
+            self.say(f"warning: precision audit: {line}", style="yellow")
 
     def _low_precision_weights(self, objects: tuple[Any, ...]) -> None:
         acc = self.accelerator
@@ -463,6 +510,8 @@ class AmpSession:
         if not acc.sync_gradients:
             return False
         self.checks.after_step()  # fp16 mistakes that must stop at once: a LoopError naming the fix
+        if self.audit.mode != "off" and self.audit.result is None:
+            self._finish_audit()
         if not self._entered:
             self.console.__enter__()
             self._entered = True
@@ -534,6 +583,9 @@ class AmpSession:
                 warnings += [w for w in [self.checks.same_data_warning([r[4] for r in rows], len(rows))] if w]
         for line in warnings:
             self.say(line, style="yellow")
+        meters = self.meters.read() if self.meters is not None else {}
+        m.update(meters)
+        self._meter_stats.update(meters)
         m.update(self._perf())
         decision = decide(self.policy, problem, precision=self.resolution.effective,
                           native_bf16=self._bf16_native(), warned=self._warned)
@@ -595,6 +647,7 @@ class AmpSession:
             samples_per_s=m.get("perf/samples_per_s"), tokens_per_s=m.get("perf/tokens_per_s"), eta_s=eta,
             peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.accelerator.device.type == "cuda" else None,
             world_size=self.accelerator.num_processes, values=own,
+            meters={k: v for k, v in m.items() if k in METERS},
         )
 
     def _bf16_native(self) -> bool:
@@ -611,7 +664,7 @@ class AmpSession:
                 "scaler_kwargs": self.scaler_kwargs if res.uses_scaler else None,
                 "precision_switches": self.monitor.switches, "torch": torch.__version__,
                 "accelerate": _version("accelerate"), "config": self.config,
-                "trackers": run_ids(self.accelerator)}
+                "trackers": run_ids(self.accelerator), "audit": self.audit.result}
 
     def save(self, quiet: bool = False) -> Path:
         """Save everything a resume needs as ``out_dir/checkpoints/step_NNNNNNN`` (every process must call it)."""
@@ -635,6 +688,19 @@ class AmpSession:
         """
         return _plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
 
+    def locate(self, model: torch.nn.Module) -> Any:
+        """Hooks that find the first module whose value passes this precision's limit (fp16: 65504) in the steps run
+        inside ``with amp.locate(model) as loc:``: its forward outputs, the gradients its backward produced, its
+        parameters' gradients (times the loss scale, as the backward computes them). ``loc.next_step(n)`` before
+        step n, ``loc.finding()`` after it; ``loc.report()`` names the module and phase and prints the headroom table
+        and how to keep the module in float32. Off the hot path: replay the steps from the checkpoint before the first
+        skipped step (a resume is exact), not every step of a run. See amp/locate.py."""
+        from .locate import OverflowLocator, limit_for
+
+        scaler = self.accelerator.scaler
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        return OverflowLocator(model, limit_for(self.resolution.effective), scale)
+
     def full_precision(self, model: torch.nn.Module) -> torch.nn.Module:
         """Your model in float32 for evaluation with autocast off (``eval.precision=fp32``): :meth:`unwrap`'s module,
         or under bf16-true a float32 copy holding the master weights (made anew at each call)."""
@@ -645,6 +711,7 @@ class AmpSession:
         """The run's AMP statistics (what :meth:`close` writes to out_dir/amp_summary.json)."""
         acc = self.accelerator
         out = {"precision": self.resolution.effective, **self.monitor.summary(),
+               **self._meter_stats,  # the meters as of the last log tick
                "precision_switches": self.monitor.switches}
         if acc.num_processes > 1:  # the scaler sees all-reduced gradients: every rank skips the same steps
             skipped = acc.gather(torch.tensor([self.monitor.skipped], device=acc.device))

@@ -1,0 +1,144 @@
+"""What precision each tensor really has, checked against the precision the run declared.
+
+A run can say "bf16 mixed" while its master weights or optimizer state are silently bf16 (a ``model.to(bf16)``
+left in a script, an optimizer built on a cast copy, a wrapper that casts): nothing fails, the run just loses
+its small updates. After ``prepare`` and the first optimizer step the session builds one table:
+
+- per optimizer parameter group: the dtypes of the parameters it updates, of their gradients (seen at that first
+  step) and of the optimizer's state (``exp_avg``, ``exp_avg_sq``, ...);
+- the model's own parameters (what the forward computes with) and, per top-level module, the dtype of its output
+  as the first step's forward produced it (under autocast: what it really ran in);
+- the ``fp32_modules`` in effect, the TF32 switches and the scaler;
+
+and checks it: mixed precision (bf16, fp16) and fp32 keep float32 weights, master weights and optimizer state;
+bf16-true keeps bf16 weights with float32 masters and state. A mismatch is a warning naming the tensors, or
+:class:`AuditError` (one line) with ``audit="strict"``. The table goes to the console and to ``meta.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+MODES = ("off", "warn", "strict")
+
+
+class AuditError(ValueError):
+    """The tensors' precision contradicts the declared one (``audit="strict"``): one line naming them."""
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _names(dtypes: Iterable[Any]) -> str:
+    return ",".join(sorted({_name(d) for d in dtypes})) or "-"
+
+
+class Audit:
+    """Hooks for the first step (top-level module outputs, gradients at the optimizer step), then the table."""
+
+    def __init__(self, precision: str, mode: str = "warn"):
+        if mode not in MODES:
+            raise ValueError(f"audit must be one of {'|'.join(MODES)}, got {mode!r}")
+        self.precision, self.mode = precision, mode
+        self.models: list[torch.nn.Module] = []
+        self.optimizers: list[Any] = []
+        self.outputs: dict[str, set[str]] = {}
+        self.grads: dict[int, set[str]] = {}  # id(optimizer) -> gradient dtypes at its first step
+        self.result: dict[str, Any] | None = None
+        self._handles: list[Any] = []
+
+    def watch(self, models: Iterable[torch.nn.Module], optimizers: Iterable[Any]) -> None:
+        for model in models:
+            plain = getattr(model, "module", model)  # DDP's
+            self.models.append(plain)
+            for name, child in plain.named_children():
+                self._handles.append(child.register_forward_hook(self._output(name)))
+        for opt in optimizers:
+            inner = getattr(opt, "optimizer", opt)
+            self.optimizers.append(inner)
+            if hasattr(inner, "register_step_pre_hook"):
+                self._handles.append(inner.register_step_pre_hook(self._grads))
+
+    def _output(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                self.outputs.setdefault(name, set()).add(_name(out.dtype))
+
+        return hook
+
+    def _grads(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if id(opt) not in self.grads:
+            self.grads[id(opt)] = {_name(p.grad.dtype) for g in opt.param_groups for p in g["params"]
+                                   if p.grad is not None}
+
+    # ------------------------------------------------------------------ the table and the check
+
+    def finish(self, scaler: Any = None) -> list[str]:
+        """Remove the hooks, build the table (``self.result``) and return the problems found (one line each)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        want_weights = torch.bfloat16 if self.precision == "bf16-true" else torch.float32
+        problems: list[str] = []
+        groups = []
+        for i, opt in enumerate(self.optimizers):
+            for j, g in enumerate(opt.param_groups):
+                params = [p for p in g["params"] if p.is_floating_point()]
+                state = {k: v.dtype for p in params for k, v in opt.state.get(p, {}).items()
+                         if torch.is_tensor(v) and v.is_floating_point() and v.dim()}
+                groups.append({"group": f"{i}.{j}", "params": len(params), "storage": _names(p.dtype for p in params),
+                               "grad": _names(self.grads.get(id(opt), set())) if j == 0 else "",
+                               "state": ", ".join(f"{k} {_name(d)}" for k, d in sorted(state.items())) or "-"})
+                low = [p for p in params if p.dtype != torch.float32]
+                if low:
+                    problems.append(f"optimizer {i} group {j} updates {len(low)} {_names(p.dtype for p in low)} "
+                                    f"parameter(s) ({self._param_names(low)}): {self.precision} keeps float32 master "
+                                    "weights")
+                bad_state = sorted(k for k, d in state.items() if d != torch.float32)
+                if bad_state:
+                    problems.append(f"optimizer {i} group {j} keeps {', '.join(bad_state)} in "
+                                    f"{_names(state[k] for k in bad_state)}: {self.precision} keeps float32 "
+                                    "optimizer state")
+        fp32_modules = [n for m in self.models for n, x in m.named_modules() if getattr(x, "_amp_fp32", False)]
+        kept = {id(p) for m in self.models for x in m.modules() if getattr(x, "_amp_fp32", False)
+                for p in x.parameters()}
+        weights = [(n, p) for m in self.models for n, p in m.named_parameters()
+                   if p.is_floating_point() and id(p) not in kept]
+        wrong = [n for n, p in weights if p.dtype != want_weights]
+        if wrong:
+            problems.append(f"model parameter(s) {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} "
+                            f"({len(wrong)} of {len(weights)}) are {_names(dict(weights)[n].dtype for n in wrong)}: "
+                            f"{self.precision} stores the model's weights in {_name(want_weights)}")
+        self.result = {
+            "precision": self.precision, "optimizer_groups": groups,
+            "model_weights": _names(p.dtype for _, p in weights) if weights else "-",
+            "module_outputs": {n: _names(d) for n, d in self.outputs.items()},
+            "fp32_modules": fp32_modules,
+            "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)},
+            "scaler": type(scaler).__name__ if scaler is not None else "none",
+            "problems": problems,
+        }
+        return problems
+
+    def _param_names(self, params: list[torch.Tensor]) -> str:
+        ids = {id(p): n for m in self.models for n, p in m.named_parameters()}
+        names = [ids.get(id(p), "?") for p in params]
+        return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+
+    def lines(self) -> list[str]:
+        """The table as plain lines for the console."""
+        r = self.result or {}
+        out = [f"precision audit ({r.get('precision')}): model weights {r.get('model_weights')}; "
+               f"scaler {r.get('scaler')}; tf32 matmul {r.get('tf32', {}).get('matmul')}; "
+               f"fp32_modules {r.get('fp32_modules') or '-'}"]
+        for g in r.get("optimizer_groups", []):
+            grad = f", grads {g['grad']}" if g["grad"] else ""
+            out.append(f"  optimizer group {g['group']}: {g['params']} params {g['storage']}{grad}; state {g['state']}")
+        if r.get("module_outputs"):
+            out.append("  outputs: " + ", ".join(f"{n} {d}" for n, d in r["module_outputs"].items()))
+        return out

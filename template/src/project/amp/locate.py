@@ -1,0 +1,202 @@
+"""Which module overflowed: hooks on one training step that find the first value past the low-precision limit.
+
+:class:`OverflowLocator` watches a model for the steps run inside it (off the hot path: use it to replay a step,
+never in normal training). For every module it checks
+
+- ``forward``: the module's floating-point outputs;
+- ``backward``: the gradient its backward hands to its inputs (what its own backward produced);
+- ``parameter gradient``: the gradients of its own parameters;
+
+against the limit of the run's low-precision dtype (65504 for fp16): a gradient is seen as the backward computes
+it, that is times the loss scale, so the check is ``|value| * 1 > limit`` on the scaled value, which is
+``|unscaled value| * scale > limit``. The first module and phase, in the order the step ran them, where a value
+is non-finite or past the limit is the overflow; the per-module headroom ``log2(limit / amax)`` (in bits: how
+many doublings of the scale it could still take) shows which modules were close.
+
+    with OverflowLocator(model, limit=65504.0, scale=scaler.get_scale()) as loc:
+        loss = model(x).float().mean(); scaler.scale(loss).backward()
+    finding = loc.finding()            # None, or Finding(module, phase, amax, step)
+    print(loc.report())                # the finding, the headroom table and the keep_in_fp32 call
+
+The session's :meth:`AmpSession.locate` gives one bound to the run's precision and scale; the project's
+``python -m PACKAGE.locate`` replays a run from a checkpoint to its first overflow with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PHASES = ("forward", "backward", "parameter gradient")
+FP16_MAX = 65504.0
+
+
+def limit_for(precision: str) -> float:
+    """The largest finite value of the precision's low-precision dtype (fp16: 65504; bf16 and fp32: their own)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16}.get(precision, torch.float32)
+    return float(torch.finfo(dtype).max)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The first overflow: where, in which phase, how large, and at which step (when the caller counts steps)."""
+
+    module: str
+    phase: str
+    amax: float
+    step: int | None = None
+
+    def line(self, limit: float) -> str:
+        what = "non-finite" if not math.isfinite(self.amax) else f"{self.amax:.4g} > {limit:g}"
+        at = f"step {self.step}, " if self.step is not None else ""
+        return f"first overflow: {at}module {self.module or '(the model)'}, phase {self.phase} ({what})"
+
+
+def _floats(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _floats(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _floats(v)]
+    return []
+
+
+class OverflowLocator:
+    """Hooks on every module of ``model``; ``limit``: the dtype's largest value; ``scale``: the loss scale in
+    effect (for the headroom of unscaled values it is 1: gradients are checked as the backward sees them)."""
+
+    def __init__(self, model: torch.nn.Module, limit: float = FP16_MAX, scale: float | None = None):
+        self.model, self.limit, self.scale = model, float(limit), scale
+        self.step: int | None = None
+        self._handles: list[Any] = []
+        self._first: Finding | None = None
+        self._amax: dict[tuple[str, str], float] = {}
+        self._pending: list[tuple[str, str, torch.Tensor]] = []  # values still on the device, in the order seen
+
+    # ------------------------------------------------------------------ hooks
+
+    def __enter__(self) -> OverflowLocator:
+        owner: dict[int, str] = {}
+        for name, module in self.model.named_modules():
+            name = _plain_name(name)
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in owner:
+                    owner[id(p)] = name
+                    self._handles.append(p.register_hook(self._seen(name, "parameter gradient")))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._settle()
+
+    def _seen(self, name: str, phase: str) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if grad is not None and grad.is_floating_point():
+                self._pending.append((name, phase, grad.detach().abs().amax().float()))
+
+        return hook
+
+    def _pre_hook(self, name: str) -> Any:
+        def hook(module: Any, args: Any) -> None:
+            # the gradient of this module's inputs is what its own backward produced; a tensor several modules take
+            # in (a parent and its first child) is claimed by the innermost, whose pre-hook runs last
+            for t in _floats(args):
+                if not t.requires_grad:
+                    continue
+                if getattr(t, "_amp_locate_owner", None) is None:
+                    t.register_hook(self._input_grad(t))
+                t._amp_locate_owner = name
+
+        return hook
+
+    def _input_grad(self, t: torch.Tensor) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            self._seen(getattr(t, "_amp_locate_owner", ""), "backward")(grad)
+
+        return hook
+
+    def _forward_hook(self, name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            for t in _floats(output):
+                self._pending.append((name, "forward", t.detach().abs().amax().float()))
+
+        return hook
+
+    # ------------------------------------------------------------------ findings
+
+    def _settle(self) -> None:
+        """Read the values queued since the last call (one device read) and keep the first finding."""
+        if not self._pending:
+            return
+        values = torch.stack([v for _, _, v in self._pending]).tolist()
+        for (name, phase, _), amax in zip(self._pending, values, strict=True):
+            key = (name, phase)
+            self._amax[key] = max(self._amax.get(key, 0.0), amax) if math.isfinite(amax) else math.inf
+            if self._first is None and not (math.isfinite(amax) and amax <= self.limit):
+                self._first = Finding(name, phase, amax, self.step)
+        self._pending = []
+
+    def next_step(self, step: int | None = None) -> Finding | None:
+        """End one step (read its values) and start counting the next; returns the finding so far."""
+        self._settle()
+        self.step = step
+        return self._first
+
+    def finding(self) -> Finding | None:
+        self._settle()
+        return self._first
+
+    def headroom(self) -> list[tuple[str, dict[str, float]]]:
+        """Per module, the bits of headroom per phase (``log2(limit / amax)``; negative: past the limit; -inf:
+        non-finite), lowest first."""
+        self._settle()
+        rows: dict[str, dict[str, float]] = {}
+        for (name, phase), amax in self._amax.items():
+            rows.setdefault(name, {})[phase] = (math.log2(self.limit / amax) if 0 < amax < math.inf
+                                                else (-math.inf if amax == math.inf else math.inf))
+        return sorted(rows.items(), key=lambda kv: min(kv[1].values()))
+
+    def report(self, top: int = 12, fix: Callable[[str], str] | None = None) -> str:
+        """The finding (or that there was none), the headroom table, and how to keep that module in float32
+        (``fix(module)``: the line in the caller's words, e.g. a config key; default: the core's call)."""
+        first = self.finding()
+        scale = f" at loss scale {self.scale:g}" if self.scale else ""
+        lines = [first.line(self.limit) + scale if first else f"no overflow: every value stayed within {self.limit:g}"
+                 + scale]
+        lines.append(f"headroom in bits, log2({self.limit:g} / amax), lowest first:")
+        lines.append(f"  {'module':<36} {'forward':>9} {'backward':>9} {'param grad':>10}")
+        for name, bits in self.headroom()[:top]:
+            cells = [_bits(bits.get(p)) for p in PHASES]
+            lines.append(f"  {(name or '(the model)')[:36]:<36} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10}")
+        if first is not None and first.module:
+            how = fix(first.module) if fix else f'precision.keep_in_fp32(model, ["{first.module}"]) before prepare'
+            lines.append(f"to keep it in float32: {how}")
+        return "\n".join(lines)
+
+
+def _bits(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == -math.inf:
+        return "inf/nan"
+    return "+inf" if v == math.inf else f"{v:.1f}"
+
+
+def _plain_name(name: str) -> str:
+    """Module names as the user's model has them (no DDP ``module.`` or compile ``_orig_mod.`` prefix)."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return "" if name in ("module", "_orig_mod") else name

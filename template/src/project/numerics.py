@@ -1,0 +1,146 @@
+"""Numerics report: each module's error in bf16 and fp16 against a float32 shadow, and the fp32_modules that fix it.
+
+    python -m PACKAGE.numerics                                     # the model as initialised from the seed
+    python -m PACKAGE.numerics runs/default --batches 8            # the newest checkpoint of a run (or a checkpoint)
+    python -m PACKAGE.numerics --precisions fp16 --tolerance 8 [key=value ...]
+
+From one state (a checkpoint's float32 weights, or the model the config builds from its seed) the same K training
+batches run in float32 and under each precision's autocast (amp/numerics.py). Per module it prints the relative RMS
+error of its output and of its output's gradient in units of the dtype's rounding error, worst first, and flags the
+modules above ``--tolerance``; then it keeps the worst in float32 (``amp.fp32_modules``), measures again, and adds
+the next while one is still above, and prints the ``amp.fp32_modules=[...]`` line it arrived at with the errors and
+the K-step training-loss gap to float32 before and after. The same state and batches give the same report. Bad
+input is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from . import example
+from .config import Config, ConfigError, from_dict, parse_args, to_dict
+
+PACKAGE = __package__ or "project"
+
+
+class NumericsError(ValueError):
+    """Bad input: one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise NumericsError(f"{message} (see --help)")
+
+
+def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None, str]:
+    """(config, float32 weights or None, where they came from)."""
+    if path is None:
+        return parse_args(overrides), None, "the model as the config builds it from its seed"
+    from safetensors.torch import load_file
+
+    from .amp.checkpoint import CheckpointError, find_resume, read_meta
+
+    try:
+        ckpt = path if (path / "meta.json").is_file() else find_resume(path, "auto")[0]
+    except CheckpointError as e:
+        raise NumericsError(str(e)) from None
+    if ckpt is None or not (ckpt / "model.safetensors").is_file():
+        raise NumericsError(f"{path}: no checkpoint with model.safetensors to start from")
+    try:
+        cfg = from_dict(read_meta(ckpt).get("config") or {})
+        if overrides:
+            cfg = _override(cfg, overrides)
+    except ConfigError as e:
+        raise NumericsError(f"{ckpt}: {e}") from None
+    return cfg, load_file(str(ckpt / "model.safetensors")), f"the weights of {ckpt}"
+
+
+def _override(cfg: Config, overrides: list[str]) -> Config:
+    """A checkpoint's config with ``key=value`` overrides, checked as the command line's."""
+    from .configparse import set_key
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_key(cfg, key.strip(), value, text=True)
+    return from_dict(to_dict(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog=f"python -m {PACKAGE}.numerics", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", nargs="?", help="a run's out_dir or one checkpoint (default: a fresh model)")
+    p.add_argument("--batches", type=int, default=4, help="training batches to compare on (default 4)")
+    p.add_argument("--precisions", default="bf16,fp16", help="comma-separated: bf16,fp16 (default both)")
+    p.add_argument("--tolerance", type=float, default=16.0, help="error in rounding units above which a module is "
+                   "flagged (default 16)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.d_model=64")
+    try:
+        args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+        path = Path(args.path) if args.path and "=" not in args.path else None
+        overrides = ([args.path] if args.path and path is None else []) + args.overrides
+        precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+        bad = [x for x in precisions if x not in ("bf16", "fp16")]
+        if bad or not precisions:
+            raise NumericsError(f"--precisions: {bad[0] if bad else args.precisions!r} is not bf16 or fp16")
+        if args.batches < 1 or args.tolerance <= 0:
+            raise NumericsError("--batches must be >= 1 and --tolerance > 0")
+        if path is not None and not path.exists():
+            raise NumericsError(f"{path}: no such out_dir or checkpoint")
+        cfg, weights, source = _state(path, overrides)
+        return report(cfg, weights, source, precisions, args.batches, args.tolerance)
+    except (NumericsError, ConfigError, example.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def report(cfg: Config, weights: dict | None, source: str, precisions: list[str], k: int, tolerance: float) -> int:
+    """Measure, suggest, measure again; print it all."""
+    import itertools
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .amp import numerics
+    from .train import build_model, build_optimizer
+
+    set_seed(cfg.seed)
+    accelerator = Accelerator(cpu=True)
+    loader, _, _ = example.build_data(cfg, accelerator)
+    batches = list(itertools.islice(iter(loader), k))
+    set_seed(cfg.seed)
+    model = build_model(cfg)
+    if weights is not None:
+        model.load_state_dict(weights)
+    build = numerics.copy_of(model)
+
+    def optimizer(m: torch.nn.Module):
+        return build_optimizer(cfg, m, 1)[0]
+
+    print(f"numerics: {source}; {len(batches)} training batches; float32 against "
+          f"{', '.join(precisions)} autocast on the CPU; tolerance {tolerance:g} rounding units")
+    for prec in precisions:
+        rounds = numerics.suggest(build, batches, example.loss, prec, "cpu", tolerance)
+        first, last = rounds[0], rounds[-1]
+        print(f"\n{prec} (rounding unit {numerics.UNIT[prec]:g}):")
+        print("\n".join(numerics.table(first.errors, tolerance)))
+        if not first.flagged:
+            print(f"no module above {tolerance:g} units: nothing to keep in float32 for {prec}")
+            continue
+        gap0 = numerics.loss_gap(build, optimizer, batches, example.loss, prec)
+        gap1 = numerics.loss_gap(build, optimizer, batches, example.loss, prec, fp32_modules=last.fp32_modules)
+        worst0 = first.errors[0]
+        after = {e.name: e for e in last.errors}
+        still = [e.name for e in last.errors if e.worst > tolerance and e.name not in last.fp32_modules]
+        print(f"suggested: amp.fp32_modules=[{','.join(last.fp32_modules)}]")
+        print(f"  {worst0.name}: {worst0.worst:.1f} -> {after.get(worst0.name, worst0).worst:.1f} units; worst module "
+              f"now {last.errors[0].name if last.errors else '-'} at {last.errors[0].worst if last.errors else 0:.1f}"
+              + (f"; still above: {', '.join(still)}" if still else ""))
+        print(f"  {len(batches)}-step training loss gap to float32: {100 * gap0:.3f}% -> {100 * gap1:.3f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
