@@ -201,13 +201,10 @@ class MasterWeights:
 
 def _read_weights(path: Path, index: int) -> dict[str, torch.Tensor] | None:
     """Model ``index``'s weights as Accelerate saved them (safetensors or a torch pickle), or None (sharded)."""
-    suffix = "" if index == 0 else f"_{index}"
-    st = path / f"model{suffix}.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
+    from accelerate.utils import load_state_dict
 
-        return load_file(str(st))
-    pt = path / f"pytorch_model{suffix}.bin"
-    if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
+    suffix = "" if index == 0 else f"_{index}"
+    for name in (f"model{suffix}.safetensors", f"pytorch_model{suffix}.bin"):
+        if (path / name).is_file():
+            return load_state_dict(str(path / name))
     return None
