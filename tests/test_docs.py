@@ -74,6 +74,16 @@ def test_the_readme_links_every_docs_page_and_each_link_exists():
         assert (REPO / link).is_file(), link
 
 
+def page_table(text: str) -> list[str]:
+    rows = text[text.index("| page | what it covers |"):].split("\n\n")[0]
+    return [row.replace("](docs/", "](") for row in rows.strip().splitlines()]
+
+
+def test_the_sites_home_lists_the_pages_as_the_readme_does():
+    readme, home = README.read_text(encoding="utf-8"), (DOCS / "index.md").read_text(encoding="utf-8")
+    assert page_table(home) == page_table(readme)
+
+
 def test_every_docs_page_is_in_the_sites_navigation_and_no_more():
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))
     nav = {next(iter(item.values())) for item in config["nav"]}
