@@ -135,7 +135,8 @@ class Config:
 
 GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, "
               "amp.guard.max_consecutive_skips; to try: --config configs/fp16_safe.yaml (lower "
-              "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[lm_head,'*.norm*'], a lower train.lr")
+              "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[the module that `python -m "
+              f"{__package__}.locate OUT_DIR` names], a lower train.lr")
 
 # Keys a checkpoint cannot be resumed under when they change: the weights would not load, or the run would
 # silently become another experiment (another seed; the example names its own: another model, other data). An

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LocateError, example.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a checkpoint error, a lock: one line
+    except Exception as e:  # a checkpoint that does not verify or load: one line; anything else is a bug
         from .amp.checkpoint import CheckpointError
 
         if isinstance(e, CheckpointError):

@@ -31,9 +31,10 @@ def build_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, str]:
 
     with accelerator.main_process_first():
         files = [] if cfg.data.hub_name else data.resolve_files(cfg.data.files, cfg.data.max_bytes)
+        source = data.source_key(cfg.data.files, cfg.data.hub_name)
         train_ds, val_ds = data.load_splits(files, cfg.data.hub_name, cfg.data.text_column, cfg.data.seq_len,
-                                            cfg.data.val_fraction)
-    data.check_enough(len(train_ds), cfg.train.batch_size, accelerator.num_processes)
+                                            cfg.data.val_fraction, source)
+    data.check_enough(len(train_ds), cfg.train.batch_size, accelerator.num_processes, source)
     train_loader = data.make_loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers)
     val_loader = data.make_loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
     return train_loader, val_loader, f"{len(train_ds)} train / {len(val_ds)} val blocks of {cfg.data.seq_len + 1} bytes"

@@ -77,7 +77,17 @@ def check_text_file(path: str, head: int = 8192) -> None:
                         "convert it to UTF-8") from None
 
 
-def check_enough(n_train_blocks: int, batch_size: int, num_processes: int) -> None:
+# Where the text came from (the key a "too little data" line names) and how to get more of it.
+MORE_TEXT = {"data.files": "add text", "data.max_bytes": "raise data.max_bytes (0 = no cap)",
+             "data.hub_name": "a larger dataset"}
+
+
+def source_key(files: list[str], hub_name: str) -> str:
+    """The key that chose the text: ``data.hub_name``, ``data.files``, or ``data.max_bytes`` (the default corpus)."""
+    return "data.hub_name" if hub_name else "data.files" if files else "data.max_bytes"
+
+
+def check_enough(n_train_blocks: int, batch_size: int, num_processes: int, source: str = "data.files") -> None:
     """Refuse a training split smaller than one global batch.
 
     The training loader drops the last incomplete batch, so with fewer blocks than ``batch_size *
@@ -86,9 +96,9 @@ def check_enough(n_train_blocks: int, batch_size: int, num_processes: int) -> No
     need = batch_size * num_processes
     if n_train_blocks < need:
         raise DataError(
-            f"data.files: only {n_train_blocks} training blocks, fewer than one batch of {need} "
+            f"{source}: only {n_train_blocks} training blocks, fewer than one batch of {need} "
             f"(train.batch_size={batch_size} x {num_processes} process{'es' if num_processes != 1 else ''}); "
-            "add text, or lower train.batch_size or data.seq_len"
+            f"{MORE_TEXT[source]}, or lower train.batch_size or data.seq_len"
         )
 
 
@@ -159,8 +169,11 @@ def _to_blocks(batch: dict, block: int, column: str) -> dict:
     return {"input_ids": [list(data[i * block : (i + 1) * block]) for i in range(n)]}
 
 
-def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int, val_fraction: float):
-    """Return (train, validation) datasets of byte blocks, formatted as torch tensors."""
+def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int, val_fraction: float,
+                source: str = ""):
+    """Return (train, validation) datasets of byte blocks, formatted as torch tensors; ``source`` is the key that
+    chose the text (:func:`source_key`), named when there is too little of it."""
+    source = source or source_key(files, hub_name)
     import datasets
 
     raw = _load_raw(files, hub_name)
@@ -179,8 +192,8 @@ def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int,
     )
     n_val = max(1, int(len(blocks) * val_fraction))
     if len(blocks) - n_val < 1:
-        raise DataError(f"data.files: only {len(blocks)} blocks of {seq_len + 1} bytes, none left for training after "
-                        f"data.val_fraction={val_fraction}; add text or lower data.seq_len")
+        raise DataError(f"{source}: only {len(blocks)} blocks of {seq_len + 1} bytes, none left for training after "
+                        f"data.val_fraction={val_fraction}; {MORE_TEXT[source]} or lower data.seq_len")
     train = blocks.select(range(len(blocks) - n_val)).with_format("torch")
     val = blocks.select(range(len(blocks) - n_val, len(blocks))).with_format("torch")
     return train, val
