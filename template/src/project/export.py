@@ -311,9 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except OSError as e:  # a read-only or foreign folder: 2; a full disk: 1
+        from .amp.faults import exit_status
+
         print(f"error: {e.filename or args.out}: cannot write the export ({e.strerror or e})", file=sys.stderr)
-        return 1
+        return exit_status(e)
     print(f"exported {ckpt} -> {dest}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 
 _OOM = re.compile(r"out of memory|not enough memory|you tried to allocate (\d+) bytes", re.I)
 _PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|communicator was aborted)|"
@@ -21,13 +22,35 @@ def describe(e: BaseException) -> str | None:
         m = re.search(r"allocate (\d+) bytes", str(e))
         asked = f" (an allocation of {int(m.group(1)) / 2**30:.1f} GiB)" if m else ""
         return f"out of memory{asked}: a smaller model or batch, or a machine with more memory"
-    if isinstance(e, RuntimeError) and _PEER.search(str(e)):
+    if isinstance(e, RuntimeError) and _PEER.search(str(e)) and _world_size() > 1:  # alone, there is no peer
         return _peer_line(_PEER.search(str(e)).group(0))
     if isinstance(e, OSError):
         if e.errno == errno.ENOSPC:
             return f"no space left on device{f': {e.filename}' if e.filename else ''}"
         return str(e)
     return None
+
+
+# An OSError that the user's path or permissions cause (exit status 2: fix the input), not the machine (1).
+_USER_FIXABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
+
+
+def exit_status(e: OSError) -> int:
+    """2 for a write the user's path or permissions refused (a read-only or foreign folder), 1 for the machine's
+    faults (a full disk, an I/O error)."""
+    return 2 if e.errno in _USER_FIXABLE else 1
+
+
+def _world_size() -> int:
+    """The run's processes: the launcher's WORLD_SIZE, else an initialised process group's, else 1."""
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        pass
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def _peer_line(what: str) -> str:
