@@ -90,6 +90,13 @@ def test_every_docs_page_is_in_the_sites_navigation_and_no_more():
     assert nav == {p.name for p in DOCS.glob("*.md")}
 
 
+def test_the_api_page_documents_every_module_of_the_amp_core():
+    core = REPO / "template" / "src" / "project" / "amp"
+    modules = {"project.amp"} | {f"project.amp.{p.stem}" for p in core.glob("*.py") if p.stem != "__init__"}
+    documented = set(re.findall(r"^::: (\S+)$", (DOCS / "api.md").read_text(encoding="utf-8"), flags=re.M))
+    assert documented == modules
+
+
 @pytest.mark.parametrize("section", SECTIONS)
 def test_every_section_of_the_reference_has_its_page(section):
     assert section in headings()
