@@ -389,6 +389,7 @@ def _manifest(**changes):
     ("setup", "says"),
     [
         (lambda p: shutil.rmtree(p), "does not exist"),
+        (lambda p: (shutil.rmtree(p), p.write_text("a file")), "is a file, not a project directory"),
         (lambda p: (p / ".amptpl.json").unlink(), "not an amptpl project"),
         (_write(".amptpl.json", "{not json"), "cannot read"),
         (_write(".amptpl.json", "[1, 2]"), "expected a JSON object"),
@@ -398,7 +399,7 @@ def _manifest(**changes):
         (_manifest(answers={"name": "../x"}), '"answers"."name"'),
         (_manifest(package="not-an-identifier"), '"package" must be a Python identifier'),
     ],
-    ids=["missing folder", "no manifest", "bad json", "not an object", "path escapes", "bad hash",
+    ids=["missing folder", "a file", "no manifest", "bad json", "not an object", "path escapes", "bad hash",
          "files not a map", "bad name", "bad package"],  # fmt: skip
 )
 def test_update_refuses_bad_input_with_one_line_exit_2_and_writes_nothing(tmp_path, setup, says):

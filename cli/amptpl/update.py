@@ -137,7 +137,7 @@ def update_project(
     """
     root = Path(project).expanduser()
     if not root.is_dir():
-        what = "is not a directory" if root.exists() else "does not exist"
+        what = "is a file, not a project directory" if root.exists() else "does not exist"  # as amptpl run says
         raise AmptplError(f"project directory {project} {what}")
     manifest = read_manifest(root)
     name, package, example = _recorded_answers(root, manifest)
