@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import configparse
-from .amp.defaults import PRECISIONS, SCALER_DEFAULTS, check_scaler, flat, normalise_precision
+from .amp.defaults import AUDIT_MODES, PRECISIONS, SCALER_DEFAULTS, check_scaler, flat, normalise_precision
 from .amp.guard import GuardPolicy
 from .configparse import ConfigError, ConfigExit, load_yaml, set_key, to_dict, to_yaml
 from .example import config as example_config
@@ -160,7 +160,7 @@ def validate(cfg: Config) -> Config:
     p = cfg.amp.precision
     cfg.amp.precision = normalise_precision(p)
     need(cfg.amp.precision in PRECISIONS, "amp.precision", f"one of {'|'.join(PRECISIONS)} (or no)", p)
-    need(cfg.amp.audit in ("off", "warn", "strict"), "amp.audit", "off, warn or strict", cfg.amp.audit)
+    need(cfg.amp.audit in AUDIT_MODES, "amp.audit", "off, warn or strict", cfg.amp.audit)
     asked = cfg.amp.auto.candidates
     cfg.amp.auto.candidates = [normalise_precision(c) for c in asked]
     for c, given in zip(cfg.amp.auto.candidates, asked, strict=True):

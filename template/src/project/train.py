@@ -191,7 +191,8 @@ def run(cfg: Config, switch: dict | None = None, notices: tuple[str, ...] = ()) 
         max_steps=t.max_steps, config=to_dict(cfg),
         live=cfg.log.live, rescale_schedule_on_world_size_change=True, gradient_accumulation_steps=t.grad_accum,
         log_with=cfg.log.trackers, run_name=cfg.log.run_name or None, tracker_kwargs=cfg.log.tracker_kwargs,
-        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg) or False, audit=cfg.amp.audit, meters=cfg.amp.meters,  # auto: timed on this model (bench.py)
+        tracker_config=to_dict(cfg), auto_probe=auto_probe(cfg) or False,  # auto: timed on this model (bench.py)
+        audit=cfg.amp.audit, meters=cfg.amp.meters,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         **({"dynamo_backend": "inductor"} if t.compile else {}),
     ) as amp:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-MODES = ("off", "warn", "strict")
+from .defaults import AUDIT_MODES as MODES
 
 
 class AuditError(ValueError):

@@ -17,6 +17,8 @@ ALIASES = {"no": "fp32", "float32": "fp32", "fp32": "fp32", "bf16": "bf16", "bfl
            "float16": "fp16", "auto": "auto", "bf16-true": "bf16-true", "bf16_true": "bf16-true"}
 # precisions that store the weights in low precision (float32 master weights in the optimizer: amp/master.py)
 LOW_WEIGHTS = {"bf16-true": "bfloat16"}
+# the precision audit after the first step (amp/audit.py): skipped, a warning, or an error
+AUDIT_MODES = ("off", "warn", "strict")
 
 # torch.amp.GradScaler's own defaults: the config's defaults are these, not a copy
 SCALER_DEFAULTS: dict[str, Any] = {"init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,

@@ -10,9 +10,8 @@
   changed), the share whose bf16 copy did not change: updates too small to show yet, kept in the master.
 
 The first two are measured in runs with a loss scale (fp16), the third in bf16-true. Nothing is read from the
-device per step:
-the values stay on the device from the tick's last backward (and optimizer step) until the tick reads them, in
-one read. A sample is every n-th element of each tensor (n fixed per run so that at most :data:`SAMPLE` elements
+device per step: the values stay on the device from the tick's last backward (and optimizer step) until the tick
+reads them, in one read. A sample is every n-th element of each tensor (n fixed per run so that at most :data:`SAMPLE` elements
 are looked at), so a tick costs a few strided reductions.
 """
 
@@ -57,8 +56,8 @@ class Meters:
     def lost_updates(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], before: list[torch.Tensor]) -> None:
         """bf16-true, after the masters were updated and rounded: ``before`` holds (bf16 copy, master) samples."""
         moved = kept = None
+        n = self.stride([p for p, _ in pairs])
         for (p, m), (low, high) in zip(pairs, zip(before[::2], before[1::2], strict=True), strict=True):
-            n = self.stride([q for q, _ in pairs])
             changed = m.detach().reshape(-1)[::n] != high
             shown = p.detach().reshape(-1)[::n] != low
             moved = changed.sum() if moved is None else moved + changed.sum()
