@@ -253,6 +253,18 @@ def test_the_loss_scale_is_shown_and_fp16_checkpoints_hold_the_scaler(prec, npro
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("prec", "nproc"), CASES)
+def test_the_users_script_gets_the_precision_audit_once_and_the_fp16_meters_at_each_log_tick(prec, nproc, straight):
+    run = straight(prec, nproc)
+    assert run.output.count("precision audit (") == 1, run.output  # after the first step, on the main process
+    assert f"precision audit ({prec}): model weights float32" in run.output
+    assert "warning: precision audit" not in run.output  # the recipe keeps float32 weights and optimizer state
+    ticks = log_lines(run.output)
+    metered = [bool(re.search(r"\| headroom -?[\d.]+ bits \| underflow [\d.]+%", line)) for line in ticks]
+    assert metered == [prec == "fp16"] * len(ticks), ticks  # bf16 has no loss scale to meter
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks through /proc")
 @pytest.mark.parametrize(("prec", "nproc"), CASES)
 def test_a_run_killed_after_its_first_checkpoint_resumes_to_bitwise_the_same_weights(
