@@ -35,8 +35,9 @@ from typing import Any, NoReturn
 
 from . import example
 from .amp.console import fmt_duration
-from .amp.defaults import env_flag
+from .amp.settings import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
+from .steps import auto_probe, build_model, build_optimizer, child_env, forever, train_step
 
 PACKAGE = __package__ or "project"
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "tf32")
@@ -165,35 +166,30 @@ def _peak_memory(device: Any) -> tuple[float | None, str]:
 
 
 def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
-    """Build everything through train.py's builders in an AmpSession, warm up, time the blocks; one row."""
-    import tempfile
-
+    """Build everything through steps.py's builders in an AmpSession, warm up, time the blocks; one row."""
     import torch
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from .amp import AmpSession, precision
-    from .train import build_model, build_optimizer, forever
 
-    t = cfg.train
     total = opts.warmup + opts.steps * opts.repeats
+    settings = replace(cfg.amp, precision="fp32" if prec == "tf32" else prec, guard=replace(cfg.amp.guard, action="warn"),
+                       log_every=total + 1, checkpoint_every=0, keep=1, live=False, audit="off", meters=False)
     with tempfile.TemporaryDirectory(prefix="bench-") as out_dir, AmpSession(
-        "fp32" if prec == "tf32" else prec, out_dir, scaler=asdict(cfg.amp.scaler), guard="warn",
-        log_every=total + 1, keep=1, live=False, gradient_accumulation_steps=t.grad_accum,
+        settings, out_dir, probe=False, gradient_accumulation_steps=cfg.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     ) as amp:
         device = amp.accelerator.device
-        row: dict[str, Any] = {"precision": prec, "effective": amp.resolution.effective, "device": str(device),
-                               "note": device_note(prec, device)}
         auto = precision.resolve("auto", device)
-        row["auto"] = {"pick": auto.effective, "reason": auto.reason}
+        row: dict[str, Any] = {"precision": prec, "effective": amp.resolution.effective, "device": str(device),
+                               "note": device_note(prec, device), "auto": {"pick": auto.effective, "reason": auto.reason}}
         if row["note"].startswith("n/a"):
-            amp.close(completed=False)
             return {**row, "status": "n/a"}
         # fp32 is TF32-free; tf32 is fp32 with TF32 on; bf16/fp16 keep amp.tf32 for their fp32 parts, as in training
         precision.set_tf32(prec == "tf32" or (prec not in ("fp32", "tf32") and cfg.amp.tf32), cfg.amp.cudnn_benchmark)
         set_seed(cfg.seed)
         train_loader, _, _ = example.build_data(cfg, amp.accelerator)
-        model = build_model(cfg)
+        model = example.build_model(cfg)
         optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
         model, optimizer, train_loader, scheduler = amp.prepare(model, optimizer, train_loader, scheduler)
         amp.resume("none")
@@ -204,10 +200,9 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
         try:
             row.update(_timed(amp, model, optimizer, scheduler, batches, cfg, opts, device))
         except torch.cuda.OutOfMemoryError:
-            amp.close(completed=False)
             return {**row, "status": "oom", "note": "out of memory"}
-        amp.monitor.flush()  # the skipped-step count: one read, after the timing
-        row.update(status="ok", skipped_steps=amp.monitor.skipped, steps=amp.step, scale=amp.monitor.scale)
+        summary = amp.summary()  # the skipped-step count: one read, after the timing
+        row.update(status="ok", skipped_steps=summary["amp/skipped_steps"], steps=amp.step, scale=summary["amp/scale"])
         row["peak_mem_mib"], row["peak_mem_kind"] = _peak_memory(device)
         amp.close(completed=False)  # no final checkpoint or summary: nothing of a benchmark is kept
     return row
@@ -215,98 +210,63 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
 
 def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config, opts: Options,
            device: Any) -> dict[str, Any]:
-    """Warm-up steps, then the timed blocks; a sync only at the end of each block."""
-    from .train import train_step  # the training loop's own step, not a copy
-
+    """Warm-up steps, then the timed blocks of the training loop's own step; a sync only at the end of each block."""
     loss = None
     for _ in range(opts.warmup):
         loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
     _sync(device)
     times, samples, tokens = [], [], []
-    p = amp.progress
     for _ in range(opts.repeats):
-        s0, k0 = p.samples_seen, p.tokens_seen
+        seen = amp.summary()
         t0 = time.perf_counter()
         for _ in range(opts.steps):
             loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
         _sync(device)
         dt = time.perf_counter() - t0
+        now = amp.summary()
         times.append(dt / opts.steps)
-        samples.append((p.samples_seen - s0) / dt)
-        tokens.append((p.tokens_seen - k0) / dt)
+        samples.append((now["samples_seen"] - seen["samples_seen"]) / dt)
+        tokens.append((now["tokens_seen"] - seen["tokens_seen"]) / dt)
     return {"step_time_s": statistics.median(times), "step_time_min_s": min(times), "step_time_max_s": max(times),
             "step_times_s": times, "samples_per_s": statistics.median(samples),
             "tokens_per_s": statistics.median(tokens), "loss": float(loss) if loss is not None else None}
 
 
 # ----------------------------------------------------------------------------
-# auto's measurement: a few steps of each candidate, interleaved, in a child process (train.py passes the probe)
+# auto's measurement (steps.auto_probe runs this in a child): a few steps of each candidate, interleaved
 
 PROBE_PREFIX = '{"probe": '
 PROBE_WARMUP, PROBE_ROUNDS, PROBE_STEPS = 1, 3, 2  # per candidate: 1 + 3 x 2 optimizer steps
-RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
-
-
-def auto_probe(cfg: Config) -> Any:
-    """What ``amp.precision=auto`` times on this model where the hardware cannot say (None: amp.auto.measure=false,
-    or train.compile, whose first steps time the compiler). The key: what the timing depends on besides the machine."""
-    if not cfg.amp.auto.measure or cfg.train.compile:
-        return None
-    from .amp.autopick import Probe
-
-    key = {"package": PACKAGE, "model": asdict(cfg.model), "data": asdict(cfg.data), "batch": cfg.train.batch_size,
-           "fp32_modules": cfg.amp.fp32_modules, "fused_optimizer": cfg.train.fused_optimizer, "tf32": cfg.amp.tf32}
-    return Probe(run=lambda candidates: run_probe(cfg, candidates), key=key, candidates=cfg.amp.auto.candidates or None)
-
-
-def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
-    """Seconds per optimizer step for each candidate, timed in a fresh process: the run's model, optimizer, RNG,
-    data position and allocator never see it. Under a launcher the child is a single process of its own."""
-    from .config import to_yaml
-
-    with tempfile.TemporaryDirectory(prefix="auto-") as folder:
-        config = Path(folder) / "config.yaml"
-        config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))
-        argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--probe", ",".join(candidates), "--config", str(config)]
-        proc = subprocess.run(argv, env=child_env(drop=RANK_ENV), capture_output=True, text=True, check=False,
-                              timeout=900)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(PROBE_PREFIX):
-            return json.loads(line)["probe"]
-    last = ([ln for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit code {proc.returncode}"])[-1]
-    raise RuntimeError(last.strip())
 
 
 def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
-    """The child: train.py's data, model and optimizer; each candidate's steps under its autocast (fp16 with a
-    GradScaler), interleaved round by round so that a busy moment of the machine hits every candidate alike."""
+    """The child: the data, model and optimizer of steps.py; each candidate's steps under its autocast (fp16 with a
+    GradScaler, bf16-true with its master weights through the core's hooks), interleaved round by round so that a
+    busy moment of the machine hits every candidate alike."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import send_to_device, set_seed
 
     from .amp import precision
-    from .amp.session import has_accelerator
-    from .train import build_model, build_optimizer
+    from .amp.hooks import Hooks
 
-    accelerator = Accelerator(cpu=env_flag("ACCELERATE_USE_CPU") or not has_accelerator(), mixed_precision="no")
+    accelerator = Accelerator(cpu=env_flag("ACCELERATE_USE_CPU") or not precision.has_accelerator(),
+                              mixed_precision="no")
     device = accelerator.device
     precision.set_tf32(cfg.amp.tf32, cfg.amp.cudnn_benchmark)
     set_seed(cfg.seed)
     loader, _, _ = example.build_data(cfg, accelerator)
-    model = build_model(cfg)
-    models = {"mixed": model.to(device)}
-    optimizers = {"mixed": build_optimizer(cfg, model, 1)[0]}
-    if "bf16-true" in candidates:  # a model of its own in bf16, float32 masters in its optimizer (amp/master.py)
-        from .amp.master import MasterWeights
-
+    models, optimizers = {}, {}
+    for which in ("mixed", "true") if "bf16-true" in candidates else ("mixed",):
         set_seed(cfg.seed)
-        models["true"] = build_model(cfg)
-        optimizers["true"] = build_optimizer(cfg, models["true"], 1)[0]
-        master = MasterWeights()
-        master.attach(models["true"], [optimizers["true"]])
-        models["true"].to(device)
-        master.follow_device()
+        models[which] = build_model(cfg)
+        optimizers[which] = build_optimizer(cfg, models[which], 1)[0]
+    if "true" in models:  # bf16 weights, float32 masters in its optimizer: the session's own feature (amp/master.py)
+        settings = replace(cfg.amp, precision="bf16-true", audit="off", meters=False)
+        Hooks(accelerator, settings, precision.resolve("bf16-true", device), print).before_prepare(
+            [models["true"]], [optimizers["true"]])
+    for net in models.values():
+        net.to(device)
     scaler = torch.amp.GradScaler(device.type) if "fp16" in candidates else None
     batches = (b for _ in iter(int, 1) for b in loader)  # endless
 
@@ -343,11 +303,11 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
 
 def worker_main(opts: Options, cfg: Config) -> int:
     """``--worker PREC``: measure one precision and print its row as one JSON line."""
-    from .amp.session import RunLockedError
+    from .amp import LoopError, RunLockedError
 
     try:
         row = measure(opts.worker, replace(cfg, resume="none"), opts)
-    except (ConfigError, example.DataError, RunLockedError) as e:
+    except (ConfigError, example.DataError, RunLockedError, LoopError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.flush()
@@ -363,25 +323,17 @@ def _device_type() -> str:
     """The device the workers will use, without touching the GPU: cuda, cpu or another accelerator."""
     import torch
 
-    from .amp.session import has_accelerator
+    from .amp.precision import has_accelerator
 
     if env_flag("ACCELERATE_USE_CPU") or not has_accelerator():
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "other"
 
 
-def child_env(drop: tuple[str, ...] = ()) -> dict[str, str]:
-    """This environment without ``drop``, with the package importable in the child as in this process."""
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    src = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
-    return env
-
-
 def _worker_command(prec: str, opts: Options) -> tuple[list[str], dict[str, str]]:
     argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--worker", prec, "--steps", str(opts.steps),
             "--warmup", str(opts.warmup), "--repeats", str(opts.repeats), *opts.config_args]
-    return argv, child_env()
+    return argv, child_env(drop=())
 
 
 def run_worker(prec: str, opts: Options) -> dict[str, Any]:
@@ -467,7 +419,7 @@ def _timings(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict
 
 def timed_pick(rows: list[dict[str, Any]], asked: list[str] | None = None) -> Any:
     """What ``auto`` runs when it times this model (amp/autopick.py's decision on these rows), or None."""
-    from .amp.autopick import decide
+    from .amp.debug.autopick import decide
     from .amp.precision import Resolution
 
     auto = next((r["auto"] for r in rows if "auto" in r), None)
@@ -551,12 +503,12 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 def _remember(cfg: Config, device_type: str, rows: list[dict[str, Any]]) -> None:
     """Put the measured step times where ``auto`` looks first (its cache): the next run of this model costs nothing."""
-    from .amp import autopick
+    from .amp.debug import autopick
 
     probe, timings = auto_probe(cfg), _timings(rows, cfg.amp.auto.candidates)
-    if probe is not None and len(timings) >= 2 and device_type in ("cpu", "cuda"):
-        device = device_type if device_type == "cpu" else "cuda"
-        autopick.store(autopick.probe_key(device, probe), timings, {"from": "bench", "probe": probe.key})
+    if probe and cfg.amp.auto.measure and len(timings) >= 2 and device_type in ("cpu", "cuda"):
+        probe = autopick.Probe(probe.run, probe.key, cfg.amp.auto.candidates or None)  # as the session keys it
+        autopick.store(autopick.probe_key(device_type, probe), timings, {"from": "bench", "probe": probe.key})
 
 
 def _check_plot(opts: Options) -> None:

@@ -1,6 +1,7 @@
 """The config tree: every section, every default, every check.
 
-The loop's sections (``amp``, ``train``, ``eval``, ``checkpoint``, ``log``) are defined here; ``data`` and ``model``
+The loop's sections (``train``, ``eval``) are defined here, ``amp`` is the AMP core's own settings object
+(``amp/settings.py``: precision, scaler, guard, log and checkpoint cadence, console, trackers); ``data`` and ``model``
 belong to the example (``example/config.py``). A YAML file (``--config FILE``) and dotted ``key=value``
 arguments only override the defaults, in that order (``configparse.py`` reads them). An unknown key, a wrong
 type or a value out of range raises :class:`ConfigError` with one line that names the key.
@@ -20,57 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import configparse
-from .amp.defaults import AUDIT_MODES, PRECISIONS, SCALER_DEFAULTS, check_scaler, flat, normalise_precision
-from .amp.guard import GuardPolicy
+from .amp.settings import AmpSettings, SettingsError, flat, normalise_precision
 from .configparse import ConfigError, ConfigExit, load_yaml, set_key, to_dict, to_yaml
 from .example import config as example_config
 from .example.config import DataConfig, ModelConfig
 
 # ----------------------------------------------------------------------------
 # The config tree
-
-
-@dataclass
-class ScalerConfig:
-    """GradScaler knobs, passed to Accelerate as GradScalerKwargs (fp16 only)."""
-
-    init_scale: float = SCALER_DEFAULTS["init_scale"]  # 2**16, PyTorch's default; at most 3.4e38 (a float32)
-    growth_factor: float = SCALER_DEFAULTS["growth_factor"]  # scale *= growth_factor after growth_interval clean steps
-    backoff_factor: float = SCALER_DEFAULTS["backoff_factor"]  # scale *= backoff_factor on an overflow (step skipped)
-    growth_interval: int = SCALER_DEFAULTS["growth_interval"]  # clean steps before the scale grows
-
-
-@dataclass
-class GuardConfig:
-    """What to do when the loss scale collapses (every step skipped, scale driven toward 0)."""
-
-    min_scale: float = GuardPolicy.min_scale  # a scale below this counts as collapsed (2**-14)
-    max_consecutive_skips: int = GuardPolicy.max_consecutive_skips  # this many skipped steps in a row counts too
-    action: str = GuardPolicy.action  # warn | stop (save and exit 3) | fallback (save, go on in a safer precision)
-    locate: bool = False  # when it trips, replay to the first overflow and name the module (python -m PACKAGE.locate)
-
-
-@dataclass
-class AutoConfig:
-    """How amp.precision=auto decides where the hardware alone cannot (a CPU with AVX512-BF16 or AMX, a GPU)."""
-
-    measure: bool = True  # time fp32 and bf16 (and fp16 on a GPU) on this model first; cached per machine and shape
-    candidates: list[str] = field(default_factory=list)  # the precisions to time instead, e.g. [fp32, bf16, bf16-true]
-
-
-@dataclass
-class AmpConfig:
-    """Mixed precision: which precision runs, and the fp16 loss scaler and its guard."""
-
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | bf16-true (bf16 weights, fp32 masters); "no" is fp32
-    auto: AutoConfig = field(default_factory=AutoConfig)
-    scaler: ScalerConfig = field(default_factory=ScalerConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    fp32_modules: list[str] = field(default_factory=list)  # module name patterns run without autocast
-    audit: str = "warn"  # check the tensors' dtypes after the first step: off | warn | strict (an error, exit 2)
-    meters: bool = True  # at log ticks: amp/scale_headroom_bits, amp/grad_underflow_frac, amp/lost_update_frac
-    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs when running fp32 parts
-    cudnn_benchmark: bool = False  # let cuDNN pick the fastest kernels (not bitwise reproducible)
 
 
 @dataclass
@@ -99,25 +56,6 @@ class EvalConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    """Atomic checkpoints in out_dir/checkpoints (resume restores everything)."""
-
-    every: int = 250  # steps between checkpoints; 0 = only at the end
-    keep: int = 3  # newest checkpoints kept
-
-
-@dataclass
-class LogConfig:
-    """Console, metrics.jsonl and trackers."""
-
-    every: int = 10  # steps between log lines / metric reads (the only device syncs of the monitor)
-    live: bool = True  # rich live panel on a terminal; plain lines when false or not a TTY
-    trackers: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard] or [wandb]
-    run_name: str = ""  # the trackers' project/run name; empty = the name of out_dir
-    tracker_kwargs: dict = field(default_factory=dict)  # per tracker, e.g. {wandb: {entity: me, tags: [amp]}}
-
-
-@dataclass
 class Config:
     """The run: where it writes, its seed, and where it resumes from."""
 
@@ -127,10 +65,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)  # the example's section (example/config.py)
     model: ModelConfig = field(default_factory=ModelConfig)  # the example's section (example/config.py)
-    amp: AmpConfig = field(default_factory=AmpConfig)
+    amp: AmpSettings = field(default_factory=lambda: AmpSettings(tf32=True, checkpoint_every=250))  # amp/settings.py
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+
+    # keys of earlier releases (a checkpoint's saved config reads with them) and words users try: did you mean
+    MOVED = {"log.every": "amp.log_every", "log.live": "amp.live", "log.trackers": "amp.trackers",
+             "log.run_name": "amp.run_name", "log.tracker_kwargs": "amp.tracker_kwargs",
+             "checkpoint.every": "amp.checkpoint_every", "checkpoint.keep": "amp.keep"}
+    SYNONYMS = {**MOVED, "learning_rate": "train.lr", "lr": "train.lr", "lr_rate": "train.lr",
+                "epochs": "train.max_steps", "max_steps": "train.max_steps", "steps": "train.max_steps",
+                "batch_size": "train.batch_size", "fp16": "amp.precision", "bf16": "amp.precision",
+                "precision": "amp.precision", "mixed_precision": "amp.precision", "output_dir": "out_dir"}
 
 
 GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, "
@@ -157,20 +102,10 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
 
-    p = cfg.amp.precision
-    cfg.amp.precision = normalise_precision(p)
-    need(cfg.amp.precision in PRECISIONS, "amp.precision", f"one of {'|'.join(PRECISIONS)} (or no)", p)
-    need(cfg.amp.audit in AUDIT_MODES, "amp.audit", "off, warn or strict", cfg.amp.audit)
-    asked = cfg.amp.auto.candidates
-    cfg.amp.auto.candidates = [normalise_precision(c) for c in asked]
-    for c, given in zip(cfg.amp.auto.candidates, asked, strict=True):
-        need(c in PRECISIONS[1:], "amp.auto.candidates", f"a list of {'|'.join(PRECISIONS[1:])}", given)
-    for section, check in (("amp.scaler", lambda: check_scaler(**dataclasses.asdict(cfg.amp.scaler))),
-                           ("amp.guard", lambda: guard_policy(cfg))):
-        try:  # the core's own checks; its messages start with the setting's name
-            check()
-        except ValueError as e:
-            raise ConfigError(f"{section}.{e}") from None
+    try:  # the core's own checks, at construction (they normalise aliases); its messages start with the key
+        cfg.amp = dataclasses.replace(cfg.amp)
+    except SettingsError as e:
+        raise ConfigError(f"amp.{e}") from None
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
@@ -186,14 +121,8 @@ def validate(cfg: Config) -> Config:
     ep = cfg.eval.precision
     cfg.eval.precision = "train" if str(ep).strip().lower() == "train" else normalise_precision(ep)
     need(cfg.eval.precision in ("train", "fp32"), "eval.precision", "train or fp32 (or no)", ep)
-    need(cfg.checkpoint.every >= 0, "checkpoint.every", ">= 0", cfg.checkpoint.every)
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", cfg.checkpoint.keep)
-    need(cfg.log.every >= 1, "log.every", ">= 1", cfg.log.every)
     need(cfg.out_dir != "", "out_dir", "a directory path", cfg.out_dir)
     need(0 <= cfg.seed < 2**32, "seed", "between 0 and 2**32 - 1 (what numpy and torch accept)", cfg.seed)
-    name = cfg.log.run_name
-    need(name == "" or ("/" not in name and "\\" not in name and name not in (".", "..")), "log.run_name",
-         "a plain name (no / or \\, not . or ..): trackers write under out_dir/NAME", name)
     return cfg
 
 
@@ -202,12 +131,6 @@ def validate(cfg: Config) -> Config:
 
 
 COMMAND = f"python -m {__package__ or 'PACKAGE'}.train"
-
-
-def guard_policy(cfg: Config) -> GuardPolicy:
-    """The core's collapse-guard policy from ``amp.guard`` (``locate`` is the project's: train.py runs it)."""
-    g = cfg.amp.guard
-    return GuardPolicy(min_scale=g.min_scale, max_consecutive_skips=g.max_consecutive_skips, action=g.action)
 
 
 def parse_args(argv: list[str], notices: list[str] | None = None) -> Config:
@@ -274,14 +197,14 @@ def check_trackers(names: list[str], kwargs: dict) -> None:
     """A tracker that is not installed is one line saying how to install it (Accelerate would only warn)."""
     for name in kwargs:
         if name not in names or not isinstance(kwargs[name], dict):
-            raise ConfigError(f"log.tracker_kwargs: {name!r} must be one of log.trackers ({', '.join(names) or 'none'}) "
+            raise ConfigError(f"amp.tracker_kwargs: {name!r} must be one of amp.trackers ({', '.join(names) or 'none'}) "
                               "and hold a mapping, e.g. {wandb: {entity: me}}")
     for name in names:
         module = TRACKER_MODULES.get(name)
         if module is None:
-            raise ConfigError(f"log.trackers: unknown tracker {name!r} (one of {', '.join(TRACKER_MODULES)})")
+            raise ConfigError(f"amp.trackers: unknown tracker {name!r} (one of {', '.join(TRACKER_MODULES)})")
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"log.trackers: {name} is not installed (pip install {module})")
+            raise ConfigError(f"amp.trackers: {name} is not installed (pip install {module})")
 
 
 def resume_check(cfg: Config) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .amp.defaults import flat
+from .amp.settings import flat
 
 
 class ConfigError(ValueError):
@@ -133,8 +133,8 @@ def set_key(cfg: Any, key: str, value: Any, text: bool = False) -> None:
                     raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.{next(iter(_field_types(tp)))}=...")
                 for sub, subval in value.items():
                     set_key(cfg, f"{key}.{sub}", subval)
-            else:
-                setattr(node, part, _coerce(key, tp, value, text))
+            else:  # object.__setattr__: frozen sections too (the tree is built before anyone reads it)
+                object.__setattr__(node, part, _coerce(key, tp, value, text))
         else:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
@@ -142,13 +142,13 @@ def set_key(cfg: Any, key: str, value: Any, text: bool = False) -> None:
 
 
 def _set_mapping(node: Any, part: str, rest: list[str], key: str, value: Any, text: bool) -> None:
-    """A mapping-valued key: set whole (``log.tracker_kwargs={wandb: {entity: me}}``) or one entry by its dotted path
-    (``log.tracker_kwargs.wandb.entity=me``)."""
+    """A mapping-valued key: set whole (``amp.tracker_kwargs={wandb: {entity: me}}``) or one entry by its dotted path
+    (``amp.tracker_kwargs.wandb.entity=me``)."""
     value = parse_value(value) if text else value
     if not rest:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, e.g. {{wandb: {{entity: me}}}}, got {value!r}")
-        setattr(node, part, dict(value))
+        object.__setattr__(node, part, dict(value))
         return
     target = getattr(node, part)
     for sub in rest[:-1]:
@@ -167,9 +167,14 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _did_you_mean(key: str, root: type) -> str:
+    """The key meant: a synonym the root class lists (``SYNONYMS``: ``learning_rate`` -> ``train.lr``, a moved key),
+    else the closest spelling."""
     import difflib
 
-    close = difflib.get_close_matches(key, all_keys(root), n=1)
+    synonyms = getattr(root, "SYNONYMS", {})
+    last = key.rsplit(".", 1)[-1]
+    meant = synonyms.get(key) or synonyms.get(last)
+    close = [meant] if meant else difflib.get_close_matches(key, all_keys(root), n=1)
     return f", did you mean {close[0]}?" if close else ""
 
 
@@ -326,10 +331,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], root: type, validate: Callable[[Any], Any]) -> Any:
-    """Rebuild a config from :func:`to_dict` output (unknown keys are errors)."""
+    """Rebuild a config from :func:`to_dict` output (unknown keys are errors; keys the root class lists as ``MOVED``
+    are read under their new name, so a checkpoint of an earlier release still reads)."""
     cfg = root()
+    moved = getattr(root, "MOVED", {})
     for key, value in _flatten(data):
-        set_key(cfg, key, value)
+        old = next((o for o in moved if key == o or key.startswith(o + ".")), None)
+        set_key(cfg, key if old is None else moved[old] + key[len(old):], value)
     return validate(cfg)
 
 

@@ -209,17 +209,17 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     return dest
 
 
-def export_after_training(ckpt: Path, say: Any) -> int:
+def export_after_training(ckpt: Path) -> int:
     """Export the last checkpoint of a finished run to ``final/``; 0, or 1 after a warning when it cannot (a full
     disk, a foreign ``final/``: the run itself is saved and complete, and the warning says how to export later)."""
     try:
-        say(f"model: {export(ckpt)} ({example.TITLE}.from_pretrained, python -m {PACKAGE}.sample)")
+        print(f"model: {export(ckpt)} ({example.TITLE}.from_pretrained, python -m {PACKAGE}.sample)")
         return 0
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         final = ckpt.resolve().parents[1] / "final"
-        say(f"warning: no export to {final} ({first}); the checkpoint {ckpt} has the weights: "
-            f"python -m {PACKAGE}.export {ckpt}", style="yellow")
+        print(f"warning: no export to {final} ({first}); the checkpoint {ckpt} has the weights: "
+              f"python -m {PACKAGE}.export {ckpt}")
         print(f"error: trained and saved, but the export to {final} failed ({first})", file=sys.stderr)
         return 1
 
@@ -312,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or foreign folder: 2; a full disk: 1
-        from .amp.faults import exit_status
+        from .amp.distributed import write_status
 
         print(f"error: {e.filename or args.out}: cannot write the export ({e.strerror or e})", file=sys.stderr)
-        return exit_status(e)
+        return write_status(e)
     print(f"exported {ckpt} -> {dest}")
     return 0
 

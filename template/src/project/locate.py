@@ -22,11 +22,13 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 from . import example
 from .config import Config, ConfigError, from_dict
+from .steps import build_optimizer, forever, train_step
 
 PACKAGE = __package__ or "project"
 
@@ -100,14 +102,11 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
            say: Callable[[str], None] = print) -> int:
     """Resume ``ckpt`` (None: start afresh from the seed) in a scratch out_dir with the config and precision of
     ``source`` and step with the locator on; prints the report. Returns 0."""
-    from dataclasses import asdict
-
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from .amp import AmpSession
     from .amp.checkpoint import read_meta
-    from .amp.locate import limit_for
-    from .train import build_model, build_optimizer, forever, train_step
+    from .amp.debug.locate import OverflowLocator, limit_for
 
     meta = read_meta(source)
     try:
@@ -118,21 +117,24 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
     prec = switches[0]["from"] if switches and ckpt is None else (meta.get("precision") or {}).get("effective")
     start = int(read_meta(ckpt).get("step", 0)) if ckpt is not None else 0
     end = start + max_steps if step is None else step
+    settings = replace(cfg.amp, precision=prec, guard=replace(cfg.amp.guard, action="warn"), log_every=10**9, keep=1,
+                       checkpoint_every=0, live=False, audit="off", meters=False, trackers=[])
     with tempfile.TemporaryDirectory(prefix="locate-") as scratch, AmpSession(
-        prec, scratch, scaler=asdict(cfg.amp.scaler), guard="warn", log_every=10**9, keep=1, live=False,
-        gradient_accumulation_steps=cfg.train.grad_accum, auto_probe=False, audit="off", meters=False,
+        settings, scratch, probe=False, gradient_accumulation_steps=cfg.train.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     ) as amp:
         set_seed(cfg.seed)
         loader, _, _ = example.build_data(cfg, amp.accelerator)
-        model = build_model(cfg)
+        model = example.build_model(cfg)
         optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
         model, optimizer, loader, scheduler = amp.prepare(model, optimizer, loader, scheduler)
         amp.resume(str(ckpt) if ckpt is not None else "none")
         say(f"locate: replaying {ckpt or 'the run from its start'} (step {start}, {prec}) to step {end} at the "
             f"latest; limit {limit_for(prec):g}")
         batches = forever(amp, loader)
-        with amp.locate(model) as loc:
+        scaler = amp.accelerator.scaler
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        with OverflowLocator(model, limit_for(prec), scale) as loc:
             found = None
             while amp.step < end and found is None:
                 loc.next_step(amp.step + 1)
@@ -143,18 +145,6 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
             say(f"no overflow in steps {start + 1}-{amp.step}")
         amp.close(completed=False)
     return 0
-
-
-def after_guard(cfg: Config) -> None:
-    """``amp.guard.locate``: when the collapse guard tripped, this module on the run's out_dir, in a process of its
-    own (the training process still holds Accelerate's state)."""
-    if cfg.amp.guard.locate:
-        import subprocess
-
-        from .bench import RANK_ENV, child_env
-
-        subprocess.run([sys.executable, "-m", f"{PACKAGE}.locate", cfg.out_dir], env=child_env(drop=RANK_ENV),
-                       check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

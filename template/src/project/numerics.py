@@ -103,8 +103,8 @@ def report(cfg: Config, weights: dict | None, source: str, precisions: list[str]
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .amp import numerics
-    from .train import build_model, build_optimizer
+    from .amp.debug import numerics
+    from .steps import build_model, build_optimizer
 
     set_seed(cfg.seed)
     accelerator = Accelerator(cpu=True)

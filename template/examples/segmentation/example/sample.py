@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..amp.faults import exit_status
+from ..amp.distributed import write_status
 from ..export import PACKAGE, ArgParser, ExportError, device_arg, load_model
 from .config import DataConfig
 from .data import draw_shapes, split_seed
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_bytes(png_bytes(grid(images, masks, pred, args.scale)))
     except OSError as e:
         print(f"error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
-        return exit_status(e)  # a read-only folder: 2; a full disk: 1
+        return write_status(e)  # a read-only folder: 2; a full disk: 1
     print(f"{out}: {args.n} images (input | truth | prediction), mean Dice {mean_dice(masks, pred):.4f}")
     return 0
 

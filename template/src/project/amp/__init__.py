@@ -3,16 +3,14 @@
 A copyable folder: it imports only the standard library, torch, accelerate, rich and itself. In a plain
 Accelerate loop (``amptpl add`` prints this as a diff against Accelerate's ``nlp_example.py`` shape):
 
-    try:
-        from .amp import AmpSession
-    except ImportError:
-        from amp import AmpSession
+    from amp import AmpSession
     amp = AmpSession(args.mixed_precision, args.output_dir, checkpoint_every=20, cpu=args.cpu)
     accelerator = amp.accelerator
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = amp.prepare(
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = amp.prepare(...)
     amp.resume("auto")
     for epoch in amp.epochs(num_epochs):
         for step, batch in enumerate(amp.batches(train_dataloader)):
+            ...                                   # forward, accelerator.backward, clip, optimizer.step: yours
             amp.after_step(loss)
     amp.close()
 
@@ -23,30 +21,27 @@ The contract with a loop, the same for every loop shape:
   and each optimizer step (``amp.after_step(loss, grad_norm=None, **values)``, after ``optimizer.step()``; your own
   ``values`` are logged and shown). State of its own that must survive a resume goes through ``amp.track(obj)``.
 - The session gives back ``amp.step``, ``amp.epoch``, ``amp.scale`` and a stop decision: ``after_step`` returns
-  True (and ``amp.should_stop`` says so) once a stop signal or the collapse guard ended the run, its state already
-  saved. ``amp.batches`` and ``amp.epochs`` then end, so a loop over them ends by itself; a loop of its own checks
-  the returned value. ``amp.close()`` saves the last step, writes the summary, and says how to resume.
+  True once a stop signal or the collapse guard ended the run, its state already saved; ``amp.stop`` then says why
+  (a :class:`Stop`: its ``exit_code``, and ``to``, the precision the guard's fallback asks for).
+- A stop is a value, never an exception. A loop that leaves its loops when ``after_step`` returns True goes on to
+  its own code, and ``amp.close()`` returns the exit status the run asks for (0 after a signal, 3 after the guard).
+  A loop that does not look is ended at its next call into the session (the next batch, epoch or ``after_step``),
+  with that status: a preempted job ends within one step, whatever the loop around the core.
 - Forward, loss, ``accelerator.backward``, clipping and ``optimizer.step()`` stay in the loop, where you see them.
-
-Why a decision and not an exception: a stop is not an error, and an exception raised from inside your step would
-skip your own ``except KeyboardInterrupt`` and ``finally`` blocks and whatever your script does after its loop (a
-last evaluation, saving the model). Exit statuses stay right for a script that does nothing about stops: a stop
-signal ends with status 0 when the script ends; after the collapse guard, ``close()`` ends the process with status
-3; and a loop that calls ``after_step`` again after a stop is ended there, with the same status.
+  ``max_steps`` (a keyword of the session) is a budget the core keeps: ``amp.batches`` and ``amp.epochs`` end there,
+  and a resume at or past it trains nothing.
 
 Nothing process-wide is changed unless asked: the session installs its signal handlers for the run and restores
-them at ``close()``; it watches only its own Accelerator and the objects you pass it. ``distributed.run_main`` is
-the explicit call for a clean process end after multi-process gloo runs.
+them at ``close()``; the only objects it wraps are the ones you pass it (``hooks.py``, in one place).
 
-The modules: ``precision`` (resolve, GradScalerKwargs, CPU fp16 scaler, fp32 regions, TF32), ``autopick`` (``auto``
-by measurement), ``master`` (bf16-true's float32 master weights), ``monitor`` (loss scale and overflow statistics),
-``guard`` (the collapse-guard policy), ``checkpoint`` (atomic save/load across precisions), ``position`` (data
-position, batches from any iterable), ``rundir`` (lock, fresh starts), ``signals`` (stop signals, data-loader
-workers), ``loopcheck`` (fp16 mistakes of a loop), ``console`` (rich live panel or plain lines), ``tracking``
-(metrics.jsonl and trackers), ``distributed``, ``defaults`` (the shared facts, without torch), the debugger's
-``locate`` (which module overflowed), ``audit`` (what precision each tensor has), ``meters`` (headroom, underflow,
-lost updates at log ticks) and ``numerics`` (errors against a float32 shadow), and ``session`` (all of them around
-one Accelerator).
+The kernel: ``settings`` (every setting, one frozen object), ``session`` (the coordinator), ``hooks`` (the one
+place that wraps your objects; the features plug in there), ``precision`` (resolve, GradScalerKwargs, the CPU fp16
+scaler, fp32 regions), ``master`` (bf16-true's float32 master weights), ``loopcheck`` (fp16 mistakes of a loop),
+``monitor`` (loss scale and overflow statistics, the guard's policy), ``checkpoint`` (atomic save/load across
+precisions), ``position`` (data position, batches from any iterable), ``rundir`` (lock, fresh starts),
+``signals`` (stop signals), ``console`` (rich live panel or plain lines), ``tracking`` (metrics.jsonl and trackers)
+and ``distributed`` (processes, faults). ``debug/``, which the kernel never needs: ``audit``, ``meters``,
+``locate``, ``numerics`` and ``autopick``.
 """
 
 from __future__ import annotations
@@ -56,17 +51,15 @@ from typing import Any
 
 __version__ = "0.1.0"  # the amptpl release this core comes from
 
-# Loaded on first use, so that the torch-free modules (defaults, guard) import without torch: a project's config
-# reads its defaults from them and reports a bad key before torch loads.
+# Loaded on first use, so that the torch-free settings import without torch: a project's config reads its defaults
+# from them and reports a bad key before torch loads.
 _EXPORTS = {
-    "AmpSession": "session", "LoopError": "position", "Stop": "session", "StopTraining": "session",
-    "RunLockedError": "rundir", "OutputDirError": "rundir",
-    "GuardFallback": "guard", "GuardPolicy": "guard", "GuardStop": "guard", "run_main": "distributed",
-    "AuditError": "audit", "MasterWeights": "master", "OverflowLocator": "locate",
+    "AmpSession": "session", "AmpSettings": "settings", "ScalerSettings": "settings", "GuardSettings": "settings",
+    "AutoSettings": "settings", "SettingsError": "settings", "Stop": "monitor", "LoopError": "position",
+    "RunLockedError": "rundir", "OutputDirError": "rundir", "run_main": "distributed",
 }
-_MODULES = ("audit", "autopick", "checkpoint", "console", "defaults", "distributed", "guard", "locate", "loopcheck",
-            "master", "meters", "monitor", "numerics", "position", "precision", "rundir", "session", "signals",
-            "tracking")
+_MODULES = ("checkpoint", "console", "distributed", "hooks", "loopcheck", "master", "monitor", "position",
+            "precision", "rundir", "session", "settings", "signals", "tracking")
 
 __all__ = [*_EXPORTS, *_MODULES]
 

@@ -15,7 +15,7 @@ A checkpoint is complete or invisible: it is written into ``.tmp-step_*`` and re
 (Accelerate raises on a missing or empty scaler.pt, drops the scale silently, and lets scaler.pt replace
 the run's GradScalerKwargs), and every decision is returned as a one-line notice.
 
-    ckpt = CheckpointManager(accelerator, out_dir, keep=3, meta=lambda: {...}, state=lambda: {...})
+    ckpt = CheckpointManager(hooks, out_dir, keep=3, meta=lambda: {...}, state=lambda: {...})
     path, notices = find_resume(out_dir, "auto")
     if path: loaded = ckpt.load(path, precision="fp16", scaler_kwargs={...})   # .notices, .state
     ...
@@ -31,7 +31,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,17 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a lost mount): one line naming the path and the cause."""
+
+
+def version(dist: str) -> str | None:
+    """The installed version of ``dist`` (for meta.json), or None."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def checkpoint_name(step: int) -> str:
@@ -169,6 +180,12 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=_order)
 
 
+def latest_checkpoint(out_dir: str | Path) -> Path:
+    """The checkpoint ``checkpoints/latest`` names (the newest complete one a run saved)."""
+    root = Path(out_dir) / CHECKPOINTS
+    return root / (root / LATEST).read_text().strip()
+
+
 def check_layout(out_dir: str | Path) -> None:
     """Refuse, before any training, an ``out_dir`` whose checkpoint folder could not take a save: ``checkpoints``
     that is a file, or ``checkpoints/latest`` that is not one (CheckpointError, one line)."""
@@ -264,19 +281,6 @@ def replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _scaler_hidden(accelerator: Any, hide: bool) -> Iterator[None]:
-    """Hide the accelerator's scaler from save_state/load_state for a moment."""
-    scaler = accelerator.scaler
-    if hide:
-        accelerator.scaler = None
-    try:
-        yield
-    finally:
-        accelerator.scaler = scaler
-
-
-
 @dataclass
 class Loaded:
     """What :meth:`CheckpointManager.load` restored: one-line notices, and this process's session state (None in a
@@ -323,24 +327,20 @@ class CheckpointManager:
     statistics, tracked objects), saved as ``amp_state_<process>.pt`` and handed back by :meth:`load`.
     """
 
-    def __init__(self, accelerator: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
-                 state: Callable[[], dict[str, Any]] | None = None, *,
-                 on_save: Callable[[list[dict[str, Any]]], None] | None = None,
-                 on_load: Callable[[Path, list[Any]], None] | None = None):
-        self.accelerator = accelerator
+    def __init__(self, hooks: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
+                 state: Callable[[], dict[str, Any]] | None = None):
+        self.accelerator, self.hooks = hooks.accelerator, hooks
         self.root = Path(out_dir) / CHECKPOINTS
         self.keep = keep
         self.meta = meta
         self.state = state
-        # bf16-true (amp/master.py): the float32 master weights are what a checkpoint holds, and what a resume restores
-        self.on_save, self.on_load = on_save, on_load
-        self._hook = accelerator.register_save_state_pre_hook(self._before_save)
+        self._hook = self.accelerator.register_save_state_pre_hook(self._before_save)
 
     def _before_save(self, models: Any, weights: Any, output_dir: str) -> None:
-        # runs inside save_state on every process: each writes its own state, the main process the shared meta.json
+        # runs inside save_state on every process: each writes its own state, the main process the shared meta.json;
+        # the features may change what is saved (bf16-true: the float32 masters are the checkpoint's weights)
         acc = self.accelerator
-        if self.on_save is not None:
-            self.on_save(weights)
+        self.hooks.call("on_save", weights)
         if self.state is not None:
             torch.save(self.state(), Path(output_dir) / STATE.format(acc.process_index))
         if acc.is_main_process:
@@ -360,7 +360,7 @@ class CheckpointManager:
         acc.wait_for_everyone()
         # Accelerate writes scaler.pt from every rank to the same path; let only the main process write it
         try:
-            with _scaler_hidden(acc, hide=not acc.is_main_process):
+            with self.hooks.scaler_hidden(hide=not acc.is_main_process):
                 acc.save_state(str(tmp))
         except BaseException as e:  # a half-written checkpoint never stays, whatever stopped it (a second Ctrl-C)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -406,6 +406,32 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ loading
 
+    def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
+               rescale_schedulers: bool = False, log: Path | None = None) -> tuple[Path | None, dict | None, Loaded]:
+        """The checkpoint ``policy`` names (:func:`find_resume`), checked by ``check(meta)`` (notices, or it raises),
+        loaded (:meth:`load`); an earlier run in out_dir moves aside for a fresh start or a checkpoint from elsewhere,
+        and records of ``log`` (metrics.jsonl) past the checkpoint's step are dropped. (path, meta, what loaded)."""
+        from .rundir import move_aside
+
+        acc, out_dir = self.accelerator, self.root.parent
+        path, notices = find_resume(out_dir, policy)
+        meta = read_meta(path) if path is not None else None
+        if meta is not None and check is not None:
+            notices += list(check(meta) or [])
+        elsewhere = path is not None and Path(path).resolve().parent != self.root.resolve()
+        if path is None or elsewhere:  # a fresh start, or another line of runs starts here
+            why = f"resume from {path}" if path is not None else "fresh start"
+            notices += move_aside(out_dir, why) if acc.is_main_process else []
+            acc.wait_for_everyone()
+        if path is None:
+            return None, None, Loaded(notices)
+        loaded = self.load(path, precision, scaler_kwargs, rescale_schedulers)
+        loaded.notices[:0] = notices
+        step = meta.get("step")
+        if log is not None and acc.is_main_process and isinstance(step, int) and (n := trim_log(log, step)):
+            loaded.notices.append(f"resume: dropped {n} {log.name} records logged after step {step}")
+        return path, meta, loaded
+
     def load(self, path: str | Path, precision: str, scaler_kwargs: dict[str, Any] | None,
              rescale_schedulers: bool = False) -> Loaded:
         """Load a checkpoint into the prepared objects; returns one-line notices and the session state.
@@ -423,7 +449,7 @@ class CheckpointManager:
         legacy = [] if meta.get("amp_state") else [_Sink() for name in LEGACY_STATE if (path / name).is_file()]
         acc._custom_objects[:0] = legacy
         try:
-            with _scaler_hidden(acc, hide=True):
+            with self.hooks.scaler_hidden():
                 acc.load_state(str(path))
         except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
             detail = " ".join(ln.strip() for ln in str(e).strip().splitlines())  # torch puts the key names below
@@ -431,8 +457,7 @@ class CheckpointManager:
                                   ) from None
         finally:
             del acc._custom_objects[: len(legacy)]
-        if self.on_load is not None:
-            self.on_load(path, list(acc._models))
+        self.hooks.call("on_load", path, list(acc._models))
         notices = [f"resume: loaded {path} (step {meta.get('step', '?')})"]
         saved_world = meta.get("world_size")
         if saved_world is not None and saved_world != acc.num_processes:

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 SPARK = "▁▂▃▄▅▆▇█"
+METERS = ("amp/scale_headroom_bits", "amp/grad_underflow_frac", "amp/lost_update_frac")  # debug/meters.py
 
 
 @dataclass
@@ -53,6 +54,24 @@ class Status:
     activity: str | None = None  # what runs between log ticks, e.g. "eval 12/20" (live panel only)
     values: dict[str, float] = field(default_factory=dict)  # the loop's own values (after_step(..., name=value))
     meters: dict[str, float] = field(default_factory=dict)  # amp/meters.py: headroom, underflow, lost updates
+
+
+def status(m: dict[str, float], mon: Any, progress: Any, total: int | None, precision: str, world_size: int,
+           device: Any) -> Status:
+    """The panel's :class:`Status` at a log tick: the tick's metrics ``m``, the monitor's statistics, the position."""
+    step_time = m.get("perf/step_time_s")
+    import torch
+
+    return Status(
+        step=progress.step, total_steps=total or 0, epoch=progress.epoch, precision=precision,
+        loss=m.get("train/loss"), lr=m.get("train/lr"), scale=mon.scale, scale_trend=list(mon.trend),
+        skipped=mon.skipped, skip_rate=m["amp/skip_rate"], recent_skip_rate=mon.recent_skip_rate,
+        consecutive_skips=mon.consecutive_skips, grad_norm=mon.last_grad_norm,
+        samples_per_s=m.get("perf/samples_per_s"), tokens_per_s=m.get("perf/tokens_per_s"),
+        eta_s=(total - progress.step) * step_time if total and step_time is not None else None,
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        world_size=world_size, meters={k: v for k, v in m.items() if k in METERS},
+        values={n: m[k] for n in mon.value_names if (k := (n if "/" in n else f"train/{n}")) in m})
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:

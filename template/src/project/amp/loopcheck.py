@@ -1,19 +1,17 @@
 """Checks that a loop the core did not write uses mixed precision correctly, at no per-step device read.
 
-They watch the session's own Accelerator and the optimizers it prepared (attributes of those objects, nothing
-process-wide) and report what would otherwise fail silently:
+Two features of the session (``hooks.py``), reporting what would otherwise fail silently:
 
-- fp16: the loss went through ``loss.backward()`` instead of ``accelerator.backward(loss)`` (gradients never scaled,
-  then unscaled: the update is ``init_scale`` times too small), or the weights were updated without
-  ``optimizer.step()`` of a prepared optimizer (scaled gradients applied as they are, the scale never updated);
-  both are a :class:`LoopError` at the first step where they happen (at the unscale, the optimizer step or
-  ``after_step``, whichever comes first);
-- fp16: gradients made smaller between backward and the optimizer step while still scaled, as
-  ``torch.nn.utils.clip_grad_norm_`` does when called before unscaling (it then clips ``scale`` times too hard):
-  a warning, from the first few steps (two gradient norms each, kept on the device, read at the first log tick);
-- several processes: every process trained on the same first batch (the data is not split between them): a
-  warning, from a fingerprint of each process's first batch (its first loss, for batches without a tensor)
-  exchanged in the tick's collective.
+- :class:`LoopChecks` (fp16): the loss went through ``loss.backward()`` instead of ``accelerator.backward(loss)``
+  (gradients never scaled, then unscaled: the update is ``init_scale`` times too small), or the weights were
+  updated without ``optimizer.step()`` of a prepared optimizer (scaled gradients applied as they are, the scale never
+  updated): a :class:`LoopError` at the first step where it happens. Gradients made smaller between backward and the
+  optimizer step while still scaled, as ``torch.nn.utils.clip_grad_norm_`` does when called before unscaling (it
+  then clips ``scale`` times too hard): a warning, from two gradient norms in each of the first few steps, kept on
+  the device and read at the first log tick.
+- :class:`SameData` (several processes): every process trained on the same first batch (the data is not split
+  between them): a warning, from a fingerprint of each process's first batch (its first loss, for batches without
+  a tensor) exchanged in the tick's collective.
 """
 
 from __future__ import annotations
@@ -22,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .position import LoopError
+from .hooks import Feature
+from .position import LoopError, fingerprint
 
 CHECKED_STEPS = 3  # steps whose gradient norms are compared (two norms each); later steps cost nothing
 
@@ -34,79 +33,55 @@ def _grad_norm(optimizer: Any) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
-class LoopChecks:
-    """Installed by the session on its accelerator and prepared optimizers; see the module docstring."""
+class LoopChecks(Feature):
+    """fp16 mistakes of a loop: see the module docstring."""
 
-    def __init__(self, accelerator: Any):
-        self.accelerator = accelerator
-        self.scaler = accelerator.scaler if accelerator.scaler is not None and accelerator.scaler.is_enabled() else None
+    name = "loopcheck"
+
+    @classmethod
+    def make(cls, hooks: Any) -> LoopChecks | None:
+        scaler = hooks.accelerator.scaler
+        return cls(hooks) if scaler is not None and scaler.is_enabled() else None
+
+    def __init__(self, hooks: Any):
+        super().__init__(hooks)
+        self.scaler = hooks.accelerator.scaler
         self.backwards = 0  # accelerator.backward calls
         self.steps = 0  # optimizer steps that went through a prepared optimizer (and so through the GradScaler)
         self._checked = 0
         self._norms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (after backward, at step, scale)
         self._after_backward: torch.Tensor | None = None
         self._seen = (0, 0)  # (backwards, steps) at the previous optimizer step
-        self.warned: set[str] = set()
-        self._wrap_backward()
+        self._known = 0  # prepared optimizers seen
+        self._warned = False
 
-    # ------------------------------------------------------------------ wrapping (per object, never global)
+    def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
+        self._known = len(self.hooks.accelerator._optimizers)
 
-    def _wrap_backward(self) -> None:
-        acc = self.accelerator
-        backward = acc.backward
+    def after_backward(self) -> None:
+        self.backwards += 1
+        if self._checked < CHECKED_STEPS and self.hooks.accelerator.sync_gradients:
+            self._after_backward = self._norm_now()
 
-        def checked_backward(loss: Any, **kwargs: Any) -> Any:
-            out = backward(loss, **kwargs)
-            self.backwards += 1
-            if self.scaler is not None and self._checked < CHECKED_STEPS and acc.sync_gradients:
-                self._after_backward = self._norm_now()
-            return out
-
-        acc.backward = checked_backward
-        unscale = acc.unscale_gradients
-
-        def checked_unscale(*args: Any, **kwargs: Any) -> Any:
-            if acc.sync_gradients:  # clip_grad_norm_ comes here first
-                self._require_backward()
-            return unscale(*args, **kwargs)
-
-        acc.unscale_gradients = checked_unscale
+    def before_unscale(self) -> None:  # clip_grad_norm_ comes here first
+        self._require_backward()
 
     def _require_backward(self) -> None:
-        if self.scaler is not None and self.backwards == self._seen[0]:
+        if self.backwards == self._seen[0]:
             raise LoopError("fp16: the loss did not go through accelerator.backward(loss) in this step "
                             "(loss.backward() skips the loss scaling, so the GradScaler would unscale gradients that "
                             "were never scaled); call accelerator.backward(loss)")
 
-    def wrap_optimizers(self) -> int:
-        """Watch every optimizer the accelerator prepared (idempotent); returns how many were new."""
-        new = 0
-        for opt in self.accelerator._optimizers:
-            if getattr(opt, "_amp_checked", False):
-                continue
-            new += 1
-            step = opt.step
-
-            def checked_step(*args: Any, __opt=opt, __step=step, **kwargs: Any) -> Any:
-                if __opt.gradient_state.sync_gradients:
-                    self._before_step(__opt)
-                return __step(*args, **kwargs)
-
-            opt.step = checked_step
-            opt._amp_checked = True
-        return new
-
     def _norm_now(self) -> torch.Tensor | None:
-        opts = self.accelerator._optimizers
-        norms = [n for n in (_grad_norm(o) for o in opts) if n is not None]
+        norms = [n for n in (_grad_norm(o) for o in self.hooks.accelerator._optimizers) if n is not None]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
 
-    def _before_step(self, opt: Any) -> None:
+    def before_step(self, optimizer: Any) -> None:
         self._require_backward()
         self.steps += 1
-        if self.scaler is None or self._checked >= CHECKED_STEPS or self._after_backward is None:
+        if self._checked >= CHECKED_STEPS or self._after_backward is None:
             return
-        inner = getattr(opt, "optimizer", opt)
+        inner = getattr(optimizer, "optimizer", optimizer)
         stage = self.scaler._per_optimizer_states[id(inner)]["stage"]
         if getattr(stage, "name", str(stage)) == "READY":  # nobody unscaled yet: the gradients are still scaled
             now = self._norm_now()
@@ -115,14 +90,11 @@ class LoopChecks:
         self._checked += 1
         self._after_backward = None
 
-    # ------------------------------------------------------------------ checks
-
-    def after_step(self) -> None:
-        """At each optimizer step (gradients synced): the errors that must stop a run at once (fp16 only)."""
-        if self.scaler is None:
-            return
-        if self.wrap_optimizers():  # prepared by accelerator.prepare directly: watched from the next step on
-            self._seen = (self.backwards, self.steps)
+    def at_step(self, loss: Any) -> None:
+        """At each optimizer step: the errors that must stop a run at once."""
+        known = len(self.hooks.accelerator._optimizers)
+        if known != self._known:  # prepared by accelerator.prepare directly: watched from the next step on
+            self._known, self._seen = known, (self.backwards, self.steps)
             return
         self._require_backward()
         steps = self._seen[1]
@@ -132,30 +104,57 @@ class LoopChecks:
                             "optimizer.step() of an optimizer passed to amp.prepare (fp16 needs it to unscale the "
                             "gradients, skip overflowing steps and update the loss scale)")
 
-    def at_tick(self) -> list[str]:
-        """Warnings for the first log tick (one device read of the few norms kept)."""
-        out = []
-        if self._norms and "clip" not in self.warned:
-            values = torch.stack([torch.stack([a.float(), b.float(), s.float().reshape(())])
-                                  for a, b, s in self._norms]).tolist()
-            self._norms.clear()
-            shrunk = [(a, b, s) for a, b, s in values if b < a * 0.999]
-            if shrunk:
-                a, b, s = shrunk[0]
-                self.warned.add("clip")
-                out.append(f"warning: fp16: the gradients were made smaller while still scaled by the loss scale ({s:g}):"
-                           f" norm {a:.4g} after backward, {b:.4g} at the optimizer step. Clipping before unscaling "
-                           "clips them that many times too hard; use accelerator.clip_grad_norm_(...) (it unscales "
-                           "first), or call accelerator.unscale_gradients() before torch.nn.utils.clip_grad_norm_")
-        return out
+    def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
+        if not self._norms or self._warned:
+            return {}, []
+        values = torch.stack([torch.stack([a.float(), b.float(), s.float().reshape(())])
+                              for a, b, s in self._norms]).tolist()
+        self._norms.clear()
+        shrunk = [(a, b, s) for a, b, s in values if b < a * 0.999]
+        if not shrunk:
+            return {}, []
+        a, b, s = shrunk[0]
+        self._warned = True
+        return {}, [f"warning: fp16: the gradients were made smaller while still scaled by the loss scale ({s:g}): "
+                    f"norm {a:.4g} after backward, {b:.4g} at the optimizer step. Clipping before unscaling clips "
+                    "them that many times too hard; use accelerator.clip_grad_norm_(...) (it unscales first), or "
+                    "call accelerator.unscale_gradients() before torch.nn.utils.clip_grad_norm_"]
 
-    def same_data_warning(self, fingerprints: list[float], world: int) -> str | None:
-        """The warning for first batches that are equal on every process, once."""
-        if world < 2 or "data" in self.warned or len(fingerprints) != world:
-            return None
-        self.warned.add("data")
-        if len(set(fingerprints)) == 1:
-            return (f"warning: all {world} processes trained on the same first batch: the data is not split between "
-                    "them (each does the same work). Pass your DataLoader through amp.prepare so Accelerate shards it,"
-                    " or give each process its own part (accelerator.process_index, accelerator.num_processes)")
-        return None
+
+class SameData(Feature):
+    """Several processes that all trained on the same first batch: see the module docstring."""
+
+    name = "same_data"
+
+    @classmethod
+    def make(cls, hooks: Any) -> SameData | None:
+        return cls(hooks) if hooks.accelerator.num_processes > 1 else None
+
+    def __init__(self, hooks: Any):
+        super().__init__(hooks)
+        self.value: Any = None
+        self.done = False  # a fingerprint was taken (or the warning given)
+
+    def on_batch(self, batch: Any) -> None:
+        if self.value is None and not self.done:
+            self.value = fingerprint(batch)
+
+    def at_step(self, loss: Any) -> None:
+        if self.value is None and loss is not None:  # batches without a tensor: the first loss instead
+            self.value = loss.detach().float().clone() if isinstance(loss, torch.Tensor) else float(loss)
+
+    def shared(self) -> list[float]:
+        v = self.value
+        return [float("nan") if v is None or self.done else v]
+
+    def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
+        prints = [r[0] for r in rows]
+        if self.done or any(p != p for p in prints):  # nan: some process has none yet
+            return {}, []
+        self.done = True
+        if len(set(prints)) > 1:
+            return {}, []
+        return {}, [f"warning: all {len(rows)} processes trained on the same first batch: the data is not split "
+                    "between them (each does the same work). Pass your DataLoader through amp.prepare so Accelerate "
+                    "shards it, or give each process its own part (accelerator.process_index, "
+                    "accelerator.num_processes)"]

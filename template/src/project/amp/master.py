@@ -16,40 +16,53 @@ would draw random numbers in every step). The cost is 4 bytes per parameter more
 - each optimizer updates float32 copies of the bf16 parameters (its state is float32 too): at ``step()`` the bf16
   gradients are copied in, and after it the updated masters are rounded into the model;
 - a checkpoint holds the float32 masters as the model's weights (like every other precision, so a resume across
-  precisions loses nothing); :meth:`load` puts the float32 values back into the masters after a resume.
+  precisions loses nothing); :meth:`on_load` puts the float32 values back into the masters after a resume.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .precision import cast_floats
+from .hooks import Feature
+from .precision import PrecisionError, cast_floats
 
 
-class MasterWeights:
-    """Float32 master weights for a model stored in ``dtype`` (bf16). Attach before ``accelerator.prepare``."""
+class MasterWeights(Feature):
+    """Float32 master weights for a model stored in bf16 (``bf16-true``); a feature of the session (``hooks.py``)."""
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+    name = "master"
+
+    @classmethod
+    def make(cls, hooks: Any) -> MasterWeights | None:
+        dtype = hooks.resolution.weights_dtype
+        return cls(hooks, dtype) if dtype is not None else None
+
+    def __init__(self, hooks: Any, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(hooks)
         self.dtype = dtype
         self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (low-precision param, float32 master)
         self.models: list[torch.nn.Module] = []
         self._masters: dict[int, torch.nn.Parameter] = {}  # id(low-precision param) -> its master
-        self._optimizers: list[Any] = []
-        self.meters: Any = None  # amp/meters.py: the lost-update meter on steps that end at a log tick
+        self._by_opt: dict[int, list[tuple[torch.nn.Parameter, torch.nn.Parameter]]] = {}  # id(optimizer) -> pairs
 
-    def __bool__(self) -> bool:
-        return bool(self.models)
+    # ------------------------------------------------------------------ set-up, before accelerator.prepare
 
-    # ------------------------------------------------------------------ set-up
+    def before_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
+        engine = str(self.hooks.accelerator.distributed_type)
+        if "FSDP" in engine or "DEEPSPEED" in engine or "MEGATRON" in engine:
+            raise PrecisionError(f"precision bf16-true runs on one process or under DDP; under {engine.split('.')[-1]} "
+                                 "use bf16, whose engine keeps float32 master weights itself")
+        for model in models:
+            self.attach(model)
+        for opt in optimizers:
+            self.take(opt)
 
-    def attach(self, model: torch.nn.Module, optimizers: Iterable[Any] = ()) -> None:
-        """Store ``model`` in ``dtype`` and give ``optimizers`` (those that hold its parameters) float32 masters."""
+    def attach(self, model: torch.nn.Module) -> None:
+        """Store ``model`` in ``dtype``; each floating parameter gets a float32 master."""
         if any(m is model for m in self.models):
             return
         fp32_parts = [m for m in model.modules() if getattr(m, "_amp_fp32", False)]
@@ -67,34 +80,16 @@ class MasterWeights:
                     b.data = b.data.to(self.dtype)
         for m in fp32_parts:
             m._amp_cast_back = self.dtype  # its output goes on to bf16 modules
-        self._wrap_forward(model)
         self.models.append(model)
-        for opt in optimizers:
-            self.take(opt)
-
-    def follow_device(self) -> None:
-        """After ``prepare`` moved the model: each master (and its optimizer state) on its parameter's device."""
-        moved = {}
-        for p, m in self.pairs:
-            if m.device != p.device:
-                m.data = m.data.to(p.device)
-                moved[id(m)] = p.device
-        for opt in self._optimizers:
-            for m, state in opt.state.items():
-                if id(m) in moved:
-                    for k, v in state.items():
-                        if torch.is_tensor(v) and v.dim():
-                            state[k] = v.to(moved[id(m)])
 
     def take(self, opt: Any) -> None:
-        """The optimizer updates the masters; ``step`` copies gradients in and rounds the result out."""
+        """The optimizer updates the masters (its state in float32); the hooks copy gradients in and round out."""
         opt = getattr(opt, "optimizer", opt)  # an AcceleratedOptimizer's own
-        if getattr(opt, "_amp_master", None) is self:
+        if id(opt) in self._by_opt:
             return
-        masters = self._masters
         for group in opt.param_groups:
             for i, p in enumerate(group["params"]):
-                master = masters.get(id(p))
+                master = self._masters.get(id(p))
                 if master is None:
                     continue
                 group["params"][i] = master
@@ -102,44 +97,48 @@ class MasterWeights:
                     opt.state[master] = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dim()
                                          else v for k, v in opt.state.pop(p).items()}
         mine = {id(m) for g in opt.param_groups for m in g["params"]}
-        pairs = [(p, m) for p, m in self.pairs if id(m) in mine]
-        step, zero_grad = opt.step, opt.zero_grad
+        self._by_opt[id(opt)] = [(p, m) for p, m in self.pairs if id(m) in mine]
 
-        @functools.wraps(step)
-        def master_step(*args: Any, **kwargs: Any) -> Any:
-            for p, m in pairs:
-                m.grad = None if p.grad is None else p.grad.to(torch.float32)
-            metered = self.meters is not None and self.meters.armed
-            before = self.meters.sample_pairs(pairs) if metered else None
-            out = step(*args, **kwargs)
-            with torch.no_grad():
-                for p, m in pairs:
-                    p.copy_(m)  # round to nearest into the model
-            if metered:
-                self.meters.lost_updates(pairs, before)
-            return out
+    def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
+        """``prepare`` moved the model: each master (and its optimizer state) goes to its parameter's device."""
+        moved = {}
+        for p, m in self.pairs:
+            if m.device != p.device:
+                m.data = m.data.to(p.device)
+                moved[id(m)] = p.device
+        for opt in optimizers:
+            for m, state in getattr(opt, "optimizer", opt).state.items():
+                if id(m) in moved:
+                    for k, v in state.items():
+                        if torch.is_tensor(v) and v.dim():
+                            state[k] = v.to(moved[id(m)])
 
-        @functools.wraps(zero_grad)
-        def master_zero_grad(set_to_none: bool = True) -> None:
-            zero_grad(set_to_none)
-            for p, _ in pairs:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+    # ------------------------------------------------------------------ each step
 
-        opt.step, opt.zero_grad = master_step, master_zero_grad
-        opt._amp_master = self
-        self._optimizers.append(opt)
+    def pairs_of(self, opt: Any) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        return self._by_opt.get(id(opt), [])
 
-    def _wrap_forward(self, model: torch.nn.Module) -> None:
-        forward, dtype = model.forward, self.dtype
+    def before_forward(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        return cast_floats(args, self.dtype), cast_floats(kwargs, self.dtype)
 
-        @functools.wraps(forward)
-        def low_precision_forward(*args: Any, **kwargs: Any) -> Any:
-            return cast_floats(forward(*cast_floats(args, dtype), **cast_floats(kwargs, dtype)), torch.float32)
+    def after_forward(self, out: Any) -> Any:
+        return cast_floats(out, torch.float32)
 
-        model.forward = low_precision_forward
+    def before_inner_step(self, opt: Any) -> None:
+        for p, m in self.pairs_of(opt):
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+
+    def after_inner_step(self, opt: Any) -> None:
+        with torch.no_grad():
+            for p, m in self.pairs_of(opt):
+                p.copy_(m)  # round to nearest into the model
+
+    def after_zero_grad(self, opt: Any, set_to_none: bool) -> None:
+        for p, _ in self.pairs_of(opt):
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -149,8 +148,6 @@ class MasterWeights:
     def on_save(self, weights: list[dict[str, Any]]) -> None:
         """In Accelerate's save-state hook: the float32 masters replace the bf16 weights in the state dicts, and
         bf16 buffers are saved as float32 (exactly), so a checkpoint is float32 whichever precision wrote it."""
-        if not self:
-            return
         masters = self._by_storage()
         for state in weights:
             for key, value in list(state.items()):
@@ -161,11 +158,9 @@ class MasterWeights:
                 elif value.dtype == self.dtype:
                     state[key] = value.float()
 
-    def load(self, path: str | Path, models: list[torch.nn.Module]) -> None:
+    def on_load(self, path: str | Path, models: list[torch.nn.Module]) -> None:
         """After ``accelerator.load_state(path)``: the masters from the checkpoint's weights (float32 when saved by
         any precision of this core), and the model rounded from them."""
-        if not self:
-            return
         masters = self._by_storage()
         for i, model in enumerate(models):
             saved = _read_weights(Path(path), i)

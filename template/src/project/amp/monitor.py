@@ -1,33 +1,34 @@
-"""Loss-scale and overflow statistics, and a guard against a collapsing loss scale.
+"""Loss-scale and overflow statistics, the collapse guard's policy, and throughput.
 
-The monitor never reads a device value on its own per step. Each optimizer step it copies the loss,
-the grad norm and the scaler's (scale, growth tracker) into one small device tensor; :meth:`AmpMonitor.flush`
-reads them all at once at a log tick (one sync per interval) and updates the statistics.
-
-A step was skipped when the scaler backed off: after ``GradScaler.update()`` the growth tracker is 0 and
-the scale did not grow. This comes from the scaler itself, so it stays right where Accelerate's
-``optimizer_step_was_skipped`` is not (fused optimizers, gradient accumulation).
+The monitor reads no device value per step: each optimizer step's loss, grad norm, the scaler's (scale, growth
+tracker) and the loop's own values are copied into one small device tensor, and :meth:`AmpMonitor.flush` reads them
+all at a log tick (one sync per interval). A step was skipped when the scaler backed off: after ``update()`` the
+growth tracker is 0 and the scale did not grow. This comes from the scaler itself, so it stays right where
+Accelerate's ``optimizer_step_was_skipped`` is not (fused optimizers, gradient accumulation).
 
     monitor = AmpMonitor(accelerator.scaler)
-    ...                                                 # after each optimizer step:
-    monitor.record(step, loss, grad_norm, {"acc": acc})   # your own values are optional
-    ...                                                 # in each checkpoint: monitor.state_dict()
-    if step % log_every == 0:
-        metrics = monitor.flush()                       # {"train/loss": ..., "amp/scale": ...}
-        problem = monitor.check(min_scale, max_consecutive_skips)   # a guard.Problem or None
+    monitor.add(loss, grad_norm, {"acc": acc}); monitor.end_step(step)   # each step; no device read
+    metrics = monitor.flush()                                # at a log tick: {"train/loss": ..., "amp/scale": ...}
+    problem = monitor.check(min_scale, max_consecutive_skips)            # a Problem or None
+    decision = decide(settings.guard, problem, precision="fp16", native_bf16=True, warned=None)
+
+:func:`decide` is the guard's whole policy, a pure function of the settings, the problem and the precision in
+effect: ``ok``, ``warn`` (once per kind of problem until it clears), ``stop`` or ``fallback`` (to ``decision.to``).
+The session saves a checkpoint and ends the run for the last two: a :class:`Stop`, a value, never an exception.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .guard import Problem
-
-_ON_DEVICE = object()  # placeholder in AmpMonitor._pending for a value still on the device
+HISTORY = 256  # points kept in the downsampled scale history
+EVENTS = 500  # overflow events kept (the newest)
 
 
 def value_key(name: str) -> str:
@@ -35,166 +36,135 @@ def value_key(name: str) -> str:
     return name if "/" in name else f"train/{name}"
 
 
-def scaler_state(scaler: Any) -> tuple[float, int] | None:
-    """(scale, growth tracker) of a GradScaler as Python numbers, or None before its first use. Syncs."""
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    if getattr(scaler, "_scale", None) is None:
-        return float(scaler._init_scale), int(getattr(scaler, "_init_growth_tracker", 0))
-    return float(scaler._scale.item()), int(scaler._growth_tracker.item())
-
-
 class AmpMonitor:
-    """Per-run AMP statistics: steps, skipped steps, consecutive skips, loss scale min/max/mean/history,
-    overflow events, non-finite losses. ``state_dict``/``load_state_dict`` make them survive a resume."""
+    """Per-run AMP statistics: steps, skipped steps, skips and non-finite losses in a row, the loss scale's
+    min/max/mean/history, overflow events, precision switches. ``state_dict``/``load_state_dict`` carry them over a
+    resume. ``scale_fn``: for engines that own their loss scale (DeepSpeed), read at flush only."""
 
-    HISTORY = 256  # points kept in the downsampled scale history
-    EVENTS = 500  # overflow events kept (the newest)
+    _STATE = ("steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses",
+              "consecutive_nonfinite", "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "history",
+              "stride", "events", "switches", "last_step", "last_grad_norm", "prev_scale", "interval")
 
     def __init__(self, scaler: Any = None, scale_fn: Any = None):
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        # scale_fn: for engines that own their loss scale (DeepSpeed): () -> float, read at flush only
         self.scale_fn = scale_fn
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps = 0  # optimizer steps recorded
-        self.skipped = 0
-        self.consecutive_skips = 0
-        self.max_consecutive_skips = 0
-        self.nonfinite_losses = 0
-        self.consecutive_nonfinite = 0
+        self.steps = self.skipped = self.consecutive_skips = self.max_consecutive_skips = 0
+        self.nonfinite_losses = self.consecutive_nonfinite = self.scale_count = self.last_step = 0
         self.scale: float | None = None
-        self.scale_min = math.inf
-        self.scale_max = 0.0
-        self.scale_sum = 0.0
-        self.scale_count = 0
-        self.history: list[tuple[int, float]] = []
-        self._history_stride = 1
+        self.scale_min, self.scale_max, self.scale_sum = math.inf, 0.0, 0.0
+        self.history: list[list[float]] = []  # [step, scale], downsampled: every `stride`-th step
+        self.stride = 1
         self.events: list[dict[str, Any]] = []
+        self.switches: list[dict[str, Any]] = []  # precision switches made by the collapse guard
+        self.last_grad_norm: float | None = None
+        self.prev_scale: float | None = None
+        self.interval: dict[str, list[float]] = {}  # this log interval: name -> [sum, count] ("skips": [n, 0])
         self.recent_skips: deque[int] = deque(maxlen=100)  # 1/0 per step, for the recent skip rate
         self.trend: deque[float] = deque(maxlen=48)  # scale at each flush, for the sparkline
-        self.switches: list[dict[str, Any]] = []  # precision switches made by the collapse guard
-        self.last_step = 0
-        self.last_grad_norm: float | None = None
-        self._prev_scale: float | None = None
-        self._interval_loss = 0.0
-        self._interval_count = 0
-        self._interval_skips = 0
-        self._interval_values: dict[str, list[float]] = {}  # the loop's own values: name -> [sum, count]
         self.value_names: list[str] = []  # the loop's own values seen, in order
-        # (step, with scale, value names, (loss, grad_norm[, scale, growth tracker], *values) with _ON_DEVICE for
-        # what is in packed, packed)
-        self._pending: list[tuple[int, bool, tuple[str, ...], tuple[Any, ...], torch.Tensor | None]] = []
+        self._micro: dict[str, Any] = {}  # this optimizer step's micro-batch sums (" n": how many)
+        self._micro_norm: Any = None
+        self._pending: list[tuple[int, tuple[str, ...], list[Any], torch.Tensor | None]] = []
 
     # ------------------------------------------------------------------ per step (no sync)
 
-    def record(
-        self, step: int, loss: torch.Tensor | float | None, grad_norm: torch.Tensor | float | None = None,
-        values: dict[str, Any] | None = None,
-    ) -> None:
-        """Note one optimizer step. Call after ``optimizer.step()`` on steps where gradients synced.
+    def add(self, loss: Any, grad_norm: Any = None, values: dict[str, Any] | None = None) -> None:
+        """One micro-batch (or the whole step without accumulation): its loss and the loop's values are averaged over
+        the optimizer step's micro-batches, its grad norm kept (the last given). No device read."""
+        for name, value in (("loss", loss), *(values or {}).items()):
+            if value is not None:
+                value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+                self._micro[name] = self._micro[name] + value if name in self._micro else value
+        self._micro[" n"] = self._micro.get(" n", 0) + 1
+        self._micro_norm = self._micro_norm if grad_norm is None else grad_norm
 
-        ``values``: the loop's own numbers for this step (tensors or floats), averaged over the log interval and
-        reported by :meth:`flush` under their names (``train/NAME`` unless a name has its own ``split/``).
-        """
-        names = tuple(values) if values else ()
-        fields: list[Any] = [loss, grad_norm]
+    def end_step(self, step: int) -> None:
+        """The optimizer step ``step`` is done: :meth:`record` it from what :meth:`add` collected."""
+        n = self._micro.pop(" n", 1)
+        means = {k: v / n for k, v in self._micro.items()}
+        loss = means.pop("loss", None)
+        self.record(step, loss, self._micro_norm, means)
+        self._micro, self._micro_norm = {}, None
+
+    def record(self, step: int, loss: Any, grad_norm: Any = None, values: dict[str, Any] | None = None) -> None:
+        """Note one optimizer step (after ``optimizer.step()``, gradients synced). ``values``: the loop's own, averaged
+        over the log interval and reported as ``train/NAME`` (or under their own ``split/``)."""
+        names = tuple(values or ())
         with_scale = self.scaler is not None and getattr(self.scaler, "_scale", None) is not None
-        if with_scale:
-            fields += [self.scaler._scale, self.scaler._growth_tracker]
-        fields += [values[n] for n in names]
+        scale = [self.scaler._scale, self.scaler._growth_tracker] if with_scale else [None, None]
+        fields = [loss, grad_norm, *scale, *(values[n] for n in names)]
         tensors = [f for f in fields if isinstance(f, torch.Tensor)]
         packed = None
         if tensors:
-            # One small copy on the accelerator, no sync. A copy, not a view: the scaler updates its scale in
-            # place and a caller may reuse its loss tensor, and flush() must see this step's values.
+            # one small copy on the accelerator, no sync; a copy, not a view: the scaler updates its scale in place and
+            # a caller may reuse its loss tensor, and flush() must see this step's values
             device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
             packed = torch.stack([t.detach().reshape(()).to(device, torch.float32, non_blocking=True) for t in tensors])
-        plain = tuple(_ON_DEVICE if isinstance(f, torch.Tensor) else f for f in fields)
-        self._pending.append((step, with_scale, names, plain, packed))
+        self._pending.append((step, names, [f if not isinstance(f, torch.Tensor) else ... for f in fields], packed))
 
     # ------------------------------------------------------------------ at log ticks (one sync)
 
     def _drain(self) -> None:
-        if not self._pending:
-            return
-        # one cat and one read per device (normally one): the only sync of the interval
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for *_, packed in self._pending:
-            if packed is not None:
-                by_device.setdefault(packed.device, []).append(packed)
-        read = {dev: iter(torch.cat(ts).tolist()) for dev, ts in by_device.items()}
-        for step, with_scale, names, plain, packed in self._pending:
-            values = [next(read[packed.device]) if v is _ON_DEVICE else v for v in plain]
-            loss, gn = (None if v is None else float(v) for v in values[:2])
-            self._observe(step, loss, gn, values[2:4] if with_scale else None)
-            for name, value in zip(names, values[4 if with_scale else 2:], strict=True):
+        read = {}  # one cat and one read per device (normally one): the only sync of the interval
+        for device in {p.device for *_, p in self._pending if p is not None}:
+            read[device] = iter(torch.cat([p for *_, p in self._pending if p is not None and p.device == device]
+                                          ).tolist())
+        for step, names, plain, packed in self._pending:
+            loss, gn, scale, tracker, *values = [next(read[packed.device]) if v is ... else v for v in plain]
+            self._observe(step, loss, gn, None if scale is None else (scale, tracker))
+            for name, value in zip(names, values, strict=True):
                 if value is not None:
-                    if name not in self.value_names:
-                        self.value_names.append(name)
-                    total = self._interval_values.setdefault(name, [0.0, 0])
-                    total[0] += float(value)
-                    total[1] += 1
+                    self.value_names += [name] if name not in self.value_names else []
+                    self._add(name, float(value))
         self._pending.clear()
         if self.scale_fn is not None:
-            self._observe_external_scale(float(self.scale_fn()))
+            self._note_scale(self.last_step, float(self.scale_fn()))
 
-    def _observe(self, step: int, loss: float | None, grad_norm: float | None, scale: list[float] | None) -> None:
-        self.steps += 1
-        self.last_step = step
-        if grad_norm is not None:
-            self.last_grad_norm = grad_norm
+    def _add(self, name: str, value: float) -> None:
+        total = self.interval.setdefault(name, [0.0, 0])
+        total[0], total[1] = total[0] + value, total[1] + 1
+
+    def _observe(self, step: int, loss: float | None, grad_norm: float | None, scale: tuple | None) -> None:
+        self.steps, self.last_step = self.steps + 1, step
+        self.last_grad_norm = self.last_grad_norm if grad_norm is None else float(grad_norm)
         skipped = False
         if scale is not None:
             now, tracker = scale
-            prev = self._prev_scale if self._prev_scale is not None else self._initial_scale()
+            prev = self.prev_scale if self.prev_scale is not None else float(self.scaler._init_scale)
             skipped = tracker == 0 and not now > prev
             if skipped:
-                self.events.append({"step": step, "scale_before": prev, "scale_after": now})
-                del self.events[: -self.EVENTS]
-            self._prev_scale = now
+                self.events = [*self.events, {"step": step, "scale_before": prev, "scale_after": now}][-EVENTS:]
+            self.prev_scale = now
             self._note_scale(step, now)
         if loss is not None and not math.isfinite(loss):
             self.nonfinite_losses += 1
             self.consecutive_nonfinite += 1
         elif loss is not None:
             self.consecutive_nonfinite = 0
-            self._interval_loss += loss
-            self._interval_count += 1
+            self._add("loss", float(loss))
         self.recent_skips.append(int(skipped))
+        self.skipped += skipped
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        self.max_consecutive_skips = max(self.max_consecutive_skips, self.consecutive_skips)
         if skipped:
-            self.skipped += 1
-            self._interval_skips += 1
-            self.consecutive_skips += 1
-            self.max_consecutive_skips = max(self.max_consecutive_skips, self.consecutive_skips)
-        else:
-            self.consecutive_skips = 0
-
-    def _initial_scale(self) -> float:
-        return float(self.scaler._init_scale) if self.scaler is not None else math.nan
-
-    def _observe_external_scale(self, scale: float) -> None:
-        self._note_scale(self.last_step, scale)
+            self._add(" skips", 1.0)
 
     def _note_scale(self, step: int, scale: float) -> None:
         self.scale = scale
-        self.scale_min = min(self.scale_min, scale)
-        self.scale_max = max(self.scale_max, scale)
-        self.scale_sum += scale
-        self.scale_count += 1
-        if step % self._history_stride == 0:
-            self.history.append((step, scale))
-            if len(self.history) > self.HISTORY:  # downsample: keep every other point, double the stride
-                self.history = self.history[::2]
-                self._history_stride *= 2
+        self.scale_min, self.scale_max = min(self.scale_min, scale), max(self.scale_max, scale)
+        self.scale_sum, self.scale_count = self.scale_sum + scale, self.scale_count + 1
+        if step % self.stride == 0:
+            self.history.append([step, scale])
+            if len(self.history) > HISTORY:  # downsample: keep every other point, double the stride
+                self.history, self.stride = self.history[::2], self.stride * 2
 
     def flush(self) -> dict[str, float]:
         """Read the pending device values (one sync) and return this interval's metrics, ``split/name``."""
         self._drain()
+        interval, self.interval = self.interval, {}
         out: dict[str, float] = {}
-        if self._interval_count:
-            out["train/loss"] = self._interval_loss / self._interval_count
+        if "loss" in interval:
+            out["train/loss"] = interval["loss"][0] / interval["loss"][1]
         elif self.consecutive_nonfinite:
             out["train/loss"] = math.nan
         if self.last_grad_norm is not None:
@@ -203,26 +173,21 @@ class AmpMonitor:
             out["amp/scale"] = self.scale
             self.trend.append(self.scale)
         out["amp/skipped_steps"] = float(self.skipped)
-        if self.scaler is not None or self.scale_fn is not None:
-            out["amp/overflows"] = float(self._interval_skips)  # in this log interval: spikes on a curve
+        if self.scaler is not None or self.scale_fn is not None:  # skips in this log interval: spikes on a curve
+            out["amp/overflows"] = interval.get(" skips", [0.0])[0]
         out["amp/skip_rate"] = self.skipped / self.steps if self.steps else 0.0
         out["amp/consecutive_skips"] = float(self.consecutive_skips)
         if self.nonfinite_losses:
             out["amp/nonfinite_losses"] = float(self.nonfinite_losses)
-        for name, (total, n) in self._interval_values.items():
-            out[value_key(name)] = total / n
-        self._interval_loss, self._interval_count, self._interval_skips = 0.0, 0, 0
-        self._interval_values = {}
+        out.update({value_key(k): s / n for k, (s, n) in interval.items() if k in self.value_names})
         return out
 
     @property
     def recent_skip_rate(self) -> float:
         return sum(self.recent_skips) / len(self.recent_skips) if self.recent_skips else 0.0
 
-    # ------------------------------------------------------------------ collapse guard
-
     def check(self, min_scale: float, max_consecutive_skips: int) -> Problem | None:
-        """What the collapse guard should know: a collapsed loss scale, or too many skips or non-finite losses in a row."""
+        """What the collapse guard should know: a collapsed loss scale, too many skips or non-finite losses in a row."""
         if self.scale is not None and self.scale < min_scale:  # a GradScaler's or scale_fn's (DeepSpeed)
             return Problem("scale_collapsed", f"loss scale collapsed to {self.scale:.3g} (below {min_scale:g})")
         if self.consecutive_skips >= max_consecutive_skips:
@@ -236,79 +201,137 @@ class AmpMonitor:
     def diagnosis(self, problem: Problem, precision: str) -> str:
         """A multi-line explanation: what happened, the scale history, what to try."""
         hist = ", ".join(f"{s}:{v:.3g}" for s, v in self.history[-8:]) or "none (no scaler)"
-        tips = [
-            "lower the GradScaler's init_scale (e.g. 1024)",
-            "use bf16 where the hardware supports it (no loss scaling needed)",
-            "run the unstable modules in float32 (autocast off for them)",
-            "lower the learning rate or clip gradients",
-        ]
-        if precision != "fp16":
-            tips = ["lower the learning rate, check the data for bad values, clip gradients",
-                    "run the unstable modules in float32 (autocast off for them)"]
-        return "\n".join(
-            [f"AMP guard: {problem.message}",
-             f"  steps {self.steps}, skipped {self.skipped}, non-finite losses {self.nonfinite_losses}",
-             f"  scale history (step:scale): {hist}",
-             "  what to try:"] + [f"   - {t}" for t in tips]
-        )
+        tips = (["lower the GradScaler's init_scale (e.g. 1024)",
+                 "use bf16 where the hardware supports it (no loss scaling needed)"] if precision == "fp16" else
+                ["lower the learning rate, check the data for bad values, clip gradients"])
+        tips += ["run the unstable modules in float32 (autocast off for them)"]
+        tips += ["lower the learning rate or clip gradients"] if precision == "fp16" else []
+        return "\n".join([f"AMP guard: {problem.message}",
+                          f"  steps {self.steps}, skipped {self.skipped}, non-finite losses {self.nonfinite_losses}",
+                          f"  scale history (step:scale): {hist}", "  what to try:", *(f"   - {t}" for t in tips)])
 
     # ------------------------------------------------------------------ summary and persistence
 
     def summary(self) -> dict[str, Any]:
         """The run's AMP statistics (also written to amp_summary.json)."""
         self._drain()
-        has_scale = self.scale_count > 0
-        return {
-            "amp/steps": self.steps,
-            "amp/skipped_steps": self.skipped,
-            "amp/skip_rate": self.skipped / self.steps if self.steps else 0.0,
-            "amp/max_consecutive_skips": self.max_consecutive_skips,
-            "amp/nonfinite_losses": self.nonfinite_losses,
-            "amp/scale": self.scale,
-            "amp/scale_min": self.scale_min if has_scale else None,
-            "amp/scale_max": self.scale_max if has_scale else None,
-            "amp/scale_mean": self.scale_sum / self.scale_count if has_scale else None,
-            "amp/overflow_events": len(self.events),
-            "overflow_events": list(self.events[-20:]),
-            "scale_history": [list(p) for p in self.history],
-        }
-
-    _STATE = (
-        "steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses", "consecutive_nonfinite",
-        "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "_history_stride", "last_step",
-        "last_grad_norm", "_prev_scale", "_interval_loss", "_interval_count", "_interval_skips", "_interval_values",
-    )
+        n = self.scale_count
+        return {"amp/steps": self.steps, "amp/skipped_steps": self.skipped,
+                "amp/skip_rate": self.skipped / self.steps if self.steps else 0.0,
+                "amp/max_consecutive_skips": self.max_consecutive_skips, "amp/nonfinite_losses": self.nonfinite_losses,
+                "amp/scale": self.scale, "amp/scale_min": self.scale_min if n else None,
+                "amp/scale_max": self.scale_max if n else None, "amp/scale_mean": self.scale_sum / n if n else None,
+                "amp/overflow_events": len(self.events), "overflow_events": self.events[-20:],
+                "scale_history": self.history}
 
     def state_dict(self) -> dict[str, Any]:
         self._drain()
-        state = {k: getattr(self, k) for k in self._STATE}
-        state.update(
-            history=[list(p) for p in self.history],
-            events=list(self.events),
-            recent_skips=list(self.recent_skips),
-            trend=list(self.trend),
-            switches=list(self.switches),
-        )
-        return state
+        return {**{k: getattr(self, k) for k in self._STATE}, "recent_skips": list(self.recent_skips),
+                "trend": list(self.trend), "value_names": list(self.value_names)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reset()
         for k in self._STATE:
             if k in state:
                 setattr(self, k, state[k])
-        self.history = [tuple(p) for p in state.get("history", [])]
-        self.events = list(state.get("events", []))
         self.recent_skips.extend(state.get("recent_skips", []))
         self.trend.extend(state.get("trend", []))
-        self.switches = list(state.get("switches", []))
+        self.value_names = list(state.get("value_names", self.value_names))
+
+    def switched(self, meta: dict[str, Any], path: Any, precision: str) -> list[str]:
+        """A checkpoint the guard saved asking for a fallback (``meta["guard_stop"]``), resumed in that precision: the
+        switch is recorded (checkpoints and the summary carry it); the notice, or none."""
+        asked = meta.get("guard_stop") if isinstance(meta.get("guard_stop"), dict) else {}
+        if asked.get("to") != precision:
+            return []
+        self.switches.append({**asked, "path": str(path)})
+        return [f"precision switch: {asked['from']} -> {asked['to']} at step {asked['step']} ({asked['reason']})"]
 
     def sync_scale(self) -> None:
-        """Take the scaler's current scale as the reference for the next step's skip test.
-
-        Call after a resume: the scale in effect may be the checkpoint's, or a fresh scaler's after a
-        cross-precision resume, rather than the one this monitor's saved statistics last saw. Reads once.
-        """
-        self._prev_scale = (scaler_state(self.scaler) or (None,))[0]
+        """After a resume: the scaler's scale in effect now (the checkpoint's, or a fresh scaler's after a resume across
+        precisions) is the reference for the next step's skip test. Reads once."""
+        s = self.scaler
+        self.prev_scale = None if s is None else float(s._scale.item() if s._scale is not None else s._init_scale)
         if self.scaler is None and self.scale_fn is None:
-            # resumed from an fp16 checkpoint into a run without loss scaling: its scale is history, not "now"
-            self.scale = None
+            self.scale = None  # resumed from an fp16 checkpoint into a run without loss scaling: history, not "now"
+
+
+# ----------------------------------------------------------------------------
+# The collapse guard's policy, and a stop
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What the monitor saw: a stable ``kind`` (for warn-once) and a message with the numbers."""
+
+    kind: str  # "scale_collapsed" | "skips" | "nonfinite_loss" | "other_rank"
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # ok | warn | stop | fallback
+    problem: Problem | None = None
+    to: str | None = None  # the precision to fall back to
+
+
+def fallback_target(precision: str, native_bf16: bool) -> str | None:
+    """fp16 -> bf16 where the device runs it natively, else fp32; bf16 and bf16-true -> fp32; fp32 -> None."""
+    if precision == "fp16":
+        return "bf16" if native_bf16 else "fp32"
+    return "fp32" if precision in ("bf16", "bf16-true") else None
+
+
+def decide(guard: Any, problem: Problem | None, *, precision: str, native_bf16: bool, warned: str | None) -> Decision:
+    """The guard's decision for this log tick (``guard``: its settings). ``warned``: the kind already warned about.
+
+    A fallback with nowhere to go (already fp32) stops instead. A loss that stays non-finite without loss scaling
+    (fp32, bf16) stops even under ``warn``: every such step already wrote NaN into the weights, so going on would
+    only end in a run that exits 0 with a ruined model.
+    """
+    if problem is None:
+        return Decision("ok")
+    if guard.action == "warn" and not (problem.kind == "nonfinite_loss" and precision != "fp16"):
+        return Decision("ok" if problem.kind == warned else "warn", problem)
+    to = fallback_target(precision, native_bf16) if guard.action == "fallback" else None
+    return Decision("fallback", problem, to) if to is not None else Decision("stop", problem)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why and where a run stopped early, its state saved: a stop signal (exit status 0) or the collapse guard (3),
+    which may ask to continue in another precision (``to``) from the checkpoint at ``path``."""
+
+    reason: str  # "signal" | "guard"
+    step: int
+    path: str
+    message: str  # the signal's name, or the guard's problem
+    to: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.reason == "guard" else 0
+
+
+@dataclass
+class Clock:
+    """Wall time per optimizer step and throughput over all processes since the last read."""
+
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    last: float = field(default_factory=time.perf_counter)
+
+    def read(self, step: int, samples: int, tokens: int) -> dict[str, float]:
+        """``perf/*`` since the last read (samples and tokens only when counted: an offset counts nothing)."""
+        now = time.perf_counter()
+        out = {"perf/elapsed_s": now - self.start}
+        if step > self.step:
+            dt = max(now - self.last, 1e-9)
+            out["perf/step_time_s"] = dt / (step - self.step)
+            if samples > self.samples:
+                out["perf/samples_per_s"] = (samples - self.samples) / dt
+            if tokens > self.tokens:
+                out["perf/tokens_per_s"] = (tokens - self.tokens) / dt
+        self.last, self.step, self.samples, self.tokens = now, step, samples, tokens
+        return out

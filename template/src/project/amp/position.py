@@ -45,6 +45,12 @@ class Progress:
 
     _INTS = ("step", "epoch", "batch_in_epoch", "samples_seen", "tokens_seen")
 
+    def advance(self, samples: int, tokens: int, processes: int) -> None:
+        """One optimizer step done; ``samples``/``tokens``: this process's counts (every process counts as many)."""
+        self.step += 1
+        self.samples_seen += samples * processes
+        self.tokens_seen += tokens * processes
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: getattr(self, k) for k in self._INTS}
         state["epoch_rng"] = self.epoch_rng
@@ -56,6 +62,44 @@ class Progress:
                 setattr(self, k, int(state[k]))
         rng = state.get("epoch_rng")
         self.epoch_rng = rng if isinstance(rng, torch.Tensor) else None
+
+
+class Tracked:
+    """The loop's own state kept in every checkpoint (``amp.track``): dicts (updated in place on resume) and objects
+    with ``state_dict()``/``load_state_dict()``, by name; a name not tracked yet at resume gets its state later."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self._waiting: dict[str, Any] = {}  # loaded for names not tracked yet
+
+    def add(self, obj: Any, name: str | None = None) -> Any:
+        if not isinstance(obj, dict) and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"amp.track() takes a dict or an object with state_dict()/load_state_dict(), "
+                            f"got {type(obj).__name__}")
+        name = name or f"tracked_{len(self.objects)}"
+        if name in self.objects:
+            raise ValueError(f"amp.track(): the name {name!r} is taken")
+        self.objects[name] = obj
+        if name in self._waiting:
+            self._restore(name, self._waiting.pop(name))
+        return obj
+
+    def _restore(self, name: str, state: Any) -> None:
+        obj = self.objects[name]
+        obj.update(state) if isinstance(obj, dict) else obj.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: dict(o) if isinstance(o, dict) else o.state_dict() for n, o in self.objects.items()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> list[str]:
+        """Restore what is tracked; returns a notice for each tracked name the checkpoint holds nothing for."""
+        saved = dict(saved)
+        notices = [f"resume: the checkpoint holds nothing for amp.track(..., name={n!r}); it keeps its value"
+                   for n in self.objects if n not in saved]
+        for name in [n for n in saved if n in self.objects]:
+            self._restore(name, saved.pop(name))
+        self._waiting = saved
+        return notices
 
 
 def count(batch: Any) -> tuple[int, int]:

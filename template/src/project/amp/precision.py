@@ -18,6 +18,7 @@ import contextlib
 import copy
 import fnmatch
 import functools
+import os
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .defaults import LOW_WEIGHTS, PRECISIONS, SCALER_DEFAULTS, check_scaler, env_flag, normalise_precision
+from .hooks import Feature
+from .settings import PRECISIONS, env_flag, normalise_precision
 
 # our names -> Accelerate's mixed_precision values (bf16-true: no autocast, the weights themselves are bf16)
 ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "bf16-true": "no"}
@@ -60,8 +62,7 @@ class Resolution:
     @property
     def weights_dtype(self) -> torch.dtype | None:
         """The dtype the model's weights are stored in when it is not float32 (bf16-true), else None."""
-        name = LOW_WEIGHTS.get(self.effective)
-        return getattr(torch, name) if name else None
+        return torch.bfloat16 if self.effective == "bf16-true" else None
 
     def line(self) -> str:
         """One line for the start banner, e.g. ``precision: requested auto -> bf16 (CPU supports AMX-BF16)``."""
@@ -232,13 +233,61 @@ def _resolve_mps(req: str) -> Resolution:
 # Accelerator set-up
 
 
-def scaler_kwargs(**knobs: Any) -> dict[str, Any]:
-    """GradScaler settings as plain numbers: the defaults (``defaults.SCALER_DEFAULTS``) with ``knobs`` over them,
-    checked; a bad one raises ValueError naming it."""
-    unknown = sorted(set(knobs) - set(SCALER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown GradScaler setting {unknown[0]!r} (known: {', '.join(SCALER_DEFAULTS)})")
-    return check_scaler(**{**SCALER_DEFAULTS, **knobs})
+def has_accelerator() -> bool:
+    """True when torch sees a device Accelerate would use instead of the CPU (CUDA, MPS, XPU, NPU, ...)."""
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return True
+    return any(getattr(getattr(torch, name, None), "is_available", lambda: False)()
+               for name in ("xpu", "npu", "mlu", "musa", "hpu", "sdaa"))
+
+
+def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[Any, Resolution, Any]:
+    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` on this device: the precision resolved (and
+    timed, for ``auto`` with a ``probe``: ``debug/autopick.py``), a GradScalerKwargs for fp16, TF32 where asked.
+
+    ``kwargs`` go to ``Accelerator(...)``; a GradScalerKwargs among their ``kwargs_handlers`` gives the settings its
+    knobs (the returned settings say so). ``cpu=True``, ``ACCELERATE_USE_CPU`` or no accelerator: the CPU.
+    """
+    import dataclasses
+
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs
+
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    theirs = next((h for h in handlers if isinstance(h, GradScalerKwargs)), None)
+    if theirs is not None:  # the loop's own GradScalerKwargs: its knobs are the settings'
+        if settings.scaler != type(settings.scaler)():
+            raise ValueError("pass the GradScaler settings once: AmpSettings(scaler=...) or a GradScalerKwargs")
+        knobs = {k: getattr(theirs, k) for k in vars(settings.scaler)}
+        settings = dataclasses.replace(settings, scaler=type(settings.scaler)(**knobs))
+    # the device first: PartialState(cpu=...) before anything builds a PartialState of its own, or a CPU-only
+    # `accelerate launch --multi_gpu` gives N processes that each think they are rank 0 of 1
+    cpu = bool(kwargs.pop("cpu", False)) or env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
+    state = PartialState(cpu=cpu)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    res = resolve(settings.precision, state.device, launcher=launcher)
+    if settings.precision == "auto" and normalise_precision(launcher) not in ("bf16", "fp16") and probe is not False:
+        res = _timed(res, state, probe, settings.auto)
+    ak = accelerator_kwargs(res, None if theirs is not None else settings.scaler_kwargs)
+    # a seeded sampler: the data order depends only on (seed, epoch), so a resume is exact
+    kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True))
+    acc = Accelerator(cpu=cpu, mixed_precision=ak["mixed_precision"], kwargs_handlers=ak["kwargs_handlers"] + handlers,
+                      **kwargs)
+    if acc.device.type == "cuda" and (settings.tf32 or settings.cudnn_benchmark):
+        set_tf32(settings.tf32, settings.cudnn_benchmark)
+    return acc, res, settings
+
+
+def _timed(rule: Resolution, state: Any, probe: Any, auto: Any) -> Resolution:
+    """``auto`` timed where the hardware rule is not certain; without the debugger (``debug/``): the rule."""
+    try:
+        from .debug import autopick
+    except ImportError:
+        return rule
+    return autopick.for_session(rule, state, probe, auto)
 
 
 def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -247,35 +296,25 @@ def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = N
 
     kwargs: dict[str, Any] = {"mixed_precision": resolution.mixed_precision, "kwargs_handlers": []}
     # DeepSpeed manages its own loss scale (its config's fp16 section); a GradScaler would go unused
-    deepspeed = env_flag("ACCELERATE_USE_DEEPSPEED")
-    if resolution.uses_scaler and scaler and not deepspeed:
+    if resolution.uses_scaler and scaler and not env_flag("ACCELERATE_USE_DEEPSPEED"):
         kwargs["kwargs_handlers"].append(GradScalerKwargs(**scaler))
     return kwargs
 
 
-def install_cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = None) -> bool:
-    """Give a CPU fp16 accelerator a real GradScaler and fp16 autocast. Call before ``prepare``.
-
-    Returns True when it installed one. A no-op on GPUs (Accelerate builds the scaler there) and for
-    bf16/fp32.
-    """
+def cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = None) -> Any:
+    """A real ``GradScaler("cpu")`` for a CPU fp16 accelerator (Accelerate builds none there and runs fp32), else
+    None. The caller installs it before ``prepare`` (``Hooks.install_scaler``) and sets ``native_amp``."""
     if accelerator.device.type != "cpu" or accelerator.mixed_precision != "fp16":
-        return False
+        return None
     if accelerator._models or accelerator._optimizers:
-        raise RuntimeError("install_cpu_fp16_scaler must run before accelerator.prepare(...)")
-    if getattr(accelerator, "distributed_type", None) is not None and "DEEPSPEED" in str(accelerator.distributed_type):
-        return False  # DeepSpeed owns its loss scale
-    accelerator.scaler = torch.amp.GradScaler("cpu", **(scaler or {}))
-    # native_amp is what makes prepare() wrap forward in autocast and clip_grad_norm_ unscale first
-    accelerator.native_amp = True
-    return True
+        raise RuntimeError("the CPU fp16 GradScaler must be installed before accelerator.prepare(...)")
+    if "DEEPSPEED" in str(getattr(accelerator, "distributed_type", "")):
+        return None  # DeepSpeed owns its loss scale
+    return torch.amp.GradScaler("cpu", **(scaler or {}))
 
 
 def engine_loss_scale(accelerator: Any, model: Any) -> Callable[[], float] | None:
-    """For engines that own the loss scale (DeepSpeed fp16): a callable that reads it, else None.
-
-    Pass it to ``AmpMonitor(scale_fn=...)``; it is read at log ticks only.
-    """
+    """For engines that own the loss scale (DeepSpeed fp16): a callable that reads it at log ticks, else None."""
     if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")) or accelerator.mixed_precision != "fp16":
         return None
     opt = getattr(model, "optimizer", None)  # the DeepSpeed engine's (ZeRO or FP16) optimizer
@@ -289,29 +328,35 @@ def engine_loss_scale(accelerator: Any, model: Any) -> Callable[[], float] | Non
     return read
 
 
-def fix_skip_flag(opt: Any, scaler: Any) -> None:
-    """Keep ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
+class FusedSkipFix(Feature):
+    """Keeps ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
 
     A fused optimizer takes the GradScaler's inf check into its own kernel, so Accelerate sees its step called and
     reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. Here the
     skip is read off the scale instead (it backs off exactly on a skipped step): one small device read per
-    optimizer step, in this configuration only.
+    optimizer step, for fused optimizers under a GradScaler only.
     """
-    inner = getattr(opt, "optimizer", None)
-    if scaler is None or not getattr(inner, "_step_supports_amp_scaling", False) or getattr(opt, "_amp_fixed", False):
-        return
-    step = opt.step
 
-    def checked_step(*args: Any, **kwargs: Any) -> Any:
-        if not opt.gradient_state.sync_gradients or getattr(scaler, "_scale", None) is None:
-            return step(*args, **kwargs)
-        before = scaler._scale.clone()
-        out = step(*args, **kwargs)
-        opt._is_overflow = bool((scaler._scale < before).item())
-        return out
+    name = "fused_skip"
 
-    opt.step = checked_step
-    opt._amp_fixed = True
+    @classmethod
+    def make(cls, hooks: Any) -> FusedSkipFix | None:
+        scaler = hooks.accelerator.scaler
+        return cls(hooks) if scaler is not None and scaler.is_enabled() else None
+
+    def __init__(self, hooks: Any):
+        super().__init__(hooks)
+        self._before: dict[int, torch.Tensor] = {}
+
+    def before_step(self, optimizer: Any) -> None:
+        scale = getattr(self.hooks.accelerator.scaler, "_scale", None)
+        if getattr(getattr(optimizer, "optimizer", None), "_step_supports_amp_scaling", False) and scale is not None:
+            self._before[id(optimizer)] = scale.clone()
+
+    def after_outer_step(self, optimizer: Any) -> None:
+        before = self._before.pop(id(optimizer), None)
+        if before is not None:
+            optimizer._is_overflow = bool((self.hooks.accelerator.scaler._scale < before).item())
 
 
 def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:

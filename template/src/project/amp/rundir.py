@@ -13,6 +13,7 @@ import os
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 LOCK = ".lock"
 PREVIOUS = "previous-runs"
@@ -68,6 +69,19 @@ class RunDir:
         except RuntimeError:
             self._remove_created()
             raise
+
+    def acquire_on_main(self, accelerator: Any) -> None:
+        """:meth:`acquire` on the main process; every process learns its outcome, so none waits on the others."""
+        from .distributed import any_rank
+
+        error: Exception | None = None
+        if accelerator.is_main_process:
+            try:
+                self.acquire()
+            except (RuntimeError, OSError) as e:
+                error = e
+        if any_rank(accelerator, error is not None):
+            raise error or RunLockedError(f"{self.path} cannot be used (seen by the main process)")
 
     def release(self) -> None:
         """Remove the lock if this process holds it, then the folders :meth:`acquire` created if they are empty."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker
 
-from .defaults import flat
+from .settings import flat
 
 
 class JsonlTracker(GeneralTracker):

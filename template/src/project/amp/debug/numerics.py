@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .precision import keep_in_fp32
+from ..precision import keep_in_fp32
 
 UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -9,7 +9,8 @@
 - ``amp/lost_update_frac`` (bf16-true): of the sampled weights that the optimizer moved (their float32 master
   changed), the share whose bf16 copy did not change: updates too small to show yet, kept in the master.
 
-The first two are measured in runs with a loss scale (fp16), the third in bf16-true. Nothing is read from the
+The first two are measured in runs with a loss scale (fp16), the third in bf16-true (around its optimizer step,
+with the master weights of ``master.py``). Nothing is read from the
 device per step: the values stay on the device from the tick's last backward (and optimizer step) until the tick
 reads them, in one read. A sample is every n-th element of each tensor (n fixed per run so that at most :data:`SAMPLE` elements
 are looked at), so a tick costs a few strided reductions.
@@ -18,31 +19,50 @@ are looked at), so a tick costs a few strided reductions.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+
+from ..hooks import Feature
 
 SAMPLE = 1 << 16  # sampled elements per meter, across all parameters
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-14  # fp16's smallest normal number: the floor of its subnormal range
 
 
-class Meters:
-    """Gradient meters after the backward of a tick step; the lost-update meter from :class:`master.MasterWeights`."""
+class Meters(Feature):
+    """Gradient meters after the backward of a tick step, the lost-update meter around bf16-true's optimizer step;
+    read at the tick. A feature of the session (``hooks.py``)."""
 
-    def __init__(self) -> None:
-        self.armed = False
+    name = "meters"
+
+    @classmethod
+    def make(cls, hooks: Any) -> Meters | None:
+        return cls(hooks) if hooks.settings.meters else None
+
+    def __init__(self, hooks: Any):
+        super().__init__(hooks)
+        self.armed = False  # the optimizer step being computed ends at a log tick
         self._stride: int | None = None
         self._pending: dict[str, torch.Tensor] = {}
+        self._before: list[torch.Tensor] = []
+        self.last: dict[str, float] = {}  # as of the last tick (the run's summary)
+        if hooks.resolution.weights_dtype is not None:  # bf16-true: around the optimizer's own step
+            self.before_inner_step, self.after_inner_step = self._sample_masters, self._lost_updates
 
     def stride(self, tensors: list[torch.Tensor]) -> int:
         if self._stride is None:
             self._stride = max(1, sum(t.numel() for t in tensors) // SAMPLE)
         return self._stride
 
-    def after_backward(self, params: list[torch.Tensor]) -> None:
-        """Sample the gradients as the backward left them: times the loss scale, before any unscaling (call it
-        right after the backward). Device work only."""
-        grads = [p.grad for p in params if p.grad is not None and p.grad.is_floating_point()]
+    def after_backward(self) -> None:
+        """Sample the gradients as the backward left them: times the loss scale, before any unscaling. Device
+        work only, on steps that end at a log tick."""
+        acc = self.hooks.accelerator
+        self.armed = acc.sync_gradients and self.hooks.tick_due()
+        if not self.armed or acc.scaler is None or not acc.scaler.is_enabled():
+            return
+        grads = [p.grad for m in acc._models for p in m.parameters() if p.grad is not None and p.grad.is_floating_point()]
         if not grads:
             return
         n = self.stride(grads)
@@ -53,27 +73,40 @@ class Meters:
         self._pending["amp/grad_underflow_frac"] = ((mag < FP16_TINY) & nonzero).sum() / nonzero.sum().clamp(min=1)
         self._pending["amp/scale_headroom_bits"] = torch.log2(FP16_MAX / amax)
 
-    def lost_updates(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], before: list[torch.Tensor]) -> None:
-        """bf16-true, after the masters were updated and rounded: ``before`` holds (bf16 copy, master) samples."""
+    def _pairs(self, opt: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        master = self.hooks.get("master")
+        return master.pairs_of(opt) if master is not None and self.armed else []
+
+    def _sample_masters(self, opt: Any) -> None:
+        pairs = self._pairs(opt)
+        n = self.stride([p for p, _ in pairs]) if pairs else 1
+        self._before = [t.detach().reshape(-1)[::n].clone() for p, m in pairs for t in (p, m)]
+
+    def _lost_updates(self, opt: Any) -> None:
+        """After the masters were updated and rounded: of the sampled weights whose master changed, the share whose
+        bf16 copy did not."""
+        pairs = self._pairs(opt)
+        if not pairs or not self._before:
+            return
         moved = kept = None
         n = self.stride([p for p, _ in pairs])
-        for (p, m), (low, high) in zip(pairs, zip(before[::2], before[1::2], strict=True), strict=True):
+        for (p, m), (low, high) in zip(pairs, zip(self._before[::2], self._before[1::2], strict=True), strict=True):
             changed = m.detach().reshape(-1)[::n] != high
             shown = p.detach().reshape(-1)[::n] != low
             moved = changed.sum() if moved is None else moved + changed.sum()
             kept = (changed & ~shown).sum() if kept is None else kept + (changed & ~shown).sum()
-        if moved is not None:
-            self._pending["amp/lost_update_frac"] = kept / moved.clamp(min=1)
+        self._pending["amp/lost_update_frac"] = kept / moved.clamp(min=1)
+        self._before = []
 
-    def sample_pairs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        n = self.stride([p for p, _ in pairs])
-        return [t.detach().reshape(-1)[::n].clone() for p, m in pairs for t in (p, m)]
-
-    def read(self) -> dict[str, float]:
+    def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
         """The values since the last tick, in one device read."""
         if not self._pending:
-            return {}
+            return {}, []
         names = list(self._pending)
         values = torch.stack([self._pending[k].float().reshape(()) for k in names]).tolist()
         self._pending = {}
-        return dict(zip(names, values, strict=True))
+        self.last.update(zip(names, values, strict=True))
+        return dict(zip(names, values, strict=True)), []
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.last)

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .defaults import AUDIT_MODES as MODES
+from ..hooks import Feature
+from ..settings import AUDIT_MODES as MODES
 
 
 class AuditError(ValueError):
@@ -37,10 +38,20 @@ def _names(dtypes: Iterable[Any]) -> str:
     return ",".join(sorted({_name(d) for d in dtypes})) or "-"
 
 
-class Audit:
-    """Hooks for the first step (top-level module outputs, gradients at the optimizer step), then the table."""
+class Audit(Feature):
+    """Hooks for the first step (top-level module outputs, gradients at the optimizer step), then the table. A
+    feature of the session (``hooks.py``); on its own: ``watch(models, optimizers)``, a step, ``finish()``."""
 
-    def __init__(self, precision: str, mode: str = "warn"):
+    name = "audit"
+
+    @classmethod
+    def make(cls, hooks: Any) -> Audit | None:
+        deepspeed = "DEEPSPEED" in str(hooks.accelerator.distributed_type)  # its engine owns the weights' precision
+        return None if hooks.settings.audit == "off" or deepspeed else cls(hooks.resolution.effective,
+                                                                           hooks.settings.audit, hooks)
+
+    def __init__(self, precision: str, mode: str = "warn", hooks: Any = None):
+        super().__init__(hooks)
         if mode not in MODES:
             raise ValueError(f"audit must be one of {'|'.join(MODES)}, got {mode!r}")
         self.precision, self.mode = precision, mode
@@ -50,6 +61,27 @@ class Audit:
         self.grads: dict[int, set[str]] = {}  # id(optimizer) -> gradient dtypes at its first step
         self.result: dict[str, Any] | None = None
         self._handles: list[Any] = []
+
+    def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
+        if self.result is None:
+            self.watch(models, optimizers)
+
+    def at_step(self, loss: Any) -> None:
+        """After the first optimizer step: the table, its lines, and the problems (an error under ``strict``)."""
+        if self.result is not None:
+            return
+        scaler = self.hooks.accelerator.scaler
+        problems = self.finish(scaler if scaler is not None and scaler.is_enabled() else None)
+        for line in self.lines():
+            self.hooks.say(line)
+        if problems and self.mode == "strict":
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise AuditError(f"precision audit: {problems[0]}{more}")
+        for line in problems:
+            self.hooks.say(f"warning: precision audit: {line}", style="yellow")
+
+    def meta(self) -> dict[str, Any]:
+        return {"audit": self.result}
 
     def watch(self, models: Iterable[torch.nn.Module], optimizers: Iterable[Any]) -> None:
         for model in models:

@@ -2,8 +2,8 @@
 
 The same CPU runs a tiny model slower in bf16 (the casts dominate) and a wide one twice as fast; GPUs differ the
 same way. So where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU),
-a session asked for ``auto`` with a :class:`Probe` times a few optimizer steps of each candidate precision and
-runs the fastest. The probe is the caller's (the project times its own training step in a child process, so the
+a session asked for ``auto`` with a :class:`Probe` (``AmpSession(..., probe=Probe(run, key))``) times a few optimizer
+steps of each candidate precision and runs the fastest. The probe is the caller's (the project times its own training step in a child process, so the
 run's model, optimizer, RNG and data position never see it); this module owns the rest:
 
 - which precisions are candidates here (:func:`candidates`): fp32 and bf16 on such a CPU (never fp16 on a CPU:
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .precision import Resolution, cpu_bf16_feature, cpu_name
+from ..precision import Resolution, cpu_bf16_feature, cpu_name
 
 NOISE = 0.05  # a precision must be more than 5% faster than the rule's pick to replace it
 CACHE_FILE = "auto_precision.json"
@@ -39,11 +39,32 @@ class Probe:
     (a missing one was not measured); ``key`` is what the timing depends on besides the machine (model and batch
     shape, compile, ...): a different key measures again. ``run=None`` reads the cache only (a plain script that
     cannot time its step: ``bench`` or an earlier run may have). ``candidates``: the precisions to weigh instead of
-    the device's own set (:func:`candidates`), e.g. with ``bf16-true``."""
+    the device's own set (:func:`candidates`), e.g. with ``bf16-true`` (the settings' ``auto.candidates``)."""
 
     run: Callable[[list[str]], Mapping[str, float]] | None
     key: dict[str, Any] = field(default_factory=dict)
     candidates: list[str] | None = None
+
+
+def for_session(rule: Resolution, state: Any, probe: Probe | None, auto: Any) -> Resolution:
+    """What a session asked for ``auto`` runs: ``rule`` where the hardware decides or ``auto.measure`` is off, the
+    measured pick with a ``probe`` (the main process measures or reads the cache; every rank runs its result), and
+    the rule with the hint of how to time it otherwise."""
+    if not auto.measure or not candidates(state.device, auto.candidates or None):
+        return rule
+    if probe is None:
+        return untimed(rule)
+    probe = Probe(probe.run, probe.key, auto.candidates or probe.candidates)
+    share = None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        def share(value: Any) -> Any:
+            box = [value]
+            broadcast_object_list(box, from_process=0)
+            return box[0]
+
+    return pick(rule, state.device, probe, state.is_main_process, share)
 
 
 TIMEABLE = ("fp32", "bf16", "fp16", "bf16-true")
@@ -185,5 +206,5 @@ UNTIMED = "untimed"
 def untimed(rule: Resolution, why: str = "no probe") -> Resolution:
     """The rule's pick, with the one-line hint that a measurement could do better on this model."""
     return Resolution(rule.requested, rule.effective, f"{rule.reason}; not timed on this model ({why}: "
-                      "AmpSession(auto_probe=autopick.Probe(run, key)) or the project's bench measures it)",
+                      "AmpSession(..., probe=debug.autopick.Probe(run, key)) or the project's bench measures it)",
                       rule.device_type)
