@@ -38,6 +38,16 @@ def any_rank(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(t, "max").item())
 
 
+def gather_rows(accelerator: Any, values: list[Any]) -> list[list[float]]:
+    """Every process's ``values`` (floats or 0-dim tensors), one row per process, in one collective (a log tick's)."""
+    if accelerator.num_processes == 1:
+        return [[float(v) for v in values]]
+    import torch
+
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(accelerator.device).reshape(()) for v in values])
+    return accelerator.gather(vec).reshape(accelerator.num_processes, -1).tolist()
+
+
 def exit_status(code: Any) -> int:
     """The process exit status for ``sys.exit(code)``: None is 0, an int is itself, anything else 1."""
     if code is None:

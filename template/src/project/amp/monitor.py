@@ -237,6 +237,21 @@ class AmpMonitor:
         self.trend.extend(state.get("trend", []))
         self.value_names = list(state.get("value_names", self.value_names))
 
+    def tick(self, accelerator: Any, guard: Any) -> tuple[dict[str, float], Problem | None]:
+        """A log tick: the interval's metrics (with the learning rate of the first scheduler or optimizer) and what
+        the guard should know."""
+        m = self.flush()
+        sched, opt = next(iter(accelerator._schedulers), None), next(iter(accelerator._optimizers), None)
+        if sched is not None or opt is not None:
+            m["train/lr"] = float(sched.get_last_lr()[0] if sched is not None else opt.param_groups[0]["lr"])
+        return m, self.check(guard.min_scale, guard.max_consecutive_skips)
+
+    def meta(self, stop: Stop | None, precision: str) -> dict[str, Any]:
+        """For a checkpoint's meta.json: the switches so far, and the guard's stop that asks for a fallback."""
+        asked = {"step": stop.step, "from": precision, "to": stop.to, "reason": stop.message} if stop else None
+        return {"precision_switches": self.switches, **({"guard_stop": asked} if stop and stop.reason == "guard"
+                                                        else {})}
+
     def switched(self, meta: dict[str, Any], path: Any, precision: str) -> list[str]:
         """A checkpoint the guard saved asking for a fallback (``meta["guard_stop"]``), resumed in that precision: the
         switch is recorded (checkpoints and the summary carry it); the notice, or none."""

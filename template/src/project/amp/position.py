@@ -42,14 +42,23 @@ class Progress:
     samples_seen: int = 0  # over all processes
     tokens_seen: int = 0
     epoch_rng: torch.Tensor | None = field(default=None, repr=False)  # CPU RNG state as the epoch's iteration began
+    _pending: tuple[int, int] = field(default=(0, 0), repr=False)  # samples and tokens since the last step
 
     _INTS = ("step", "epoch", "batch_in_epoch", "samples_seen", "tokens_seen")
 
-    def advance(self, samples: int, tokens: int, processes: int) -> None:
-        """One optimizer step done; ``samples``/``tokens``: this process's counts (every process counts as many)."""
+    def count(self, batch: Any) -> None:
+        """A batch of this epoch was drawn: its samples and tokens count toward the step it belongs to."""
+        self.batch_in_epoch += 1
+        samples, tokens = count(batch)
+        self._pending = (self._pending[0] + samples, self._pending[1] + tokens)
+
+    def advance(self, samples: int | None, tokens: int | None, processes: int) -> None:
+        """One optimizer step done; ``samples``/``tokens``: this process's counts (None: those of its batches), every
+        process counting as many."""
+        counted, self._pending = self._pending, (0, 0)
         self.step += 1
-        self.samples_seen += samples * processes
-        self.tokens_seen += tokens * processes
+        self.samples_seen += (counted[0] if samples is None else samples) * processes
+        self.tokens_seen += (counted[1] if tokens is None else tokens) * processes
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: getattr(self, k) for k in self._INTS}

@@ -1,21 +1,20 @@
 """Pick the precision for this device, say why, and set Accelerate up to really run it.
 
 ``auto`` resolves to bf16 where the device runs it natively (a CUDA GPU with bf16, a CPU with AMX-BF16 or
-AVX512-BF16), fp16 on other CUDA GPUs, else fp32: right for typical model sizes. Which is fastest for one model
-is measured by :mod:`autopick` where this rule is not certain. Nothing is downgraded silently: the resolution
-carries a one-line reason that the caller prints.
+AVX512-BF16), fp16 on other CUDA GPUs, else fp32: right for typical model sizes; ``debug/autopick.py`` times it on
+your model where this rule is not certain. Nothing is downgraded silently: the resolution carries a one-line reason.
 
-fp16 on CPU: Accelerate runs ``mixed_precision="fp16"`` on a CPU as plain fp32 and ignores
-GradScalerKwargs. :func:`install_cpu_fp16_scaler` fixes that by giving the accelerator a real
-``torch.amp.GradScaler("cpu")`` and fp16 autocast. It must run *before* ``accelerator.prepare``: the
-prepared optimizer captures the scaler, and a scaler set afterwards is never used to unscale, so
-updates come out ``init_scale`` times too large without any error.
+fp16 on a CPU: Accelerate runs ``mixed_precision="fp16"`` there as plain fp32 and ignores GradScalerKwargs. The
+session gives the accelerator a real ``torch.amp.GradScaler("cpu")`` (:func:`cpu_fp16_scaler`) and fp16 autocast,
+*before* ``prepare``: the prepared optimizer captures the scaler, and one set afterwards never unscales, so updates
+would come out ``init_scale`` times too large without any error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import functools
 import os
@@ -75,18 +74,9 @@ class Resolution:
 
 def _cpuinfo(field: str) -> str | None:
     """The first ``field`` line of /proc/cpuinfo (``flags``, ``model name``), or None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     return None
-
-
-def _cpu_flags() -> set[str]:
-    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_name() -> str:
@@ -97,24 +87,46 @@ def cpu_name() -> str:
 def cpu_bf16_feature() -> str | None:
     """Name of the CPU feature that makes bf16 autocast fast here (AMX-BF16 or AVX512-BF16), else None."""
     cpu = getattr(torch._C, "_cpu", None)
-    amx = getattr(cpu, "_is_amx_tile_supported", None)
-    avx = getattr(cpu, "_is_avx512_bf16_supported", None)
+    amx, avx = getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)
     if amx is not None and avx is not None:
-        if amx() and avx():
-            return "AMX-BF16"
-        if avx():
-            return "AVX512-BF16"
-        return None
-    flags = _cpu_flags()
-    if "amx_bf16" in flags:
-        return "AMX-BF16"
-    if "avx512_bf16" in flags:
-        return "AVX512-BF16"
-    return None
+        return ("AMX-BF16" if amx() else "AVX512-BF16") if avx() else None
+    flags = set((_cpuinfo("flags") or "").split())
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _mps_macos14() -> bool:
+    check = getattr(getattr(torch.backends, "mps", None), "is_macos_or_newer", None)
+    return bool(check(14, 0)) if check is not None else False
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 natively (not emulated), fast or not: where a guard fallback can go."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if kind == "cpu":
+        return cpu_bf16_feature() is not None
+    if kind == "mps":
+        return torch_version() >= (2, 6) and _mps_macos14()
+    return bool(getattr(getattr(torch, kind, None), "is_bf16_supported", lambda: False)())
+
+
+def has_accelerator() -> bool:
+    """True when torch sees a device Accelerate would use instead of the CPU (CUDA, MPS, XPU, NPU, ...)."""
+    mps = getattr(torch.backends, "mps", None)
+    return (torch.cuda.is_available() or (mps is not None and mps.is_available())
+            or any(getattr(getattr(torch, n, None), "is_available", lambda: False)()
+                   for n in ("xpu", "npu", "mlu", "musa", "hpu", "sdaa")))
 
 
 def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
-    """Resolve ``auto|fp32|bf16|fp16`` (``no`` = fp32, None = auto) for ``device`` and give the reason.
+    """Resolve ``auto|fp32|bf16|fp16|bf16-true`` (``no`` = fp32, None = auto) for ``device`` and give the reason.
 
     ``launcher``: what ``accelerate launch`` asked for (``ACCELERATE_MIXED_PRECISION``, from ``--mixed_precision``
     or the user's ``accelerate config``). ``auto`` follows a launcher's fp16/bf16; an explicit precision that differs
@@ -127,121 +139,65 @@ def resolve(requested: str | None, device: torch.device | str, launcher: str | N
     launch = normalise_precision(launcher)
     if launch == "fp8":
         raise PrecisionError("the launcher asked for mixed_precision fp8, which this AMP core does not run; "
-                         "use fp16 or bf16 (accelerate launch --mixed_precision ...)")
-    if req == "auto" and launch in ("bf16", "fp16"):
-        r = _resolve(launch, torch.device(device))
-        return Resolution(requested or "auto", r.effective, f"the launcher asked for {launch}; {r.reason}", r.device_type)
-    r = _resolve(req, torch.device(device))
+                             "use fp16 or bf16 (accelerate launch --mixed_precision ...)")
+    followed = req == "auto" and launch in ("bf16", "fp16")
+    r = _resolve(launch if followed else req, torch.device(device))
+    if followed:
+        return dataclasses.replace(r, requested="auto", reason=f"the launcher asked for {launch}; {r.reason}")
     if req != "auto" and launch in ("bf16", "fp16") and launch != r.effective:
-        return Resolution(requested, r.effective, f"{r.reason}; the launcher asked for {launch}, "
-                          "the explicit precision wins", r.device_type)
-    return Resolution(requested or "auto", r.effective, r.reason, r.device_type)
+        return dataclasses.replace(r, reason=f"{r.reason}; the launcher asked for {launch}, the explicit precision wins")
+    return r
 
 
-def _resolve(req: str, device: torch.device) -> Resolution:
-    kind = device.type
-    requested = req
-    if kind == "cuda":
-        name = torch.cuda.get_device_name(device)
-        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
+def _resolve(req: str, device: Any) -> Resolution:
+    kind, asked = device.type, ("as requested: bf16 weights, activations and gradients, float32 master weights in "
+                                "the optimizer") if req == "bf16-true" else "as requested"
+    if kind == "mps":  # Accelerate's own limits: autocast bf16 needs torch >= 2.6 and macOS 14, fp16 torch >= 2.5
+        tv = torch_version()
+        bf16_ok, fp16_ok, v = tv >= (2, 6) and _mps_macos14(), tv >= (2, 5), f"torch {tv[0]}.{tv[1]}"
+        if req == "auto" and bf16_ok:
+            return Resolution(req, "bf16", f"MPS runs bf16 autocast ({v}, macOS 14+); no loss scaling needed", kind)
+        if req == "auto" and fp16_ok:
+            return Resolution(req, "fp16", f"MPS: bf16 needs torch >= 2.6 and macOS 14, this is {v}; fp16 with a "
+                              "GradScaler", kind)
         if req == "auto":
-            if bf16_ok:
-                return Resolution(requested, "bf16", f"{name} supports bf16 natively; no loss scaling needed", kind)
-            return Resolution(requested, "fp16", f"{name} has no native bf16; fp16 with a GradScaler", kind)
+            return Resolution(req, "fp32", f"MPS mixed precision needs torch >= 2.5, this is {v}", kind)
         if req in ("bf16", "bf16-true") and not bf16_ok:
-            return Resolution(requested, req, f"{name} emulates bf16: expect it to be slow", kind)
-        return Resolution(requested, req, _as_requested(req), kind)
+            return Resolution(req, "fp32", f"{req} on MPS needs torch >= 2.6 and macOS 14 ({v}): running fp32", kind)
+        if req == "fp16" and not fp16_ok:
+            return Resolution(req, "fp32", f"fp16 on MPS needs torch >= 2.5 ({v}): running fp32", kind)
+        return Resolution(req, req, asked, kind)
     if kind == "cpu":
         feature = cpu_bf16_feature()
+        if req == "auto" and feature == "AMX-BF16":
+            return Resolution(req, "bf16", f"CPU supports {feature}", kind)
+        if req == "auto" and feature:  # a Zen 4 EPYC, 2 threads: bf16 1.26x fp32 on the default model, 1.6x at 384,
+            # slower on a d_model-64 model (the casts dominate): a project times it on its model (debug/autopick.py)
+            return Resolution(req, "bf16", "CPU supports AVX512-BF16: native bf16, faster than fp32 from models the "
+                              "size of the default example up", kind)
         if req == "auto":
-            if feature == "AMX-BF16":
-                return Resolution(requested, "bf16", f"CPU supports {feature}", kind)
-            if feature:  # reported on a Zen 4 EPYC, 2 threads: bf16 1.26x fp32 on the default model, 1.6x at 384,
-                # slower on a d_model-64 model (the casts dominate): a project times it on its model (autopick.py)
-                return Resolution(requested, "bf16", "CPU supports AVX512-BF16: native bf16, faster than fp32 from "
-                                  "models the size of the default example up", kind)
-            return Resolution(requested, "fp32", "CPU has neither AMX-BF16 nor AVX512-BF16; bf16 would be emulated", kind)
+            return Resolution(req, "fp32", "CPU has neither AMX-BF16 nor AVX512-BF16; bf16 would be emulated", kind)
         if req in ("bf16", "bf16-true") and not feature:
-            return Resolution(requested, req, f"{_as_requested(req)}; CPU lacks AMX/AVX512-BF16, bf16 is emulated "
-                              "and slow", kind)
-        if req == "fp16":
-            return Resolution(requested, "fp16", "as requested; CPU autocast with a CPU GradScaler", kind)
-        return Resolution(requested, req, _as_requested(req), kind)
-    if kind == "mps":
-        return _resolve_mps(req)
-    # xpu, npu, mlu, ...: bf16 where the backend says it is native, else fp32 unless asked
-    backend = getattr(torch, kind, None)
-    bf16_ok = bool(getattr(backend, "is_bf16_supported", lambda: False)())
+            return Resolution(req, req, f"{asked}; CPU lacks AMX/AVX512-BF16, bf16 is emulated and slow", kind)
+        return Resolution(req, req, "as requested; CPU autocast with a CPU GradScaler" if req == "fp16" else asked, kind)
+    # CUDA, and xpu, npu, mlu, ...: bf16 where the backend says it is native
+    cuda = kind == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else kind
+    bf16_ok = native_bf16(device) if cuda else bool(getattr(getattr(torch, kind, None), "is_bf16_supported",
+                                                              lambda: False)())
+    if req == "auto" and bf16_ok:
+        return Resolution(req, "bf16", f"{name} {'supports bf16 natively' if cuda else 'reports native bf16'}; no loss "
+                          "scaling needed", kind)
     if req == "auto":
-        if bf16_ok:
-            return Resolution(requested, "bf16", f"{kind} reports native bf16; no loss scaling needed", kind)
-        return Resolution(requested, "fp32", f"{kind} does not report native bf16; choose bf16 or fp16 explicitly", kind)
-    return Resolution(requested, req, _as_requested(req), kind)
-
-
-def _as_requested(req: str) -> str:
-    if req == "bf16-true":
-        return "as requested: bf16 weights, activations and gradients, float32 master weights in the optimizer"
-    return "as requested"
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bf16 natively (not emulated), fast or not: where a guard fallback can go."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return cpu_bf16_feature() is not None
-    if device.type == "mps":
-        return torch_version() >= (2, 6) and _mps_macos14()
-    return bool(getattr(getattr(torch, device.type, None), "is_bf16_supported", lambda: False)())
-
-
-def torch_version() -> tuple[int, int]:
-    """(major, minor) of the installed torch."""
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def _mps_macos14() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    check = getattr(mps, "is_macos_or_newer", None)
-    return bool(check(14, 0)) if check is not None else False
-
-
-def _resolve_mps(req: str) -> Resolution:
-    """Apple GPUs: autocast bf16 needs torch >= 2.6 and macOS 14, fp16 needs torch >= 2.5 (Accelerate's own limits)."""
-    tv = torch_version()
-    bf16_ok = tv >= (2, 6) and _mps_macos14()
-    fp16_ok = tv >= (2, 5)
-    version = f"torch {tv[0]}.{tv[1]}"
-    if req == "auto":
-        if bf16_ok:
-            return Resolution(req, "bf16", f"MPS runs bf16 autocast ({version}, macOS 14+); no loss scaling needed", "mps")
-        if fp16_ok:
-            return Resolution(req, "fp16", f"MPS: bf16 needs torch >= 2.6 and macOS 14, this is {version}; "
-                              "fp16 with a GradScaler", "mps")
-        return Resolution(req, "fp32", f"MPS mixed precision needs torch >= 2.5, this is {version}", "mps")
-    if req in ("bf16", "bf16-true") and not bf16_ok:
-        return Resolution(req, "fp32", f"{req} on MPS needs torch >= 2.6 and macOS 14 ({version}): running fp32", "mps")
-    if req == "fp16" and not fp16_ok:
-        return Resolution(req, "fp32", f"fp16 on MPS needs torch >= 2.5 ({version}): running fp32", "mps")
-    return Resolution(req, req, _as_requested(req), "mps")
+        return Resolution(req, "fp16", f"{name} has no native bf16; fp16 with a GradScaler", kind) if cuda else \
+            Resolution(req, "fp32", f"{kind} does not report native bf16; choose bf16 or fp16 explicitly", kind)
+    if cuda and req in ("bf16", "bf16-true") and not bf16_ok:
+        return Resolution(req, req, f"{name} emulates bf16: expect it to be slow", kind)
+    return Resolution(req, req, asked, kind)
 
 
 # ----------------------------------------------------------------------------
 # Accelerator set-up
-
-
-def has_accelerator() -> bool:
-    """True when torch sees a device Accelerate would use instead of the CPU (CUDA, MPS, XPU, NPU, ...)."""
-    if torch.cuda.is_available():
-        return True
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return True
-    return any(getattr(getattr(torch, name, None), "is_available", lambda: False)()
-               for name in ("xpu", "npu", "mlu", "musa", "hpu", "sdaa"))
 
 
 def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[Any, Resolution, Any]:
@@ -251,8 +207,6 @@ def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[An
     ``kwargs`` go to ``Accelerator(...)``; a GradScalerKwargs among their ``kwargs_handlers`` gives the settings its
     knobs (the returned settings say so). ``cpu=True``, ``ACCELERATE_USE_CPU`` or no accelerator: the CPU.
     """
-    import dataclasses
-
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs
 
@@ -270,40 +224,32 @@ def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[An
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     res = resolve(settings.precision, state.device, launcher=launcher)
     if settings.precision == "auto" and normalise_precision(launcher) not in ("bf16", "fp16") and probe is not False:
-        res = _timed(res, state, probe, settings.auto)
-    ak = accelerator_kwargs(res, None if theirs is not None else settings.scaler_kwargs)
+        with contextlib.suppress(ImportError):  # without the debugger (debug/): the hardware rule
+            from .debug import autopick
+
+            res = autopick.for_session(res, state, probe, settings.auto)
+    ours = accelerator_kwargs(res, None if theirs is not None else settings.scaler_kwargs)
     # a seeded sampler: the data order depends only on (seed, epoch), so a resume is exact
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True))
-    acc = Accelerator(cpu=cpu, mixed_precision=ak["mixed_precision"], kwargs_handlers=ak["kwargs_handlers"] + handlers,
-                      **kwargs)
+    acc = Accelerator(cpu=cpu, mixed_precision=ours["mixed_precision"],
+                      kwargs_handlers=ours["kwargs_handlers"] + handlers, **kwargs)
     if acc.device.type == "cuda" and (settings.tf32 or settings.cudnn_benchmark):
         set_tf32(settings.tf32, settings.cudnn_benchmark)
     return acc, res, settings
 
 
-def _timed(rule: Resolution, state: Any, probe: Any, auto: Any) -> Resolution:
-    """``auto`` timed where the hardware rule is not certain; without the debugger (``debug/``): the rule."""
-    try:
-        from .debug import autopick
-    except ImportError:
-        return rule
-    return autopick.for_session(rule, state, probe, auto)
-
-
 def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``Accelerator(...)``: ``mixed_precision`` and a GradScalerKwargs handler for fp16."""
+    """``mixed_precision`` and, for fp16, a GradScalerKwargs handler (none under DeepSpeed, which owns its scale)."""
     from accelerate.utils import GradScalerKwargs
 
-    kwargs: dict[str, Any] = {"mixed_precision": resolution.mixed_precision, "kwargs_handlers": []}
-    # DeepSpeed manages its own loss scale (its config's fp16 section); a GradScaler would go unused
-    if resolution.uses_scaler and scaler and not env_flag("ACCELERATE_USE_DEEPSPEED"):
-        kwargs["kwargs_handlers"].append(GradScalerKwargs(**scaler))
-    return kwargs
+    with_scaler = resolution.uses_scaler and scaler and not env_flag("ACCELERATE_USE_DEEPSPEED")
+    return {"mixed_precision": resolution.mixed_precision,
+            "kwargs_handlers": [GradScalerKwargs(**scaler)] if with_scaler else []}
 
 
 def cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = None) -> Any:
     """A real ``GradScaler("cpu")`` for a CPU fp16 accelerator (Accelerate builds none there and runs fp32), else
-    None. The caller installs it before ``prepare`` (``Hooks.install_scaler``) and sets ``native_amp``."""
+    None. The session installs it before ``prepare`` (``hooks.Hooks``)."""
     if accelerator.device.type != "cpu" or accelerator.mixed_precision != "fp16":
         return None
     if accelerator._models or accelerator._optimizers:
@@ -315,26 +261,27 @@ def cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = None) -> A
 
 def engine_loss_scale(accelerator: Any, model: Any) -> Callable[[], float] | None:
     """For engines that own the loss scale (DeepSpeed fp16): a callable that reads it at log ticks, else None."""
-    if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")) or accelerator.mixed_precision != "fp16":
-        return None
     opt = getattr(model, "optimizer", None)  # the DeepSpeed engine's (ZeRO or FP16) optimizer
-    if opt is None:
+    if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")) or accelerator.mixed_precision != "fp16" \
+            or opt is None:
         return None
+    return lambda: float(opt.loss_scale if getattr(opt, "loss_scale", None) is not None
+                         else getattr(opt, "cur_scale", float("nan")))
 
-    def read() -> float:
-        scale = getattr(opt, "loss_scale", None)
-        return float(scale if scale is not None else getattr(opt, "cur_scale", float("nan")))
 
-    return read
+def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
+    """TF32 for the fp32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 class FusedSkipFix(Feature):
     """Keeps ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
 
     A fused optimizer takes the GradScaler's inf check into its own kernel, so Accelerate sees its step called and
-    reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. Here the
-    skip is read off the scale instead (it backs off exactly on a skipped step): one small device read per
-    optimizer step, for fused optimizers under a GradScaler only.
+    reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. The skip is
+    read off the scale instead (it backs off exactly on a skipped step): one small device read per optimizer step,
+    for fused optimizers under a GradScaler only.
     """
 
     name = "fused_skip"
@@ -344,52 +291,33 @@ class FusedSkipFix(Feature):
         scaler = hooks.accelerator.scaler
         return cls(hooks) if scaler is not None and scaler.is_enabled() else None
 
-    def __init__(self, hooks: Any):
-        super().__init__(hooks)
-        self._before: dict[int, torch.Tensor] = {}
-
     def before_step(self, optimizer: Any) -> None:
         scale = getattr(self.hooks.accelerator.scaler, "_scale", None)
         if getattr(getattr(optimizer, "optimizer", None), "_step_supports_amp_scaling", False) and scale is not None:
-            self._before[id(optimizer)] = scale.clone()
+            self._before = scale.clone()
 
     def after_outer_step(self, optimizer: Any) -> None:
-        before = self._before.pop(id(optimizer), None)
+        before = self.__dict__.pop("_before", None)
         if before is not None:
             optimizer._is_overflow = bool((self.hooks.accelerator.scaler._scale < before).item())
-
-
-def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
-    """TF32 for the fp32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 # ----------------------------------------------------------------------------
 # fp32 regions: parts of the model that must not run in low precision
 
 
-def _autocast_device(t: Any, default: str) -> str:
-    return t.device.type if isinstance(t, torch.Tensor) else default
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except (TypeError, RuntimeError, ValueError):  # an unknown device type on this torch build
-        return False
-
-
 @contextlib.contextmanager
 def fp32_region(device_type: str | None = None) -> Iterator[None]:
-    """Run the enclosed code with autocast off (cast low-precision inputs with ``.float()`` inside).
+    """Run the enclosed code with autocast off (cast low-precision inputs with ``.float()`` inside); without
+    ``device_type``, whichever autocast is in effect (CPU bf16, CUDA fp16, ...)."""
+    def on(kind: str) -> bool:
+        try:
+            return bool(torch.is_autocast_enabled(kind))
+        except (TypeError, RuntimeError, ValueError):  # an unknown device type on this torch build
+            return False
 
-    Without ``device_type`` it turns off whichever autocast is in effect (CPU bf16, CUDA fp16, ...).
-    """
-    kinds = [device_type] if device_type else [d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "npu") if _autocast_on(d)]
     with contextlib.ExitStack() as stack:
-        for kind in kinds:
+        for kind in [device_type] if device_type else [d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "npu") if on(d)]:
             stack.enter_context(torch.autocast(device_type=kind, enabled=False))
         yield
 
@@ -411,39 +339,29 @@ def cast_floats(x: Any, dtype: torch.dtype) -> Any:
     return x
 
 
-def _to_fp32(x: Any) -> Any:
-    return cast_floats(x, torch.float32)
-
-
 def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     """Run the submodules whose names match ``patterns`` (fnmatch, e.g. ``lm_head``, ``*.norm``) in fp32.
 
-    Their forward runs with autocast off and float32 inputs, so their outputs are float32 under bf16 and
-    fp16 autocast. Returns the matched module names; a pattern that matches nothing raises ValueError
-    naming it. Call before ``accelerator.prepare``.
+    Their forward runs with autocast off and float32 inputs, so their outputs are float32 under bf16 and fp16
+    autocast. Returns the matched module names; a pattern that matches nothing raises ValueError naming it. Call
+    before ``accelerator.prepare`` (the session's ``prepare`` does, for the settings' ``fp32_modules``).
     """
-    names = [n for n, _ in model.named_modules() if n]
+    modules = {n: m for n, m in model.named_modules() if n}
     matched: list[str] = []
     for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        hits = [n for n in modules if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"fp32 module pattern {pat!r} matches no module (e.g. {', '.join(names[:4])})")
+            raise ValueError(f"fp32 module pattern {pat!r} matches no module (e.g. {', '.join(list(modules)[:4])})")
         matched += [h for h in hits if h not in matched]
-    modules = dict(model.named_modules())
-    for name in matched:
-        mod = modules[name]
-        if getattr(mod, "_amp_fp32", False):
-            continue
-        forward = mod.forward
-
-        @functools.wraps(forward)
-        def fp32_forward(*args: Any, __forward=forward, __mod=mod, **kwargs: Any) -> Any:
+    for mod in (modules[n] for n in matched if not getattr(modules[n], "_amp_fp32", False)):
+        @functools.wraps(mod.forward)
+        def fp32_forward(*args: Any, __forward: Any = mod.forward, __mod: Any = mod, **kwargs: Any) -> Any:
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            with torch.autocast(device_type=_autocast_device(first, "cpu"), enabled=False):
-                out = __forward(*_to_fp32(args), **_to_fp32(kwargs))
+            device = first.device.type if first is not None else "cpu"
+            with torch.autocast(device_type=device, enabled=False):
+                out = __forward(*cast_floats(args, torch.float32), **cast_floats(kwargs, torch.float32))
             back = getattr(__mod, "_amp_cast_back", None)  # bf16-true: the next module takes bf16 (amp/master.py)
             return out if back is None else cast_floats(out, back)
 
-        mod.forward = fp32_forward
-        mod._amp_fp32 = True
+        mod.forward, mod._amp_fp32 = fp32_forward, True
     return matched

@@ -1,10 +1,6 @@
-"""One AMP session around one Accelerator: the coordinator of this folder's modules.
-
-:class:`AmpSession` never runs a training step for you: forward, loss, backward, clipping and ``optimizer.step()``
-stay in your loop, and the session is told about each step afterwards (``amp/__init__.py`` states the contract).
-It builds the Accelerator for the precision in effect, takes the run's lock, owns the data position, checkpoints,
-trackers, console and the one collective of a log tick, and asks its features (``hooks.py``) the rest.
-"""
+"""One AMP session around one Accelerator: it builds the Accelerator for the precision in effect, takes the run's
+lock, owns the data position, checkpoints, trackers, console and the one collective of a log tick, and asks its
+features (``hooks.py``) the rest. Your loop keeps its training step (``amp/__init__.py`` states the contract)."""
 
 from __future__ import annotations
 
@@ -21,45 +17,40 @@ import torch
 from . import __version__, precision
 from .checkpoint import CheckpointManager, version
 from .console import TrainConsole, status, summary_table
-from .distributed import any_rank, settle
+from .distributed import any_rank, gather_rows, settle
 from .hooks import Hooks, plain_module
 from .monitor import AmpMonitor, Clock, Problem, Stop, decide
-from .position import EpochIterator, LoopError, Progress, Tracked, count
+from .position import EpochIterator, LoopError, Progress, Tracked
 from .rundir import RunDir
 from .settings import AmpSettings
 from .signals import StopSignal, shield_workers
 from .tracking import Trackers, run_ids
 
-METRICS = "metrics.jsonl"
-SUMMARY = "amp_summary.json"
+METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
 
 class AmpSession:
     """The AMP lifecycle around one Accelerator; see ``amp/__init__.py`` for the contract with a loop.
 
-    ``settings``: an :class:`~settings.AmpSettings`, or a precision name (``"fp16"``, ``args.mixed_precision``;
-    None is ``auto``); keywords named like its fields (``checkpoint_every=20``) replace them, every other keyword
-    goes to ``Accelerator(...)``. ``max_steps``: the step budget (a resume at or past it trains nothing).
-    ``config``: your run's configuration, kept in every checkpoint and given to the trackers. ``probe``: how
-    ``auto`` times your model (``debug/autopick.py``; False: keep the hardware rule without the hint).
+    ``settings``: an :class:`~settings.AmpSettings`, or a precision name (``"fp16"``, ``args.mixed_precision``; None
+    is ``auto``); keywords named like its fields (``checkpoint_every=20``) replace them, every other keyword goes to
+    ``Accelerator(...)``. ``max_steps``: the step budget (``batches``/``epochs`` end there; a resume at or past it
+    trains nothing). ``config``: your run's configuration, kept in every checkpoint and given to the trackers.
+    ``probe``: how ``auto`` times your model (``debug/autopick.py``; False: the hardware rule, without the hint).
 
-    A loop reads :attr:`step`, :attr:`epoch`, and the attributes ``accelerator``, ``scale`` (as of the last log
-    tick), ``stop`` (None, or the :class:`Stop`) and ``resolution`` (the precision asked for, in effect, and why).
+    A loop reads :attr:`step`, :attr:`epoch`, and the attributes ``accelerator``, ``scale`` (as of the last log tick),
+    ``stop`` (None, or the :class:`~monitor.Stop`) and ``resolution`` (the precision asked for, in effect, and why).
     """
 
     def __init__(self, settings: AmpSettings | str | None = None, out_dir: str | os.PathLike[str] = "runs/amp", *,
                  max_steps: int | None = None, config: dict[str, Any] | None = None, probe: Any = None,
                  **accelerator_kwargs: Any):
         kw = accelerator_kwargs
-        own = {f.name for f in dataclasses.fields(AmpSettings)} & set(kw)
         base = settings if isinstance(settings, AmpSettings) else AmpSettings(settings or "auto")
-        settings = dataclasses.replace(base, **{k: kw.pop(k) for k in own})
+        settings = dataclasses.replace(base, **{f.name: kw.pop(f.name) for f in dataclasses.fields(base) if f.name in kw})
         self.out_dir, self.max_steps, self.config = Path(out_dir), max_steps, config
         kw.setdefault("project_dir", str(self.out_dir))
-        user = kw.pop("log_with", None)  # metrics.jsonl is a tracker too: accelerator.log is the one sink
-        user = [user] if isinstance(user, str) else list(user or [])
-        self.trackers = Trackers(self.out_dir / METRICS, [*settings.trackers, *user],
-                                 settings.run_name or self.out_dir.resolve().name, settings.tracker_kwargs, config)
+        self.trackers = Trackers(self.out_dir / METRICS, settings, kw.pop("log_with", None), config)
         acc, self.resolution, self.settings = precision.accelerator_for(settings, probe, log_with=self.trackers.log_with,
                                                                         **kw)
         self.accelerator = acc
@@ -67,36 +58,22 @@ class AmpSession:
         # fp16 on a CPU: a real CPU GradScaler before prepare, or Accelerate runs it as fp32
         self.hooks = Hooks(acc, self.settings, self.resolution, self.console.log,
                            scaler=precision.cpu_fp16_scaler(acc, self.settings.scaler_kwargs))
-        self.hooks.tick_due = self._tick_due
-        self.monitor = AmpMonitor(acc.scaler)
-        self.progress, self.tracked, self.clock = Progress(), Tracked(), Clock()
+        # whether the optimizer step being computed now ends at a log tick
+        self.hooks.tick_due = lambda: (self.step + 1) % self.settings.log_every == 0 or self.step + 1 == max_steps
+        self.monitor, self.progress, self.tracked, self.clock = AmpMonitor(acc.scaler), Progress(), Tracked(), Clock()
         self.ckpt: CheckpointManager | None = None
         self.stop: Stop | None = None
-        self.scale: float | None = None
-        self._signal, self._rundir = StopSignal(), RunDir(self.out_dir)
-        self._closed = self._entered = self._warned = False
-        self._last_saved: int | None = None
-        self._counts, self._last_iter = [0, 0], []  # samples and tokens since the step; the last iterator seen
-        try:
-            self._rundir.acquire_on_main(acc)
-        except BaseException:
-            self._signal.restore()
-            raise
+        self.scale: float | None = None  # as of the last log tick
+        self._closed, self._warned, self._last_saved, self._last_iter = False, None, None, []  # _last_iter: batches'
+        self._rundir = RunDir(self.out_dir)
+        self._rundir.acquire_on_main(acc)  # one run per out_dir; then the stop signals are the run's
+        self._signal = StopSignal()
         self.console.log(self.resolution.line())
         self.console.log(f"world_size={acc.num_processes} distributed_type={acc.distributed_type.value} "
                          f"device={acc.device} scaler={type(acc.scaler).__name__ if acc.scaler else 'none'}")
 
-    # ------------------------------------------------------------------ state a loop reads
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps done (restored on resume)."""
-        return self.progress.step
-
-    @property
-    def epoch(self) -> int:
-        """Epochs done, from 0: the index of the epoch in progress (restored on resume)."""
-        return self.progress.epoch
+    step = property(lambda self: self.progress.step, doc="Optimizer steps done (restored on resume).")
+    epoch = property(lambda self: self.progress.epoch, doc="The epoch in progress, from 0 (restored on resume).")
 
     # ------------------------------------------------------------------ prepare, track, resume
 
@@ -106,9 +83,10 @@ class AmpSession:
         acc = self.accelerator
         models = [o for o in objects if isinstance(o, torch.nn.Module)]
         for model in models if self.settings.fp32_modules else ():
-            precision.keep_in_fp32(model, self.settings.fp32_modules)
-        optimizers = [getattr(o, "optimizer", o) for o in (*objects, *acc._optimizers) if hasattr(o, "param_groups")]
-        self.hooks.before_prepare(models, list({id(o): o for o in optimizers}.values()))
+            self.console.log(f"fp32 modules: {', '.join(precision.keep_in_fp32(model, self.settings.fp32_modules))}")
+        optimizers = {id(o): o for o in (getattr(o, "optimizer", o) for o in (*objects, *acc._optimizers)
+                                         if hasattr(o, "param_groups"))}
+        self.hooks.before_prepare(models, list(optimizers.values()))
         prepared = acc.prepare(*objects)
         items = prepared if isinstance(prepared, tuple) else (prepared,)
         for item in items:
@@ -118,38 +96,39 @@ class AmpSession:
         self.hooks.watch_optimizers()
         self.hooks.call("after_prepare", [o for o in items if isinstance(o, torch.nn.Module)],
                         [o for o in items if hasattr(o, "param_groups")])
-        if self.ckpt is None:
-            self.ckpt = CheckpointManager(self.hooks, self.out_dir, self.settings.keep, self._meta, self._state)
+        self.ckpt = self.ckpt or CheckpointManager(self.hooks, self.out_dir, self.settings.keep, self._meta, self._state)
         return prepared
 
     def track(self, obj: Any, name: str | None = None) -> Any:
-        """Keep ``obj`` in every checkpoint and restore it on resume; returns ``obj``.
-
-        ``obj``: anything with ``state_dict()``/``load_state_dict()``, or a dict (a resume updates it in place), e.g.
-        ``state = amp.track({"best_val_loss": float("inf"), "lr": args.lr})``. ``name`` defaults to the order of
-        the calls; call in the same order on every run, before or after :meth:`resume`.
-        """
+        """Keep ``obj`` (a dict, updated in place on resume, or anything with ``state_dict``/``load_state_dict``) in every
+        checkpoint and restore it on resume, e.g. ``state = amp.track({"best_val_loss": float("inf")})``; ``name``
+        defaults to the order of the calls: call in the same order on every run, before or after :meth:`resume`."""
         return self.tracked.add(obj, name)
 
     def resume(self, policy: str | os.PathLike[str] = "auto", *, check: Any = None,
                rescale_schedule: bool = False) -> list[str]:
-        """Resume from ``policy``: ``"auto"`` (newest complete checkpoint in out_dir), ``"none"``, or a path.
-
-        Restores model, optimizer, scheduler, scaler (across precisions), RNG, step, epoch, data position, AMP
-        statistics and what :meth:`track` keeps. ``check(meta)`` may inspect the chosen checkpoint's meta.json first
-        and return notices or raise to refuse. ``rescale_schedule``: a schedule written in optimizer steps goes on
-        from the same step when the number of processes changed. A fresh start moves an earlier run's files in
-        out_dir aside. Prints and returns the notices.
-        """
+        """Resume from ``policy`` (``"auto"``: the newest complete checkpoint in out_dir; ``"none"``; a path): model,
+        optimizer, scheduler, scaler (across precisions), RNG, step, epoch, data position, AMP statistics and what
+        :meth:`track` keeps. ``check(meta)`` may return notices or raise to refuse the checkpoint; ``rescale_schedule``:
+        a schedule written in optimizer steps goes on from the same step when the number of processes changed. A fresh
+        start moves an earlier run's files in out_dir aside. Prints and returns the notices."""
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
-        path, meta, loaded = self.ckpt.resume(str(policy), self.resolution.effective, self.settings.scaler_kwargs
-                                              if self.resolution.uses_scaler else None, check, rescale_schedule,
+        res = self.resolution
+        path, meta, loaded = self.ckpt.resume(str(policy), res.effective, self.settings.scaler_kwargs
+                                              if res.uses_scaler else None, check, rescale_schedule,
                                               self.out_dir / METRICS)
-        notices = loaded.notices
+        notices, state = loaded.notices, loaded.state or {}
+        if path is not None and loaded.state is None:
+            notices.append("resume: the checkpoint holds no training position: step, epoch and data start from 0")
         if path is not None:
-            notices += self._apply_state(loaded.state) + self.monitor.switched(meta, path, self.resolution.effective)
-            self._last_saved = self.progress.step
+            self.progress.load_state_dict(state.get("progress") or {})
+            self.monitor.load_state_dict(state.get("monitor") or {})
+            for f in self.hooks.features:
+                f.load_state_dict((state.get("features") or {}).get(f.name) or {})
+            notices += self.tracked.load_state_dict(state.get("tracked") or {})
+            notices += self.monitor.switched(meta, path, res.effective)
+            self._last_saved = self.step
         self.monitor.sync_scale()  # the scale in effect now, restored or fresh
         self.scale = self.monitor.scale
         if self._done():
@@ -157,27 +136,14 @@ class AmpSession:
                            f"{self.max_steps}")
         for line in notices:
             self.console.log(line)
-        self.trackers.start(self.accelerator, meta, self.progress.step)
-        p = self.progress
-        self.clock = Clock(step=p.step, samples=p.samples_seen, tokens=p.tokens_seen)
+        self.trackers.start(self.accelerator, meta, self.step)
+        self.clock = Clock(step=self.step, samples=self.progress.samples_seen, tokens=self.progress.tokens_seen)
         return notices
-
-    def _apply_state(self, state: dict[str, Any] | None) -> list[str]:
-        if state is None:
-            return ["resume: the checkpoint holds no training position: step, epoch and data start from 0"]
-        if state.get("progress"):
-            self.progress.load_state_dict(state["progress"])
-        if state.get("monitor"):
-            self.monitor.load_state_dict(state["monitor"])
-        for f in self.hooks.features:
-            if f.name in (state.get("features") or {}):
-                f.load_state_dict(state["features"][f.name])
-        return self.tracked.load_state_dict(state.get("tracked") or {})
 
     # ------------------------------------------------------------------ data
 
     def _done(self) -> bool:
-        return self.max_steps is not None and self.progress.step >= self.max_steps
+        return self.max_steps is not None and self.step >= self.max_steps
 
     def _end_if_stopped(self) -> None:
         """A loop that goes on after a stop (its state saved) is ended here with the stop's exit status."""
@@ -186,32 +152,26 @@ class AmpSession:
             sys.exit(self.stop.exit_code)
 
     def epochs(self, start: int, stop: int | None = None) -> Iterator[int]:
-        """The epochs left: ``amp.epochs(n)`` is ``range(n)`` and ``amp.epochs(1, n + 1)`` is ``range(1, n + 1)``,
-        both from the resumed epoch on; none once the step budget is spent."""
+        """The epochs left: ``amp.epochs(n)`` is ``range(n)`` and ``amp.epochs(1, n + 1)`` is ``range(1, n + 1)``, both
+        from the resumed epoch on; none once the step budget is spent."""
         first, end = (0, start) if stop is None else (start, stop)
-        while first + self.progress.epoch < end and not self._done():
+        while first + self.epoch < end and not self._done():
             self._end_if_stopped()
-            index = self.progress.epoch
+            index = self.epoch
             yield first + index
             self._end_if_stopped()
-            if self.progress.epoch == index:  # the loop did not finish it through batches()
+            if self.epoch == index:  # the loop did not finish it through batches()
                 self.progress.epoch, self.progress.batch_in_epoch = index + 1, 0
 
     def batches(self, source: Iterable[Any]) -> Iterator[Any]:
-        """Yield one epoch of ``source`` from the saved position; at its end the epoch counter moves on.
-
-        ``source``: a DataLoader (its sampler skips what a resumed run already trained on) or any iterable that gives
-        the same batches in the same order on every run (a ``range`` of offsets, a list, a new generator each
-        epoch). Ends once the step budget is spent; an epoch with no batch at all is a :class:`LoopError`.
-        """
+        """One epoch of ``source`` from the saved position: a DataLoader (its sampler skips what a resumed run trained
+        on) or any iterable with the same batches in the same order on every run (a ``range`` of offsets, a list, a new
+        generator each epoch). Ends once the step budget is spent; an epoch without a batch is a :class:`LoopError`."""
         self._end_if_stopped()
-        p, n = self.progress, 0
-        fresh = p.batch_in_epoch == 0
+        p, n, fresh = self.progress, 0, self.progress.batch_in_epoch == 0
         for batch in EpochIterator(source, p, self.accelerator, self._last_iter) if not self._done() else ():
-            p.batch_in_epoch += 1
             n += 1
-            samples, tokens = count(batch)
-            self._counts = [self._counts[0] + samples, self._counts[1] + tokens]
+            p.count(batch)
             self.hooks.call("on_batch", batch)
             yield batch
             self._end_if_stopped()
@@ -227,28 +187,26 @@ class AmpSession:
 
     def after_step(self, loss: Any = None, grad_norm: Any = None, *, samples: int | None = None,
                    tokens: int | None = None, **values: Any) -> bool:
-        """Call after each ``optimizer.step()`` (every micro-batch under ``accelerator.accumulate``). Returns True
-        when the run stopped early (:attr:`stop`; its state is saved): end the loop.
+        """Call after each ``optimizer.step()`` (every micro-batch under ``accelerator.accumulate``). Returns True when
+        the run stopped early (``amp.stop``; its state is saved): end the loop.
 
-        ``loss``, ``grad_norm`` and your own ``values`` (tensors or numbers, e.g. ``acc=acc``) stay on the device
-        until a log tick reads them; they appear on the console, in ``metrics.jsonl`` and the trackers
-        (``train/NAME``). ``samples``/``tokens``: this process's counts for throughput when the batch layout does
-        not say them. An optimizer step is counted when gradients synced; then a log tick (console, metrics, the
-        guard), a checkpoint every ``checkpoint_every`` steps, and a stop signal is honoured.
+        ``loss``, ``grad_norm`` and your own ``values`` (tensors or numbers, e.g. ``acc=acc``) stay on the device until
+        a log tick reads them; they appear on the console, in ``metrics.jsonl`` and the trackers (``train/NAME``).
+        ``samples``/``tokens``: this process's counts for throughput when the batch layout does not say them. A step
+        is counted when gradients synced; then a log tick every ``log_every`` steps (console, metrics, the guard), a
+        checkpoint every ``checkpoint_every`` steps, and a stop signal is honoured.
         """
         self._end_if_stopped()
+        if self.ckpt is None:
+            raise LoopError("call amp.prepare(model, optimizer, ...) before the first amp.after_step")
         acc, p = self.accelerator, self.progress
         self.monitor.add(loss, grad_norm, values)
         if not acc.sync_gradients:
             return False
         self.hooks.watch_optimizers()
         self.hooks.call("at_step", loss)  # the loop's mistakes that must stop at once, the audit
-        if not self._entered:
-            self.console.__enter__()
-            self._entered = True
-        counted, self._counts = self._counts, [0, 0]
-        p.advance(counted[0] if samples is None else samples, counted[1] if tokens is None else tokens,
-                  acc.num_processes)
+        self.console.__enter__()  # the live panel, from the first step on (once)
+        p.advance(samples, tokens, acc.num_processes)
         self.monitor.end_step(p.step)
         signalled = acc.num_processes == 1 and self._signal.signame is not None  # several: agreed at ticks only
         if p.step % self.settings.log_every == 0 or p.step == self.max_steps:
@@ -259,50 +217,34 @@ class AmpSession:
             self._save()
         return self.stop is not None
 
-    def _tick_due(self) -> bool:
-        """Whether the optimizer step being computed now ends at a log tick."""
-        step = self.progress.step + 1
-        return step % self.settings.log_every == 0 or step == self.max_steps
-
     def poll_stop(self, activity: str | None = None) -> bool:
-        """Between optimizer steps (a long evaluation): show ``activity`` (``"eval 3/20"``) in the live panel and
-        return True once a stop signal arrived, after saving the state as :meth:`after_step` would. With several
-        processes this is a collective: call it on every process at the same points (e.g. each eval batch)."""
+        """Between optimizer steps (a long evaluation): show ``activity`` (``"eval 3/20"``) in the live panel and return
+        True once a stop signal arrived, after saving the state as :meth:`after_step` would. With several processes
+        this is a collective: call it on every process at the same points (e.g. each eval batch)."""
         self.console.activity(activity)
         if self.stop is None and any_rank(self.accelerator, self._signal.signame is not None):
             self._stop("signal", self._signal.signame or "a stop signal on another process")
         return self.stop is not None
 
     def _tick(self) -> bool:
-        """Read the interval's values (one sync), agree across processes (one collective), log, show, judge.
-        Returns whether a stop signal arrived on any process."""
+        """Read the interval's values (one sync), agree across processes (one collective), log, show, judge. Returns
+        whether a stop signal arrived on any process."""
         acc, g = self.accelerator, self.settings.guard
-        m = self.monitor.flush()
-        sched = next(iter(acc._schedulers), None)
-        opt = next(iter(acc._optimizers), None)
-        if sched is not None or opt is not None:
-            m["train/lr"] = float(sched.get_last_lr()[0] if sched is not None else opt.param_groups[0]["lr"])
-        problem = self.monitor.check(g.min_scale, g.max_consecutive_skips)
-        shared = self.hooks.shared()
-        loss = m.get("train/loss")
-        mine = [0.0 if loss is None else loss, float(loss is not None), float(problem is not None),
-                float(self._signal.signame is not None), *(v for vs in shared for v in vs)]
-        rows = [mine]
-        if acc.num_processes > 1:  # the tick's one collective
-            vec = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(acc.device).reshape(()) for v in mine])
-            rows = acc.gather(vec).reshape(acc.num_processes, -1).tolist()
-            if any(r[1] for r in rows):
-                m["train/loss"] = sum(r[0] for r in rows) / sum(r[1] for r in rows)
-            if problem is None and any(r[2] for r in rows):
-                problem = Problem("other_rank", "another process tripped the AMP guard")
+        m, problem = self.monitor.tick(acc, g)
+        shared, loss = self.hooks.shared(), m.get("train/loss")
+        rows = gather_rows(acc, [0.0 if loss is None else loss, float(loss is not None), float(problem is not None),
+                                 float(self._signal.signame is not None), *(v for vs in shared for v in vs)])
+        if any(r[1] for r in rows):  # the mean over the processes that have a loss
+            m["train/loss"] = sum(r[0] for r in rows) / sum(r[1] for r in rows)
+        if problem is None and any(r[2] for r in rows):
+            problem = Problem("other_rank", "another process tripped the AMP guard")
         m.update(self.hooks.at_tick(shared, rows, 4))
-        p = self.progress
-        m.update(self.clock.read(p.step, p.samples_seen, p.tokens_seen))
+        m.update(self.clock.read(self.step, self.progress.samples_seen, self.progress.tokens_seen))
         decision = decide(g, problem, precision=self.resolution.effective,
                           native_bf16=precision.native_bf16(acc.device), warned=self._warned)
         self._warned = None if problem is None else (problem.kind if decision.action in ("warn", "ok") else None)
         self.trackers.start(acc)
-        acc.log(m, step=p.step)
+        acc.log(m, step=self.step)
         self.scale = self.monitor.scale
         self.console.update(status(m, self.monitor, self.progress, self.max_steps, self.resolution.effective,
                                    acc.num_processes, acc.device))
@@ -324,14 +266,12 @@ class AmpSession:
     # ------------------------------------------------------------------ checkpoints, the model, the end
 
     def _meta(self) -> dict[str, Any]:
-        res, stop = self.resolution, self.stop
-        meta = {"step": self.progress.step, "epoch": self.progress.epoch, "template_version": __version__,
+        res = self.resolution
+        meta = {"step": self.step, "epoch": self.epoch, "template_version": __version__,
                 "precision": {"requested": res.requested, "effective": res.effective, "reason": res.reason},
-                "scaler_kwargs": self.settings.scaler_kwargs if res.uses_scaler else None,
-                "precision_switches": self.monitor.switches, "torch": torch.__version__,
-                "accelerate": version("accelerate"), "config": self.config, "trackers": run_ids(self.accelerator)}
-        if stop is not None and stop.reason == "guard":
-            meta["guard_stop"] = {"step": stop.step, "from": res.effective, "to": stop.to, "reason": stop.message}
+                "scaler_kwargs": self.settings.scaler_kwargs if res.uses_scaler else None, "torch": torch.__version__,
+                "accelerate": version("accelerate"), "config": self.config, "trackers": run_ids(self.accelerator),
+                **self.monitor.meta(self.stop, res.effective)}
         for f in self.hooks.features:
             meta.update(f.meta())
         return meta
@@ -343,24 +283,17 @@ class AmpSession:
 
     def _save(self, quiet: bool = False) -> Path:
         """Save everything a resume needs as ``out_dir/checkpoints/step_NNNNNNN`` (on every process)."""
-        if self.ckpt is None:
-            raise RuntimeError("call AmpSession.prepare(...) before the first checkpoint")
         path = self.ckpt.root / f"step_{self.step:07d}"
         if self._last_saved != self.step or not path.is_dir():
-            path = self.ckpt.save(self.step)
-            self._last_saved = self.step
+            path, self._last_saved = self.ckpt.save(self.step), self.step
             if not quiet:
                 self.console.log(f"checkpoint: {path}")
         return path
 
     def unwrap(self, model: torch.nn.Module, full_precision: bool = False) -> torch.nn.Module:
-        """Your model as a plain ``nn.Module``, for ``torch.save(model, f)`` as before and for evaluation.
-
-        No DDP or compile wrapper and no autocast forward (Accelerate replaces ``model.forward`` on the prepared
-        model, which a whole-module pickle cannot store); it shares the prepared model's parameters and buffers, and
-        the prepared model keeps training as it was. ``full_precision``: a float32 copy instead (under bf16-true,
-        with the master weights; made anew at each call), for evaluation with autocast off.
-        """
+        """Your model as a plain ``nn.Module`` sharing the prepared one's parameters (no DDP or compile wrapper, no
+        autocast forward, which a whole-module ``torch.save`` cannot store); ``full_precision``: a float32 copy (under
+        bf16-true, of the master weights), for evaluation with autocast off."""
         plain = plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
         master = self.hooks.get("master")
         return master.float_copy(plain) if full_precision and master is not None else plain
@@ -368,8 +301,8 @@ class AmpSession:
     def summary(self) -> dict[str, Any]:
         """The run's AMP statistics (what :meth:`close` writes to out_dir/amp_summary.json)."""
         acc, p = self.accelerator, self.progress
-        out = {"precision": self.resolution.effective, **self.monitor.summary(),
-               "samples_seen": p.samples_seen, "tokens_seen": p.tokens_seen}
+        out = {"precision": self.resolution.effective, **self.monitor.summary(), "samples_seen": p.samples_seen,
+               "tokens_seen": p.tokens_seen}
         for f in self.hooks.features:
             out.update(f.summary())
         out["precision_switches"] = self.monitor.switches
@@ -380,43 +313,36 @@ class AmpSession:
 
     def close(self, completed: bool = True) -> int:
         """End the run: the final checkpoint and AMP summary (when ``completed`` and not stopped early), then restore
-        the signal handlers, leave the console, release the lock and ``end_training()``. Safe to call twice.
-        Returns the exit status the run asks for: 0, or the stop's (:attr:`stop`: 3 after the collapse guard)."""
-        if self._closed:
-            return self.stop.exit_code if self.stop else 0
-        self._closed = True
-        try:
-            if self.stop is None and completed and self.ckpt is not None:
-                if self.step > 0:
-                    self._save()
-                summary = self.summary()
-                self._leave_console()  # the final panel first, the summary below it
-                if self.accelerator.is_main_process:
-                    (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
-                    self.console.print_table(summary_table(summary))
-                self.accelerator.wait_for_everyone()
-        finally:
-            # an error on its way out of a run of several processes (a dead peer): the launcher soon sends the
-            # survivors SIGTERM, which must find the session's handler, not kill the rank before it says why
-            several = self.accelerator.num_processes > 1
-            failing = several and sys.exc_info()[0] is not None
-            if not failing:
-                self._signal.restore()
-            self._leave_console()
-            self._rundir.release()
-            self.accelerator.end_training()
-            if several and not failing:
-                settle()  # gloo's workers drop their finished collectives before the interpreter ends
+        the signal handlers, leave the console, release the lock and ``end_training()``. Safe to call twice. Returns
+        the exit status the run asks for: 0, or the stop's (``amp.stop``: 3 after the collapse guard)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                if self.stop is None and completed and self.ckpt is not None:
+                    if self.step > 0:
+                        self._save()
+                    summary = self.summary()
+                    self.console.__exit__(None, None, None)  # the final panel first, the summary below it
+                    if self.accelerator.is_main_process:
+                        (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+                        self.console.print_table(summary_table(summary))
+                    self.accelerator.wait_for_everyone()
+            finally:
+                # an error on its way out of a run of several processes (a dead peer): the launcher soon sends the
+                # survivors SIGTERM, which must find the session's handler, not kill the rank before it says why
+                several = self.accelerator.num_processes > 1
+                failing = several and sys.exc_info()[0] is not None
+                if not failing:
+                    self._signal.restore()
+                self.console.__exit__(None, None, None)
+                self._rundir.release()
+                self.accelerator.end_training()
+                if several and not failing:
+                    settle()  # gloo's workers drop their finished collectives before the interpreter ends
         return self.stop.exit_code if self.stop else 0
-
-    def _leave_console(self) -> None:
-        if self._entered:
-            self._entered = False
-            self.console.__exit__(None, None, None)
 
     def __enter__(self) -> AmpSession:
         return self
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
-        # an exception ends the run without a final save or summary (and without replacing that exception)
-        self.close(completed=kind is None)
+        self.close(completed=kind is None)  # an exception: no final save or summary, and the exception stays

@@ -79,16 +79,16 @@ def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, 
 
 
 class Trackers:
-    """The run's trackers: ``metrics.jsonl`` first, then the user's (names or tracker objects, as ``log_with``
-    takes them). :meth:`start` runs ``init_trackers`` once, continuing a resumed run's tracker runs. ``config``
-    (nested sections are fine) becomes the trackers' hyperparameters as flat ``section.key`` values."""
+    """The run's trackers: ``metrics.jsonl`` first, then the settings' ``trackers`` and the loop's own ``log_with``
+    (names or tracker objects, as Accelerate takes them). :meth:`start` runs ``init_trackers`` once, continuing a
+    resumed run's tracker runs. ``config`` (nested sections are fine) becomes the trackers' hyperparameters as flat
+    ``section.key`` values. The run's name: the settings' ``run_name``, else the name of out_dir."""
 
-    def __init__(self, metrics: str | Path, log_with: Any, run_name: str, kwargs: dict[str, dict] | None,
-                 config: dict[str, Any] | None):
-        user = [log_with] if isinstance(log_with, str) else list(log_with or [])
+    def __init__(self, metrics: Path, settings: Any, log_with: Any = None, config: dict[str, Any] | None = None):
+        user = [*settings.trackers, *([log_with] if isinstance(log_with, str) else log_with or [])]
         self.names = [t if isinstance(t, str) else t.name for t in user]
         self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
-        self.run_name, self.kwargs = run_name, kwargs or {}
+        self.run_name, self.kwargs = settings.run_name or metrics.parent.resolve().name, settings.tracker_kwargs or {}
         self.config = None if config is None else flat(config)
         self.started = False
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .hooks import Feature
-from .position import LoopError, fingerprint
+from ..hooks import Feature
+from ..position import LoopError, fingerprint
 
 CHECKED_STEPS = 3  # steps whose gradient norms are compared (two norms each); later steps cost nothing
 
