@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or foreign folder: 2; a full disk: 1
-        from .amp.distributed import write_status
+        from .faults import write_status
 
         print(f"error: {e.filename or args.out}: cannot write the export ({e.strerror or e})", file=sys.stderr)
         return write_status(e)

@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def failure(e: BaseException, cfg: Config) -> int:
     """One line for a failure, and its exit status; a bug (anything else) keeps its traceback."""
-    from .amp import LoopError, OutputDirError, RunLockedError, SettingsError, distributed
+    from . import faults
+    from .amp import LoopError, OutputDirError, RunLockedError, SettingsError
     from .amp.checkpoint import CheckpointError
     from .amp.debug.audit import AuditError
     from .amp.precision import PrecisionError
@@ -189,8 +190,8 @@ def failure(e: BaseException, cfg: Config) -> int:
         print(f"error: interrupted twice: stopped without saving; {cfg.out_dir}/checkpoints has the last "
               "complete checkpoint", file=sys.stderr)
         return 130
-    if isinstance(e, (OSError, MemoryError, RuntimeError)) and distributed.describe(e) is not None:
-        print(f"error: {distributed.describe(e)}", file=sys.stderr)  # a fault of the machine: one line, exit 1
+    if isinstance(e, (OSError, MemoryError, RuntimeError)) and faults.describe(e) is not None:
+        print(f"error: {faults.describe(e)}", file=sys.stderr)  # a fault of the machine: one line, exit 1
         return 1
     raise e
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..amp.distributed import write_status
+from ..faults import write_status
 from ..export import PACKAGE, ArgParser, ExportError, device_arg, load_model
 from .config import DataConfig
 from .data import draw_shapes, split_seed

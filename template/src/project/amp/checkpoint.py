@@ -1,16 +1,10 @@
 """Checkpoints around ``accelerator.save_state``/``load_state``: atomic, rotated, resumable across precisions.
 
-A superset of Accelerate's layout (a plain ``accelerator.load_state(path)`` of the same prepared objects loads it;
-the session's own state is in files Accelerate does not count)::
-
-    out_dir/checkpoints/step_0000200/   model.safetensors optimizer.bin scheduler.bin scaler.pt random_states_*.pkl
-                                        custom_checkpoint_*.pkl (accelerator.register_for_checkpointing)
-                                        amp_state_*.pt (per process: data position, AMP statistics, amp.track)
-                                        meta.json (precision, scaler kwargs, config, world size, versions, hashes)
-    out_dir/checkpoints/latest          the name of the newest complete checkpoint, written last
-
-A checkpoint is complete or invisible: written into ``.tmp-step_*``, renamed into place, then ``latest`` moves.
-Resuming under another precision never crashes: the scaler is handled here (Accelerate raises on a missing or empty
+``out_dir/checkpoints/step_NNNNNNN/`` is Accelerate's layout (a plain ``accelerator.load_state`` of the same prepared
+objects reads it) plus ``amp_state_<process>.pt`` (data position, AMP statistics, ``amp.track``) and ``meta.json``
+(precision, scaler kwargs, config, world size, versions, size and sha256 of every part); ``checkpoints/latest``
+names the newest. A checkpoint is complete or invisible: written to ``.tmp-step_*``, renamed, then ``latest`` moves.
+A resume across precisions never crashes: the scaler is handled here (Accelerate raises on a missing or empty
 scaler.pt, drops the scale silently, and lets scaler.pt replace the run's GradScalerKwargs), each decision a notice.
 """
 

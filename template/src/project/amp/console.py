@@ -1,29 +1,31 @@
-"""The training console: a rich Live panel on a terminal, one plain line per log interval elsewhere.
+"""What a run shows: a rich Live panel on a terminal, one plain line per log interval elsewhere (CI, ``| tee``), and
+``metrics.jsonl`` and the trackers.
 
-State lives in :class:`Status`; :func:`render` turns it into a table (pure, testable as text) and
-:func:`plain_line` into one line without control codes for CI, ``| tee`` and cluster logs. Only the main
-process should create a :class:`TrainConsole` with ``enabled=True``.
-
-    console = TrainConsole(total_steps=1000, live=True, enabled=accelerator.is_main_process)
-    with console:
-        ...
-        console.update(Status(step=step, loss=..., scale=..., ...))   # at log ticks; a typo is a TypeError
-        console.log("checkpoint saved")                               # prints above the panel
-    console.print_table(summary_table(monitor.summary()))
+A :class:`Status` (a misspelt field is a TypeError) becomes a table (:func:`render`, testable as text) or a line
+(:func:`plain_line`); only the main process enables a console, whose ``log`` prints above the panel.
+:class:`JsonlTracker` makes ``accelerator.log`` the one sink for every tracker; a resumed run continues its tracker
+runs (W&B's run id, MLflow's, TensorBoard's ``purge_step``: events logged after the checkpoint are dropped, as
+metrics.jsonl drops them).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from accelerate.tracking import GeneralTracker
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
+
+from .settings import flat
 
 SPARK = "▁▂▃▄▅▆▇█"
 METERS = ("amp/scale_headroom_bits", "amp/grad_underflow_frac", "amp/lost_update_frac")  # debug/meters.py
@@ -53,15 +55,15 @@ class Status:
     world_size: int = 1
     activity: str | None = None  # what runs between log ticks, e.g. "eval 12/20" (live panel only)
     values: dict[str, float] = field(default_factory=dict)  # the loop's own values (after_step(..., name=value))
-    meters: dict[str, float] = field(default_factory=dict)  # amp/meters.py: headroom, underflow, lost updates
+    meters: dict[str, float] = field(default_factory=dict)  # debug/meters.py: headroom, underflow, lost updates
 
 
 def status(m: dict[str, float], mon: Any, progress: Any, total: int | None, precision: str, world_size: int,
            device: Any) -> Status:
     """The panel's :class:`Status` at a log tick: the tick's metrics ``m``, the monitor's statistics, the position."""
-    step_time = m.get("perf/step_time_s")
     import torch
 
+    step_time = m.get("perf/step_time_s")
     return Status(
         step=progress.step, total_steps=total or 0, epoch=progress.epoch, precision=precision,
         loss=m.get("train/loss"), lr=m.get("train/lr"), scale=mon.scale, scale_trend=list(mon.trend),
@@ -80,33 +82,20 @@ def sparkline(values: Sequence[float], width: int = 24) -> str:
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)
-    if hi - lo < 1e-9:
-        return SPARK[3] * len(vals)
-    return "".join(SPARK[int((v - lo) / (hi - lo) * (len(SPARK) - 1))] for v in vals)
+    return SPARK[3] * len(vals) if hi - lo < 1e-9 else "".join(SPARK[int((v - lo) / (hi - lo) * 7)] for v in vals)
 
 
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
     s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def fmt_scale(scale: float | None) -> str:
     if scale is None:
         return "-"
-    if scale >= 1 and scale == int(scale) and scale < 1e9:
-        return str(int(scale))
-    return f"{scale:.3g}"
-
-
-def _value(x: float) -> str:
-    """One of the loop's own values: 4 significant digits, whatever its size."""
-    return f"{x:.4g}"
+    return str(int(scale)) if 1 <= scale < 1e9 and scale == int(scale) else f"{scale:.3g}"
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -119,46 +108,11 @@ def _progress(s: Status, pct: bool = True) -> str:
     return f"{s.step}/{s.total_steps}" + (f" ({100 * s.step / s.total_steps:.0f}%)" if pct else "")
 
 
-def render(s: Status) -> Table:
-    """The live panel as a two-column table."""
-    t = Table(title=f"training · {s.precision} · world_size={s.world_size}", show_header=False, expand=False)
-    t.add_column("field", style="bold cyan", no_wrap=True)
-    t.add_column("value", no_wrap=True)
-    t.add_row("step", f"{_progress(s)}  epoch {s.epoch}")
-    t.add_row("loss", _num(s.loss, ".4f"))
-    t.add_row("lr", _num(s.lr, ".2e"))
-    if s.scale is not None:
-        t.add_row("loss scale", f"{fmt_scale(s.scale)}  {sparkline(s.scale_trend)}")
-        skipped = (f"{s.skipped} ({100 * s.skip_rate:.1f}% of run, {100 * s.recent_skip_rate:.0f}% of last 100)"
-                   f"  in a row: {s.consecutive_skips}")
-        t.add_row("skipped", Text(skipped, style="bold red" if s.consecutive_skips else ""))
-    else:
-        t.add_row("loss scale", f"none ({s.precision}: no loss scaling)")
-    t.add_row("grad norm", _num(s.grad_norm, ".3f"))
-    tokens = f"  {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else ""
-    t.add_row("throughput", f"{_num(s.samples_per_s, '.1f')} samples/s{tokens}")
-    if s.eta_s is not None:
-        t.add_row("eta", fmt_duration(s.eta_s))
-    if s.peak_mem_gb is not None:
-        t.add_row("peak memory", f"{s.peak_mem_gb:.2f} GiB")
-    if s.meters:
-        t.add_row("fp16 edges", " · ".join(_meters(s.meters)))
-    for name, value in s.values.items():
-        t.add_row(name, _value(value))
-    if s.activity:
-        t.add_row("now", _bar(s.activity))
-    return t
-
-
 def _meters(m: dict[str, float]) -> list[str]:
     """``headroom 3.2 bits``, ``underflow 0.1%``, ``lost updates 12%`` for the meters measured at this tick."""
-    out = []
-    if "amp/scale_headroom_bits" in m:
-        out.append(f"headroom {_num(m['amp/scale_headroom_bits'], '.1f')} bits")
-    for key, label in (("amp/grad_underflow_frac", "underflow"), ("amp/lost_update_frac", "lost updates")):
-        if key in m and math.isfinite(m[key]):
-            out.append(f"{label} {100 * m[key]:.1f}%")
-    return out
+    out = [f"headroom {_num(m['amp/scale_headroom_bits'], '.1f')} bits"] if "amp/scale_headroom_bits" in m else []
+    return out + [f"{label} {100 * m[key]:.1f}%" for key, label in (("amp/grad_underflow_frac", "underflow"),
+                  ("amp/lost_update_frac", "lost updates")) if key in m and math.isfinite(m[key])]
 
 
 def _bar(activity: str, width: int = 20) -> str:
@@ -171,31 +125,51 @@ def _bar(activity: str, width: int = 20) -> str:
     return f"{label} {'━' * filled}{'─' * (width - filled)} {done}/{total}"
 
 
+def render(s: Status) -> Table:
+    """The live panel as a two-column table."""
+    t = Table(title=f"training · {s.precision} · world_size={s.world_size}", show_header=False, expand=False)
+    t.add_column("field", style="bold cyan", no_wrap=True)
+    t.add_column("value", no_wrap=True)
+    rows: list[tuple[str, Any]] = [("step", f"{_progress(s)}  epoch {s.epoch}"), ("loss", _num(s.loss, ".4f")),
+                                   ("lr", _num(s.lr, ".2e"))]
+    if s.scale is not None:
+        skipped = (f"{s.skipped} ({100 * s.skip_rate:.1f}% of run, {100 * s.recent_skip_rate:.0f}% of last 100)"
+                   f"  in a row: {s.consecutive_skips}")
+        rows += [("loss scale", f"{fmt_scale(s.scale)}  {sparkline(s.scale_trend)}"),
+                 ("skipped", Text(skipped, style="bold red" if s.consecutive_skips else ""))]
+    else:
+        rows.append(("loss scale", f"none ({s.precision}: no loss scaling)"))
+    tokens = f"  {s.tokens_per_s:,.0f} tok/s" if s.tokens_per_s else ""
+    rows += [("grad norm", _num(s.grad_norm, ".3f")), ("throughput", f"{_num(s.samples_per_s, '.1f')} samples/s{tokens}")]
+    rows += [("eta", fmt_duration(s.eta_s))] if s.eta_s is not None else []
+    rows += [("peak memory", f"{s.peak_mem_gb:.2f} GiB")] if s.peak_mem_gb is not None else []
+    rows += [("fp16 edges", " · ".join(_meters(s.meters)))] if s.meters else []
+    rows += [(name, f"{value:.4g}") for name, value in s.values.items()]
+    rows += [("now", _bar(s.activity))] if s.activity else []
+    for name, value in rows:
+        t.add_row(name, value)
+    return t
+
+
 def plain_line(s: Status) -> str:
     """One line per log interval, no control codes."""
     parts = [f"step {_progress(s, pct=False)}", f"loss {_num(s.loss, '.4f')}", f"lr {_num(s.lr, '.1e')}"]
     if s.scale is not None:
         parts += [f"scale {fmt_scale(s.scale)}", f"skipped {s.skipped} ({100 * s.skip_rate:.1f}%)"]
-    if s.grad_norm is not None:
-        parts.append(f"gnorm {s.grad_norm:.3f}")
+    parts += [f"gnorm {s.grad_norm:.3f}"] if s.grad_norm is not None else []
     if s.tokens_per_s:  # counted only for token inputs; otherwise samples/s
         parts.append(f"{s.tokens_per_s:,.0f} tok/s")
     elif s.samples_per_s:
         parts.append(f"{s.samples_per_s:,.1f} samples/s")
-    if s.eta_s is not None:  # known only with a total number of steps
-        parts.append(f"eta {fmt_duration(s.eta_s)}")
-    parts += _meters(s.meters)
-    parts += [f"{name} {_value(value)}" for name, value in s.values.items()]
-    return " | ".join(parts)
+    parts += [f"eta {fmt_duration(s.eta_s)}"] if s.eta_s is not None else []  # known with a total number of steps
+    return " | ".join(parts + _meters(s.meters) + [f"{name} {value:.4g}" for name, value in s.values.items()])
 
 
 def summary_table(summary: dict[str, Any], title: str = "AMP summary") -> Table:
     t = Table(title=title, show_header=False)
     t.add_column("statistic", style="bold")
     t.add_column("value")
-    for key, value in summary.items():
-        if isinstance(value, (list, dict)):
-            continue
+    for key, value in ((k, v) for k, v in summary.items() if not isinstance(v, (list, dict))):
         if isinstance(value, float):
             value = fmt_scale(value) if "scale" in key else f"{value:.4g}"
         t.add_row(key, "-" if value is None else str(value))
@@ -207,8 +181,7 @@ class TrainConsole:
 
     def __init__(self, total_steps: int | None = None, live: bool | None = True, enabled: bool = True,
                  console: Console | None = None, refresh_per_second: float = 4.0):
-        self.enabled = enabled
-        self.console = console or Console(stderr=False)
+        self.enabled, self.console = enabled, console or Console(stderr=False)
         self.status = Status(total_steps=total_steps or 0)
         # interactive, not just a terminal: on TERM=dumb rich's Live draws only once, at exit
         self.use_live = enabled and live is not False and self.console.is_interactive
@@ -231,22 +204,17 @@ class TrainConsole:
 
     def log(self, message: str, style: str | None = None) -> None:
         """Print a line above the panel (or as a plain line)."""
-        if not self.enabled:
-            return
-        if self._live is not None:
-            self._live.console.print(message, style=style, highlight=False, markup=False)
-        else:
-            self.console.print(message, style=style, highlight=False, markup=False, soft_wrap=True)
-        if not self.console.is_terminal:
-            sys.stdout.flush()
+        if self.enabled:
+            target = self._live.console if self._live is not None else self.console
+            target.print(message, style=style, highlight=False, markup=False, soft_wrap=self._live is None)
+            if not self.console.is_terminal:
+                sys.stdout.flush()
 
     def update(self, status: Status) -> None:
         """Show ``status`` (a :class:`Status` built at a log tick): the panel, or one plain line."""
         if not isinstance(status, Status):
             raise TypeError(f"TrainConsole.update takes a Status, got {type(status).__name__}")
         self.status = status
-        if not self.enabled:
-            return
         if self._live is not None:
             self._live.update(render(status))
         else:
@@ -261,3 +229,82 @@ class TrainConsole:
     def print_table(self, table: Table) -> None:
         if self.enabled:
             (self._live.console if self._live is not None else self.console).print(table)
+
+
+# ----------------------------------------------------------------------------
+# metrics.jsonl and the trackers
+
+
+class JsonlTracker(GeneralTracker):
+    """One JSON object per ``accelerator.log`` call: ``{"step": N, "train/loss": ...}`` (main process only)."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+
+    tracker = property(lambda self: self.path)
+
+    def store_init_configuration(self, values: dict) -> None:
+        """The configuration goes into every checkpoint's meta.json instead."""
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}, default=float) + "\n")
+
+
+def run_ids(accelerator: Any) -> dict[str, str]:
+    """The ids of the tracker runs in progress that can be resumed (saved in checkpoint metadata)."""
+    ids = {}
+    for t in getattr(accelerator, "trackers", []):
+        run_id = (getattr(getattr(t, "run", None), "id", None) if t.name == "wandb" else
+                  getattr(getattr(getattr(t, "active_run", None), "info", None), "run_id", None)
+                  if t.name == "mlflow" else None)
+        if run_id:
+            ids[t.name] = str(run_id)
+    return ids
+
+
+def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, str] | None,
+                  step: int | None) -> dict[str, dict]:
+    """``init_kwargs`` for ``accelerator.init_trackers``: the user's, plus what continues a resumed run."""
+    kwargs = copy.deepcopy({k: dict(v) for k, v in (user or {}).items()})
+    if step is None:  # a fresh run
+        return kwargs
+    ids = saved_ids or {}
+    if "wandb" in names and "wandb" in ids:
+        kwargs.setdefault("wandb", {}).setdefault("id", ids["wandb"])
+        kwargs["wandb"].setdefault("resume", "allow")
+    if "mlflow" in names and "mlflow" in ids:
+        kwargs.setdefault("mlflow", {}).setdefault("run_id", ids["mlflow"])
+    if "tensorboard" in names:
+        # events at steps after the checkpoint were logged by the run that was killed: hide them
+        kwargs.setdefault("tensorboard", {}).setdefault("purge_step", step + 1)
+    return kwargs
+
+
+class Trackers:
+    """The run's trackers: ``metrics.jsonl`` first, then the settings' ``trackers`` and the loop's own ``log_with``
+    (names or tracker objects, as Accelerate takes them). :meth:`start` runs ``init_trackers`` once, continuing a
+    resumed run's tracker runs. ``config`` (nested sections are fine) becomes the trackers' hyperparameters as flat
+    ``section.key`` values. The run's name: the settings' ``run_name``, else the name of out_dir."""
+
+    def __init__(self, metrics: Path, settings: Any, log_with: Any = None, config: dict[str, Any] | None = None):
+        user = [*settings.trackers, *([log_with] if isinstance(log_with, str) else log_with or [])]
+        self.names = [t if isinstance(t, str) else t.name for t in user]
+        self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
+        self.run_name, self.kwargs = settings.run_name or metrics.parent.resolve().name, settings.tracker_kwargs or {}
+        self.config = None if config is None else flat(config)
+        self.started = False
+
+    def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int | None = None) -> None:
+        """``init_trackers`` (once); ``meta``/``step``: the checkpoint a run resumed from, whose runs continue."""
+        if self.started:
+            return
+        self.started = True
+        kwargs = resume_kwargs(self.names, self.kwargs, (meta or {}).get("trackers"), step if meta is not None else None)
+        accelerator.init_trackers(self.run_name, config=self.config, init_kwargs=kwargs)

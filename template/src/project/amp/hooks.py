@@ -1,22 +1,11 @@
 """The one place that wraps anything of yours; the session's features watch the loop through it.
 
-:class:`Hooks` wraps, once each and only on the objects the session was given (never a class, nothing process-wide):
-``accelerator.backward`` and ``unscale_gradients``; each prepared optimizer's ``step`` (gradients as the backward
-left them: scaled under fp16); the optimizer's own ``step`` and ``zero_grad`` and a model's ``forward`` only where a
-feature needs them (bf16-true); and ``accelerator.scaler`` (fp16 on a CPU; hidden while a checkpoint is written).
-Each wrapper calls the features that implement its hook, in the order of :data:`FEATURES`:
-
-- ``before_prepare(models, optimizers)`` / ``after_prepare(...)``: around ``accelerator.prepare``;
-- ``before_forward(args, kwargs) -> (args, kwargs)`` / ``after_forward(out) -> out``: the model's forward;
-- ``after_backward()``; ``before_unscale()`` (``clip_grad_norm_`` comes here first);
-- ``before_step(opt)`` / ``after_outer_step(opt)``: a prepared optimizer's step, where gradients sync;
-- ``before_inner_step(opt)`` / ``after_inner_step(opt)`` / ``after_zero_grad(opt, set_to_none)``: the optimizer's own;
-- ``on_batch(batch)``, ``at_step(loss)``: a batch from ``amp.batches``; an optimizer step ``amp.after_step`` counted;
-- ``shared() -> [values]``, ``at_tick(rows) -> (metrics, lines)``: a log tick's one collective, and its result;
-- ``state_dict`` / ``load_state_dict`` / ``meta`` / ``summary`` / ``on_save(weights)`` / ``on_load(path, models)``.
-
-A feature is one module and one line in :data:`FEATURES`; its ``make(hooks)`` returns it, or None where it does not
-apply to the run. Those in ``debug/`` are optional: a copy of the kernel without that folder runs without them.
+:class:`Hooks` wraps, once each and only the objects the session was given: ``accelerator.backward`` and
+``unscale_gradients``, each prepared optimizer's ``step`` (gradients as the backward left them), the optimizer's own
+``step``/``zero_grad`` and the model's ``forward`` where a feature needs them (bf16-true), and ``accelerator.scaler``
+(fp16 on a CPU; hidden while a checkpoint is written). Each wrapper calls the features that implement its hook (the
+methods of :class:`Feature`), in the order of :data:`FEATURES`. A feature is one module and one line there; its
+``make(hooks)`` returns None where it does not apply. Those in ``debug/`` are optional.
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Loss-scale and overflow statistics, the collapse guard's policy, and throughput.
 
-The monitor reads no device value per step: each optimizer step's loss, grad norm, the scaler's (scale, growth
-tracker) and the loop's own values are copied into one small device tensor, and :meth:`AmpMonitor.flush` reads them
-all at a log tick (one sync per interval). A step was skipped when the scaler backed off: after ``update()`` the
-growth tracker is 0 and the scale did not grow. This comes from the scaler itself, so it stays right where
-Accelerate's ``optimizer_step_was_skipped`` is not (fused optimizers, gradient accumulation).
-
-    monitor = AmpMonitor(accelerator.scaler)
-    monitor.add(loss, grad_norm, {"acc": acc}); monitor.end_step(step)   # each step; no device read
-    metrics = monitor.flush()                                # at a log tick: {"train/loss": ..., "amp/scale": ...}
-    problem = monitor.check(min_scale, max_consecutive_skips)            # a Problem or None
-    decision = decide(settings.guard, problem, precision="fp16", native_bf16=True, warned=None)
-
-:func:`decide` is the guard's whole policy, a pure function of the settings, the problem and the precision in
-effect: ``ok``, ``warn`` (once per kind of problem until it clears), ``stop`` or ``fallback`` (to ``decision.to``).
-The session saves a checkpoint and ends the run for the last two: a :class:`Stop`, a value, never an exception.
+No device value is read per step: each step's loss, grad norm, the scaler's (scale, growth tracker) and the loop's
+own values are copied into one small device tensor, and :meth:`AmpMonitor.flush` reads them all at a log tick. A
+step was skipped when the scaler backed off (growth tracker 0, the scale did not grow): read off the scaler itself,
+it stays right where Accelerate's ``optimizer_step_was_skipped`` is not (fused optimizers, accumulation).
+:func:`decide` is the guard's whole policy, a pure function: ``ok``, ``warn`` (once per kind of problem), ``stop``
+or ``fallback``; the session saves and ends the run for the last two, a :class:`Stop` (a value, not an exception).
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Where a run is in its data, and the iteration that resumes there exactly, for any iterable of batches.
+"""Where a run is in its data, the loop's own state (``amp.track``), and the iteration that resumes exactly.
 
-:class:`Progress` is the position (optimizer step, epoch, batch in the epoch, samples and tokens seen, and the
-random state the epoch began with). :func:`epoch_batches` yields one epoch of batches from that position:
-
-- a ``DataLoader`` (prepared by Accelerate or not): the batches a resumed run already trained on are skipped by
-  the sampler (``accelerator.skip_first_batches``), without loading them;
-- anything else iterable (a ``range`` of offsets, a list, a generator made anew each epoch): its first items are
-  drawn and dropped. It must give the same items in the same order on every run, as a ``range`` or a seeded
-  generator does; the same iterator object twice is refused, since its items are gone.
-
-Exactness: a DataLoader draws its workers' base seed (and, without ``generator=``, its shuffle order) from the
-global torch RNG when an epoch's iteration begins. An uninterrupted run did that at the epoch's start; a resumed
-run starts mid-epoch, after the checkpoint's RNG state was restored. So the random state at each epoch's start is
-kept in the position, the resumed iteration begins from it, and the checkpoint's state is put back before the
-first batch: the resumed run draws the same seeds and goes on with the same random stream (dropout and the rest).
+:func:`epoch` yields one epoch from the position: a DataLoader's sampler skips what a resumed run trained on; any
+other iterable has its first items drawn and dropped (the same items in the same order on every run, please). A
+DataLoader draws its workers' seeds (and, without ``generator=``, its order) from the global RNG as an epoch begins:
+the RNG state of that moment is kept and replayed, so a resumed run draws the same seeds and random stream.
 """
 
 from __future__ import annotations
@@ -25,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .signals import shield_workers
+from .rundir import shield_workers
 
 
 class LoopError(RuntimeError):
@@ -61,16 +51,12 @@ class Progress:
         self.tokens_seen += (counted[1] if tokens is None else tokens) * processes
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: getattr(self, k) for k in self._INTS}
-        state["epoch_rng"] = self.epoch_rng
-        return state
+        return {**{k: getattr(self, k) for k in self._INTS}, "epoch_rng": self.epoch_rng}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in self._INTS:
-            if k in state:
-                setattr(self, k, int(state[k]))
-        rng = state.get("epoch_rng")
-        self.epoch_rng = rng if isinstance(rng, torch.Tensor) else None
+        for k in (k for k in self._INTS if k in state):
+            setattr(self, k, int(state[k]))
+        self.epoch_rng = state["epoch_rng"] if isinstance(state.get("epoch_rng"), torch.Tensor) else None
 
 
 class Tracked:
@@ -112,11 +98,9 @@ class Tracked:
 
 
 def count(batch: Any) -> tuple[int, int]:
-    """(samples, tokens) of a batch: the leading size of its first tensor; tokens for integer (B, T) inputs.
-
-    A batch that is not a tensor or a collection of them (an offset from a ``range``) counts nothing: pass
-    ``samples=``/``tokens=`` to ``after_step`` for layouts this cannot know, such as (T, B).
-    """
+    """(samples, tokens) of a batch: the leading size of its first tensor; tokens for integer (B, T) inputs. A batch
+    without a tensor (an offset from a ``range``) counts nothing: ``after_step(samples=, tokens=)`` says what this
+    cannot know, such as a (T, B) layout."""
     first = first_tensor(batch)
     if first is None or first.dim() == 0:
         return 0, 0
@@ -147,46 +131,35 @@ def fingerprint(batch: Any) -> torch.Tensor | None:
 _END = object()
 
 
-class EpochIterator:
-    """One epoch of batches from the position in ``progress`` (see the module docstring). Created by the session."""
-
-    def __init__(self, source: Iterable[Any], progress: Progress, accelerator: Any, last: list[Any]):
-        self.progress = progress
-        self._iter = self._begin(source, accelerator, last)
-
-    def _begin(self, source: Any, accelerator: Any, last: list[Any]) -> Iterator[Any]:
-        p = self.progress
-        if not isinstance(source, Iterable):
-            raise LoopError(f"amp.batches() needs an iterable of batches (a DataLoader, a range, a list, a generator),"
-                            f" got {type(source).__name__}")
-        if iter(source) is source:  # an iterator: its items are used up once drawn
-            if last and last[0] is source:
-                raise LoopError("amp.batches() got the same iterator again, whose batches are used up: pass a new "
-                                "one each epoch (call the generator function again)")
-            last[:] = [source]  # the last one only, kept alive so that no new iterator can reuse its id
-        skip = p.batch_in_epoch
-        if isinstance(source, torch.utils.data.DataLoader):
-            shield_workers(source)
-            if skip:
-                source = accelerator.skip_first_batches(source, skip)
-                skip = 0
-            if hasattr(source, "set_epoch"):
-                source.set_epoch(p.epoch)
-        resumed = p.batch_in_epoch > 0 and p.epoch_rng is not None
+def epoch(source: Iterable[Any], p: Progress, accelerator: Any, last: list[Any]) -> Iterator[Any]:
+    """One epoch of batches of ``source`` from the position ``p`` (see the module docstring); ``last`` keeps the last
+    iterator given (alive, so that no new iterator can reuse its id)."""
+    if not isinstance(source, Iterable):
+        raise LoopError(f"amp.batches() needs an iterable of batches (a DataLoader, a range, a list, a generator), "
+                        f"got {type(source).__name__}")
+    if iter(source) is source:  # an iterator: its items are used up once drawn
+        if last and last[0] is source:
+            raise LoopError("amp.batches() got the same iterator again, whose batches are used up: pass a new one each "
+                            "epoch (call the generator function again)")
+        last[:] = [source]
+    skip = p.batch_in_epoch
+    if isinstance(source, torch.utils.data.DataLoader):
+        shield_workers(source)
+        source, skip = accelerator.skip_first_batches(source, skip) if skip else source, 0
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(p.epoch)
+    resumed = p.batch_in_epoch > 0 and p.epoch_rng is not None
+    now = torch.get_rng_state()
+    if resumed:
+        torch.set_rng_state(p.epoch_rng)
+    else:
+        p.epoch_rng = now
+    try:
+        it = iter(source)
+        first = next(it, _END)  # draws what the epoch's start draws (base seed, shuffle order)
+        if skip and first is not _END:
+            first = next(itertools.islice(it, skip - 1, None), _END)
+    finally:
         if resumed:
-            now = torch.get_rng_state()
-            torch.set_rng_state(p.epoch_rng)
-        else:
-            p.epoch_rng = torch.get_rng_state()
-        try:
-            it = iter(source)
-            first = next(it, _END)  # draws what the epoch's start draws (base seed, shuffle order)
-            if skip and first is not _END:
-                first = next(itertools.islice(it, skip - 1, None), _END) if skip > 1 else next(it, _END)
-        finally:
-            if resumed:
-                torch.set_rng_state(now)
-        return it if first is _END else itertools.chain([first], it)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._iter
+            torch.set_rng_state(now)
+    return it if first is _END else itertools.chain([first], it)

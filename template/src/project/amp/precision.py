@@ -1,13 +1,10 @@
 """Pick the precision for this device, say why, and set Accelerate up to really run it.
 
-``auto`` resolves to bf16 where the device runs it natively (a CUDA GPU with bf16, a CPU with AMX-BF16 or
-AVX512-BF16), fp16 on other CUDA GPUs, else fp32: right for typical model sizes; ``debug/autopick.py`` times it on
-your model where this rule is not certain. Nothing is downgraded silently: the resolution carries a one-line reason.
-
-fp16 on a CPU: Accelerate runs ``mixed_precision="fp16"`` there as plain fp32 and ignores GradScalerKwargs. The
-session gives the accelerator a real ``torch.amp.GradScaler("cpu")`` (:func:`cpu_fp16_scaler`) and fp16 autocast,
-*before* ``prepare``: the prepared optimizer captures the scaler, and one set afterwards never unscales, so updates
-would come out ``init_scale`` times too large without any error.
+``auto`` is bf16 where the device runs it natively (a CUDA GPU with bf16, a CPU with AMX-BF16 or AVX512-BF16), fp16
+on other CUDA GPUs, else fp32 (``debug/autopick.py`` times it on your model where the rule is not certain); the
+reason is always said. fp16 on a CPU: Accelerate runs it as fp32, ignoring GradScalerKwargs; the session gives it a
+real ``GradScaler("cpu")`` (:func:`cpu_fp16_scaler`) before ``prepare``, which captures it: one set afterwards
+never unscales, and the updates come out ``init_scale`` times too large without an error.
 """
 
 from __future__ import annotations

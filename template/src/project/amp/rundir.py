@@ -1,8 +1,7 @@
-"""One run per output directory: the lock, and a fresh start that moves an earlier run aside instead of mixing.
-
-``out_dir/.lock`` holds the PID, host and start time of the run using the folder; a second run is refused with one
-line naming them, and a lock whose process is gone (same host) is stale and taken over. A fresh start never deletes
-or mixes: everything an earlier run left in ``out_dir`` moves to ``out_dir/previous-runs/<UTC time>/``.
+"""The run's folder and how a run ends: one run per ``out_dir`` (``.lock``: PID, host; a stale one is taken over), a
+fresh start that moves an earlier run to ``previous-runs/<UTC time>/`` instead of mixing or deleting, and the stop
+signals (SIGTERM, SIGINT, SIGHUP) that ask it to save and end. A scheduler signals the whole process group:
+:func:`shield_workers` keeps the data-loader workers alive until the main process has saved.
 """
 
 from __future__ import annotations
@@ -10,13 +9,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-LOCK = ".lock"
-PREVIOUS = "previous-runs"
+LOCK, PREVIOUS = ".lock", "previous-runs"
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
 
 
 class RunLockedError(RuntimeError):
@@ -27,47 +27,32 @@ class OutputDirError(RuntimeError):
     """``out_dir`` cannot be created or written (a file in the way, a read-only filesystem); one line."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunDir:
     """``out_dir`` for one run: :meth:`acquire` takes its lock, :meth:`release` gives it back and removes the folders
     that acquiring created when the run left nothing in them (a refused run leaves no empty out_dir behind)."""
 
     def __init__(self, out_dir: str | os.PathLike[str]):
-        self.path = Path(out_dir)
-        self.held = False
-        self._created: list[Path] = []
+        self.path, self.held, self._created = Path(out_dir), False, []
 
     def acquire(self) -> None:
-        """Take ``out_dir/.lock``. Raises RunLockedError when a live run holds it, OutputDirError when the folder
-        cannot be used."""
+        """Take ``out_dir/.lock``: RunLockedError when a live run holds it, OutputDirError when it cannot be used."""
         lock = self.path / LOCK
         try:
             if self.path.exists() and not self.path.is_dir():
                 raise OutputDirError(f"{self.path} is a file; the output directory must be a folder")
-            missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+            self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # innermost first
             self.path.mkdir(parents=True, exist_ok=True)
-            self._created = missing  # innermost first
             self.held = _acquire(lock)
-        except IsADirectoryError:
+        except BaseException as e:
             self._remove_created()
-            raise OutputDirError(f"{lock} is a directory, where the run lock (a file) goes; remove or rename it"
-                                 ) from None
-        except OSError as e:
-            self._remove_created()
-            if e.errno == errno.ENOSPC:  # a fault of the machine, not of the path
+            if isinstance(e, IsADirectoryError):
+                raise OutputDirError(f"{lock} is a directory, where the run lock (a file) goes; remove or rename it"
+                                     ) from None
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # a fault of the machine, not of the path
                 raise OSError(errno.ENOSPC, "no space left on device", str(self.path)) from None
-            raise OutputDirError(f"{self.path}: cannot be used as the output directory ({e.strerror or e})") from None
-        except RuntimeError:
-            self._remove_created()
+            if isinstance(e, OSError):
+                raise OutputDirError(f"{self.path}: cannot be used as the output directory ({e.strerror or e})"
+                                     ) from None
             raise
 
     def acquire_on_main(self, accelerator: Any) -> None:
@@ -86,13 +71,12 @@ class RunDir:
     def release(self) -> None:
         """Remove the lock if this process holds it, then the folders :meth:`acquire` created if they are empty."""
         if self.held:
-            lock = self.path / LOCK
+            lock, self.held = self.path / LOCK, False
             try:
                 if json.loads(lock.read_text()).get("pid") == os.getpid():
                     lock.unlink()
             except (OSError, ValueError, AttributeError):
                 pass
-            self.held = False
         self._remove_created()
 
     def _remove_created(self) -> None:
@@ -122,14 +106,13 @@ def _acquire(path: Path) -> bool:
                 other, pid, host = {}, -1, ""
             if pid == os.getpid() and host == me["host"]:
                 return False
-            if pid > 0 and host == me["host"] and _pid_alive(pid):
-                raise RunLockedError(
-                    f"{path.parent} is in use by a run with PID {pid} on {host} (since {other.get('started', '?')}); "
-                    "wait for it to finish, stop it, or use another output directory") from None
+            if pid > 0 and host == me["host"] and _alive(pid):
+                raise RunLockedError(f"{path.parent} is in use by a run with PID {pid} on {host} (since "
+                                     f"{other.get('started', '?')}); wait for it to finish, stop it, or use another "
+                                     "output directory") from None
             if pid > 0 and host != me["host"]:
-                raise RunLockedError(
-                    f"{path.parent} is in use by a run with PID {pid} on host {host}; if that run is gone, "
-                    f"delete {path}") from None
+                raise RunLockedError(f"{path.parent} is in use by a run with PID {pid} on host {host}; if that run is "
+                                     f"gone, delete {path}") from None
             path.unlink(missing_ok=True)  # stale: its process is gone (or the file is unreadable)
             continue
         with os.fdopen(fd, "w") as f:
@@ -138,18 +121,82 @@ def _acquire(path: Path) -> bool:
     raise RunLockedError(f"could not take the lock {path}; another run keeps creating it")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def move_aside(out_dir: Path, why: str) -> list[str]:
-    """Move everything an earlier run left in ``out_dir`` (checkpoints, metrics, summary, tracker logs, an export)
-    to ``out_dir/previous-runs/<UTC time>/``; returns the notice (none when there was nothing)."""
+    """Move everything an earlier run left in ``out_dir`` (checkpoints, metrics, summary, tracker logs, an export) to
+    ``out_dir/previous-runs/<UTC time>/``; returns the notice (none when there was nothing)."""
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    old = sorted(p for p in out_dir.iterdir() if p.name not in (LOCK, PREVIOUS))
+    old = sorted(p for p in out_dir.iterdir() if p.name not in (LOCK, PREVIOUS)) if out_dir.is_dir() else []
     if not old:
         return []
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    dest = out_dir / PREVIOUS / stamp
+    dest = out_dir / PREVIOUS / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     dest.mkdir(parents=True)
     for p in old:
         os.replace(p, dest / p.name)
     return [f"{why}: the earlier run's files in {out_dir} ({', '.join(p.name for p in old)}) were moved to {dest}"]
+
+
+# ----------------------------------------------------------------------------
+# Stop signals
+
+
+class StopSignal:
+    """Notes a stop signal for the run to honour at its next step, instead of dying mid-step. A second SIGINT (Ctrl-C
+    twice) raises KeyboardInterrupt at once; :meth:`restore` puts the previous handlers back (at the run's end, so a
+    Ctrl-C after an in-process run is not swallowed)."""
+
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
+        self.signame: str | None = None
+        self._previous: dict[int, Any] = {}
+        for sig in signals:
+            try:
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup: left ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                break
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signame is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signame = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        """Reinstall the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+class _WorkerInit:
+    """A DataLoader ``worker_init_fn`` that ignores the stop signals, then runs the loader's own (picklable, for the
+    spawn start method)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def shield_workers(loader: Any) -> None:
+    """Make the worker processes of ``loader`` (a DataLoader, prepared or not) ignore stop signals. Idempotent; a
+    no-op for anything that is not a DataLoader."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, DataLoader) and not isinstance(loader.worker_init_fn, _WorkerInit):
+        loader.worker_init_fn = _WorkerInit(loader.worker_init_fn)
+        base = getattr(loader, "base_dataloader", None)  # Accelerate's DataLoaderDispatcher keeps the original
+        if base is not None and base is not loader:
+            shield_workers(base)

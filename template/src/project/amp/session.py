@@ -16,15 +16,13 @@ import torch
 
 from . import __version__, precision
 from .checkpoint import CheckpointManager, version
-from .console import TrainConsole, status, summary_table
+from .console import Trackers, TrainConsole, run_ids, status, summary_table
 from .distributed import any_rank, gather_rows, settle
 from .hooks import Hooks, plain_module
 from .monitor import AmpMonitor, Clock, Problem, Stop, decide
-from .position import EpochIterator, LoopError, Progress, Tracked
-from .rundir import RunDir
+from .position import LoopError, Progress, Tracked, epoch
+from .rundir import RunDir, StopSignal, shield_workers
 from .settings import AmpSettings
-from .signals import StopSignal, shield_workers
-from .tracking import Trackers, run_ids
 
 METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
@@ -169,7 +167,7 @@ class AmpSession:
         generator each epoch). Ends once the step budget is spent; an epoch without a batch is a :class:`LoopError`."""
         self._end_if_stopped()
         p, n, fresh = self.progress, 0, self.progress.batch_in_epoch == 0
-        for batch in EpochIterator(source, p, self.accelerator, self._last_iter) if not self._done() else ():
+        for batch in epoch(source, p, self.accelerator, self._last_iter) if not self._done() else ():
             n += 1
             p.count(batch)
             self.hooks.call("on_batch", batch)

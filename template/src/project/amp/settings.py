@@ -1,12 +1,7 @@
-"""Every setting of an AMP session in one frozen object, importable without torch (a bad value is reported at once).
-
-    settings = AmpSettings("fp16", scaler=ScalerSettings(init_scale=1024.0), checkpoint_every=50)
-    amp = AmpSession(settings, "runs/exp")        # or AmpSession("fp16", "runs/exp", checkpoint_every=50)
-
-A generated project's ``amp`` config section *is* this class: the trailing comment of each field is its ``--help``
-text and its row in the README's key table. A value out of range raises :class:`SettingsError`, one line that
-starts with the setting's dotted name (``scaler.init_scale: must be ...``). The precision names and their aliases,
-GradScaler's defaults and what an environment variable must say to count as "on" live here too, once.
+"""Every setting of an AMP session in one frozen object, importable without torch (a bad value is reported at once):
+``AmpSession(AmpSettings("fp16", scaler=ScalerSettings(init_scale=1024.0)), "runs/exp")``. A project's ``amp`` config
+section *is* this class: each field's comment is its ``--help``. A bad value is one :class:`SettingsError` line
+starting with the setting's dotted name. The precision names, their aliases and GradScaler's defaults live here.
 """
 
 from __future__ import annotations
@@ -99,13 +94,11 @@ class AmpSettings:
         g = self.guard
         need(g.action in GUARD_ACTIONS, "guard.action", "one of " + "|".join(GUARD_ACTIONS), g.action)
         need(_number(g.min_scale) and g.min_scale >= 0, "guard.min_scale", ">= 0", g.min_scale)
-        need(_integer(g.max_consecutive_skips) and g.max_consecutive_skips >= 1, "guard.max_consecutive_skips",
-             ">= 1", g.max_consecutive_skips)
+        for key, value, low in (("guard.max_consecutive_skips", g.max_consecutive_skips, 1),
+                                ("log_every", self.log_every, 1), ("checkpoint_every", self.checkpoint_every, 0),
+                                ("keep", self.keep, 1)):
+            need(_integer(value) and value >= low, key, f">= {low}", value)
         need(self.audit in AUDIT_MODES, "audit", "off, warn or strict", self.audit)
-        need(_integer(self.log_every) and self.log_every >= 1, "log_every", ">= 1", self.log_every)
-        need(_integer(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
-             ">= 0 (0: only at the end)", self.checkpoint_every)
-        need(_integer(self.keep) and self.keep >= 1, "keep", ">= 1", self.keep)
         name = self.run_name
         need(name == "" or ("/" not in name and "\\" not in name and name not in (".", "..")), "run_name",
              "a plain name (no / or \\, not . or ..): trackers write under out_dir/NAME", name)
@@ -126,28 +119,20 @@ def _integer(x: Any) -> bool:
 
 def normalise_precision(name: Any) -> str | None:
     """``auto|fp32|bf16|fp16|bf16-true`` for a known spelling (``no``, ``float16``, any case), else the lowered text."""
-    if name is None:
-        return None
-    text = str(name).strip().lower()
+    text = None if name is None else str(name).strip().lower()
     return ALIASES.get(text, text)
 
 
 def check_scaler(init_scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any) -> dict[str, Any]:
-    """The GradScaler knobs as plain numbers, checked; a bad one raises SettingsError ``"KNOB: must be ..., got X"``.
-
-    A bad value would not fail loudly in the scaler: it would silently misreport skipped steps or never recover.
-    """
-    for name, value in (("init_scale", init_scale), ("growth_factor", growth_factor),
-                        ("backoff_factor", backoff_factor)):
-        if not _number(value):
-            raise SettingsError(f"{name}: must be a finite number, got {value!r}")
-    if not 0 < init_scale <= FP32_MAX:
-        raise SettingsError(f"init_scale: must be a finite number > 0 and <= 3.4e38 (the scale is a float32), "
-                            f"got {init_scale!r}")
-    if not growth_factor > 1:
-        raise SettingsError(f"growth_factor: must be > 1, got {growth_factor!r}")
-    if not 0 < backoff_factor < 1:
-        raise SettingsError(f"backoff_factor: must be in (0, 1), got {backoff_factor!r}")
+    """The GradScaler knobs as plain numbers, checked; a bad one raises SettingsError ``"KNOB: must be ..., got X"``:
+    it would not fail loudly in the scaler, but silently misreport skipped steps or never recover."""
+    for name, value, ok, allowed in (
+            ("init_scale", init_scale, lambda v: 0 < v <= FP32_MAX,
+             "a finite number > 0 and <= 3.4e38 (the scale is a float32)"),
+            ("growth_factor", growth_factor, lambda v: v > 1, "> 1"),
+            ("backoff_factor", backoff_factor, lambda v: 0 < v < 1, "in (0, 1)")):
+        if not _number(value) or not ok(value):
+            raise SettingsError(f"{name}: must be {allowed if _number(value) else 'a finite number'}, got {value!r}")
     if not _integer(growth_interval) or growth_interval < 1:
         raise SettingsError(f"growth_interval: must be >= 1 (an integer), got {growth_interval!r}")
     return {"init_scale": float(init_scale), "growth_factor": float(growth_factor),
