@@ -10,7 +10,7 @@ Two loops train the same model on the same data, in one process per precision:
     (B) generated loop   the same body, inside the template's AmpSession (the precision resolved and printed,
                          the run lock, checkpoint registration, amp.batches() counting samples and tokens,
                          amp.after_step() recording loss, grad norm and loss scale without a sync, and at every
-                         log.every steps one read, metrics.jsonl, the guard check and a console line; the
+                         amp.log_every steps one read, metrics.jsonl, the guard check and a console line; the
                          precision audit after the first step; the meters on each tick's step)
     (N) the same, meters off (amp.meters=false): B/N is what the meters cost
 
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,bf16,fp16", help="comma-separated: fp32,bf16,fp16")
     p.add_argument("--rounds", type=int, help="rounds of --block steps of each loop (default 30, quick 20)")
     p.add_argument("--block", type=int, default=10,
-                   help="steps of each loop per round; a multiple of log.every (10) gives every round the same ticks")
+                   help="steps of each loop per round; a multiple of amp.log_every (10) gives every round the same ticks")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the clock of the RESULT line")
     p.add_argument("--threads", type=int, default=1,
@@ -95,7 +95,7 @@ def build_config(mode: str, out_dir: str, precision: str):
     from project.config import parse_args as config_args
 
     overrides = [f"{k}={v}" for k, v in MODES[mode].items()]
-    return config_args([*overrides, f"amp.precision={precision}", f"out_dir={out_dir}", "log.live=false",
+    return config_args([*overrides, f"amp.precision={precision}", f"out_dir={out_dir}", "amp.live=false",
                         "train.max_steps=100000"])
 
 
@@ -171,8 +171,8 @@ class Generated:
         t = cfg.train
         self.amp = AmpSession(
             cfg.amp.precision, cfg.out_dir + ("" if meters else "-no-meters"), scaler=asdict(cfg.amp.scaler),
-            guard=guard_policy(cfg), log_every=cfg.log.every, keep=cfg.checkpoint.keep, max_steps=t.max_steps,
-            config=to_dict(cfg), live=cfg.log.live, rescale_schedule_on_world_size_change=True,
+            guard=guard_policy(cfg), log_every=cfg.amp.log_every, keep=cfg.amp.keep, max_steps=t.max_steps,
+            config=to_dict(cfg), live=cfg.amp.live, rescale_schedule_on_world_size_change=True,
             gradient_accumulation_steps=t.grad_accum, auto_probe=False, audit=cfg.amp.audit, meters=meters,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         )
@@ -236,7 +236,7 @@ def worker(args: argparse.Namespace) -> dict:
         rounds: list[dict[str, list[float]]] = []  # per round: summed (cpu, wall) seconds of each loop
         for r in range(args.rounds):
             sums = {name: [0.0, 0.0] for name in loops}
-            for i in range(args.block):  # one B log tick per round: block is a multiple of log.every
+            for i in range(args.block):  # one B log tick per round: block is a multiple of amp.log_every
                 k = r * args.block + i  # who goes first turns: ABN, BNA, NAB, then backwards
                 order = "ABN"[k % 3:] + "ABN"[:k % 3]
                 for name in (order if (k // 3) % 2 == 0 else order[::-1]):
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads in the workers {args.threads or torch.get_num_threads()}")
     print(cpu_line())
     print(f"mode {args.mode}: {model}; {args.rounds} rounds of {args.block} steps of each loop after "
-          f"{args.warmup} warm-up steps, stepping in turn; log.every=10 (B reads the device once per 10 steps)")
+          f"{args.warmup} warm-up steps, stepping in turn; amp.log_every=10 (B reads the device once per 10 steps)")
     rows, results = [], []
     for prec in args.precisions:
         t0 = time.perf_counter()

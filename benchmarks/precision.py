@@ -46,7 +46,7 @@ SIZES = {
 }
 STEPS = {"default": 100, "wide": 100, "quick": 150}
 NAMES = ("fp32", "bf16", "fp16", "bf16-true")
-COMMON = {"log.every": 10, "log.live": "false", "checkpoint.every": 0, "eval.every": 0, "eval.batches": 0,
+COMMON = {"amp.log_every": 10, "amp.live": "false", "amp.checkpoint_every": 0, "eval.every": 0, "eval.batches": 0,
           "amp.auto.measure": "false"}
 
 

@@ -4,7 +4,7 @@
     python benchmarks/quickstart.py --example segmentation --precisions fp32,bf16 --only default
 
 For each example a project is rendered into a temporary folder (amptpl must be installed here) and each
-command runs there the way the Quickstart shows it, one at a time, with `log.live=false`:
+command runs there the way the Quickstart shows it, one at a time, with `amp.live=false`:
 
 - default: `python -m PKG.train` (the example's default run), once per `--precisions` value;
 - demo: `python -m PKG.train --config configs/demo.yaml` (fp16 with the CPU GradScaler);
@@ -37,14 +37,14 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def commands(project: Path, example: str, precisions: list[str]) -> dict[str, list[str]]:
     """Label -> argv, as the Quickstart quotes them; out_dir=... is added per command."""
-    train = [sys.executable, "-m", "qs.train", "log.live=false"]
+    train = [sys.executable, "-m", "qs.train", "amp.live=false"]
     cli = [sys.executable, "-m", "amptpl", "run", str(project)]
     cmds = {f"default amp.precision={p}" if p != "auto" else "default": [*train, f"amp.precision={p}"]
             for p in precisions}
     cmds["demo"] = [*train, "--config", "configs/demo.yaml"]
     if example == "bytelm":
-        cmds["run"] = [*cli, "train.max_steps=200", "log.live=false"]
-        cmds["two"] = [*cli, "--num-processes", "2", "train.max_steps=100", "log.live=false"]
+        cmds["run"] = [*cli, "train.max_steps=200", "amp.live=false"]
+        cmds["two"] = [*cli, "--num-processes", "2", "train.max_steps=100", "amp.live=false"]
         cmds["bench"] = [sys.executable, "-m", "qs.bench", "--steps", "5"]
     return cmds
 

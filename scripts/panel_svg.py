@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="panel-") as out_dir:
         demo = REPO / "template" / "examples" / "bytelm" / "configs" / "demo.yaml"
         code = train(["--config", str(demo), f"train.max_steps={args.steps}",
-                      f"out_dir={out_dir}", "log.live=false", "checkpoint.every=0", "amp.auto.measure=false"])
+                      f"out_dir={out_dir}", "amp.live=false", "amp.checkpoint_every=0", "amp.auto.measure=false"])
     if code != 0 or not seen:
         print(f"error: the demo run ended with exit code {code}", file=sys.stderr)
         return 1

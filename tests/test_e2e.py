@@ -13,7 +13,7 @@ from conftest import render
 
 TINY = [
     "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
-    "train.batch_size=8", "eval.batches=2", "log.every=1", "log.live=false",
+    "train.batch_size=8", "eval.batches=2", "amp.log_every=1", "amp.live=false",
 ]
 
 

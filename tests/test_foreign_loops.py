@@ -141,7 +141,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(row, repo, env, tmp_pat
     saved = tmp_path / "out" / "checkpoints" / f"step_{int(m.group(1)):07d}"
     assert latest(tmp_path / "out") == saved.name
     assert json.loads((saved / "meta.json").read_text())["complete"] is True
-    assert "to resume: run the same command again" in run_.output
+    assert "(amp.resume continues from it)" in run_.output
 
 
 @pytest.mark.parametrize("row", ROWS, ids=IDS)

@@ -21,7 +21,7 @@ from _runs import Started, child_pids, gone, log_lines, world_size
 from conftest import render
 
 TINY = ["model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
-        "train.batch_size=8", "eval.batches=2", "log.every=1", "log.live=false", "train.warmup_steps=2"]
+        "train.batch_size=8", "eval.batches=2", "amp.log_every=1", "amp.live=false", "train.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +56,27 @@ def steps(out: Path) -> list[int]:
 
 def fresh_start_over_another_run(project: Path, env: dict, tmp: Path) -> None:
     out = tmp / "run"
-    train(project, out, "train.max_steps=20", "checkpoint.every=5", "checkpoint.keep=3", env=env)
-    r = train(project, out, "resume=none", "train.max_steps=8", "checkpoint.every=4", "checkpoint.keep=3", env=env)
+    train(project, out, "train.max_steps=20", "amp.checkpoint_every=5", "amp.keep=3", env=env)
+    r = train(project, out, "resume=none", "train.max_steps=8", "amp.checkpoint_every=4", "amp.keep=3", env=env)
     assert ckpts(out) == ["step_0000004", "step_0000008"], "the new run's own checkpoints were deleted"
     assert (out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()).is_dir()
     (old,) = (out / "previous-runs").iterdir()
     assert ckpts(old) == ["step_0000010", "step_0000015", "step_0000020"] and f"moved to {old}" in r.stdout
     assert steps(out) == sorted(steps(out)) and max(steps(out)) == 8  # metrics.jsonl belongs to one run
-    r = train(project, out, "train.max_steps=10", "checkpoint.every=4", env=env)
+    r = train(project, out, "train.max_steps=10", "amp.checkpoint_every=4", env=env)
     assert "(step 8)" in r.stdout, "resume=auto continued the old run, not the new one"
 
 
 def two_runs_in_one_out_dir(project: Path, env: dict, tmp: Path) -> None:
     out = tmp / "run"
     first = subprocess.Popen([sys.executable, "-m", "amptpl", "run", str(project), *TINY, f"out_dir={out}",
-                              "train.max_steps=100000", "checkpoint.every=1"], env=env, stdout=subprocess.PIPE,
+                              "train.max_steps=100000", "amp.checkpoint_every=1"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         for line in first.stdout:
             if line.startswith("step 2/"):
                 break
-        second = train(project, out, "train.max_steps=3", "checkpoint.every=1", env=env, code=2)
+        second = train(project, out, "train.max_steps=3", "amp.checkpoint_every=1", env=env, code=2)
         lock = json.loads((out / ".lock").read_text())
         (line,) = second.stderr.strip().splitlines()
         assert f"PID {lock['pid']}" in line and socket.gethostname() in line
@@ -185,7 +185,7 @@ def trainers(run: Started, nproc: int) -> list[int]:
 
 def start_training(project: Path, out: Path, nproc: int, workers: int, env: dict, cwd: Path) -> Started:
     cmd = [sys.executable, "-m", "amptpl", "run", str(project), *(["--num-processes", "2"] if nproc == 2 else []),
-           *TINY, f"out_dir={out}", "train.max_steps=100000", "checkpoint.every=0", f"data.num_workers={workers}"]
+           *TINY, f"out_dir={out}", "train.max_steps=100000", "amp.checkpoint_every=0", f"data.num_workers={workers}"]
     run = Started(cmd, cwd, env)
     run.wait_until(lambda: len(log_lines(run.output)) >= 3, "three logged steps")
     return run

@@ -327,7 +327,7 @@ def test_the_guard_stops_a_run_started_at_a_loss_scale_of_1e38_with_exit_3(nproc
     root = tmp_path / "repo"
     shutil.copytree(patched, root)
     script = root / "mypkg" / "train.py"
-    line = 'amp = AmpSession(args.mixed_precision, args.output_dir, checkpoint_every=20, cpu=args.cpu)'
+    line = 'amp = AmpSession(args.mixed_precision, "runs/example", checkpoint_every=20, cpu=args.cpu)'
     assert line in script.read_text()
     script.write_text(script.read_text().replace(line, line[:-1] + ', scaler={"init_scale": 1e38})'))
     cwd = tmp_path / "run"

@@ -250,7 +250,7 @@ def test_sigterm_to_a_two_process_amptpl_run_saves_on_every_rank_and_exits_0(tmp
     proc = subprocess.Popen(
         [sys.executable, "-m", "amptpl", "run", str(tmp_path / "sigproj"), "--num-processes", "2",
          "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "data.max_bytes=150000",
-         "train.batch_size=8", "log.every=1", "log.live=false", "train.max_steps=100000", f"out_dir={out}"],
+         "train.batch_size=8", "amp.log_every=1", "amp.live=false", "train.max_steps=100000", f"out_dir={out}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:

@@ -39,8 +39,8 @@ def test_swapping_the_example_keeps_the_core_suite_green_and_trains_and_resumes(
     assert " passed" in r.stdout.splitlines()[-1]
 
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "swapped.train", "data.num_samples=256", "train.batch_size=16", "log.every=2",
-            "log.live=false", "eval.batches=2", "checkpoint.every=2", "amp.precision=fp16", f"out_dir={out}"]
+    base = [sys.executable, "-m", "swapped.train", "data.num_samples=256", "train.batch_size=16", "amp.log_every=2",
+            "amp.live=false", "eval.batches=2", "amp.checkpoint_every=2", "amp.precision=fp16", f"out_dir={out}"]
     r = subprocess.run([*base, "train.max_steps=4"], cwd=project, env=run_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "val/accuracy" in r.stdout and f"model: {out / 'final'}" in r.stdout

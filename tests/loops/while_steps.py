@@ -36,7 +36,7 @@ def main():
     amp.resume("auto")
 
     model.train()
-    while amp.step < args.max_steps and not amp.should_stop:
+    while amp.step < args.max_steps and not amp.stop:
         for xb, yb in amp.batches(loader):
             loss = F.cross_entropy(model(xb), yb)
             accelerator.backward(loss)

@@ -176,7 +176,7 @@ try:
     for epoch in amp.epochs(1, args.epochs + 1):
         epoch_start_time = time.time()
         train(epoch)
-        if amp.should_stop:  # a stop signal: the state is saved, no half-epoch validation
+        if amp.stop:  # a stop signal: the state is saved, no half-epoch validation
             break
         val_loss = evaluate(val_data)
         accelerator.print("-" * 89)

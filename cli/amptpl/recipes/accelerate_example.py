@@ -112,12 +112,6 @@ def main():
         help="Whether to use mixed precision. Choose between fp16 and bf16 (bfloat16).",
     )
     parser.add_argument("--cpu", action="store_true", help="If passed, will train on the CPU.")
-    parser.add_argument(
-        "--output_dir",
-        type=str,
-        default="runs/example",
-        help="Where to store this experiment's checkpoints and logs.",
-    )
     args = parser.parse_args()
     config = {"lr": 1e-3, "num_epochs": 2, "seed": 42, "batch_size": 16, "warmup_steps": 8}
     training_function(config, args)

@@ -1,18 +1,23 @@
 """The AMP core: one :class:`AmpSession` around your Accelerator. It imports only the standard library, torch,
 accelerate, rich and itself; ``debug/`` (audit, meters, locate, numerics, autopick, loop checks) may be left out.
+The 12 lines that put a script shaped like Accelerate's ``nlp_example.py`` under it (``amptpl add`` prints the diff):
 
-    amp = AmpSession(args.mixed_precision, args.output_dir, checkpoint_every=20)   # or AmpSession(AmpSettings(...))
-    model, optimizer, train_dataloader, lr_scheduler = amp.prepare(model, optimizer, train_dataloader, lr_scheduler)
+    try:
+        from .amp import AmpSession
+    except ImportError:
+        from amp import AmpSession
+    amp = AmpSession(args.mixed_precision, "runs/example", checkpoint_every=20, cpu=args.cpu)
+    accelerator = amp.accelerator
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = amp.prepare(
     amp.resume("auto")
     for epoch in amp.epochs(num_epochs):
-        for batch in amp.batches(train_dataloader):
-            ...                                  # forward, amp.accelerator.backward(loss), clip, optimizer.step()
-            if amp.after_step(loss):             # True once a stop signal or the collapse guard ended the run
-                break
-    amp.close()                                  # the final checkpoint and summary; returns the exit status (0, 3)
+        for step, batch in enumerate(amp.batches(train_dataloader)):
+            amp.after_step(loss)          # after optimizer.step(); True once the run stopped, its state saved
+    amp.close()                           # the final checkpoint and summary; returns the exit status
 
-A stop is a value (``amp.stop``: why, where, its exit status, the precision a guard fallback asks for); a loop that
-ignores it is ended at its next call into the session, with that status. ``max_steps`` is a budget the session keeps.
+A stop is a value (``amp.stop``: a signal's or the collapse guard's, its exit status, the precision a fallback asks
+for): a loop that leaves its loops when ``after_step`` returns True goes on to its own code; one that does not look
+is ended at its next call into the session, with that status. ``max_steps`` is a budget the session keeps.
 """
 
 from __future__ import annotations

@@ -172,9 +172,8 @@ class AmpSession:
             p.count(batch)
             self.hooks.call("on_batch", batch)
             yield batch
-            self._end_if_stopped()
-            if self._done():
-                return
+            if self.stop is not None or self._done():  # the epoch's loop ends as at an epoch's end; a next call ends
+                return  # the process (the loop's own per-epoch code, e.g. its `if amp.stop: break`, runs first)
         if fresh and not n and not self._done():
             raise LoopError("amp.batches(): an epoch of the data gave no batch (an empty loader: check the batch "
                             "size, drop_last and the number of processes)")

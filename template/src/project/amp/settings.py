@@ -80,6 +80,9 @@ class AmpSettings:
             if not ok:
                 raise SettingsError(f"{key}: must be {allowed}, got {value!r}")
 
+        for name, cls in (("scaler", ScalerSettings), ("guard", GuardSettings), ("auto", AutoSettings)):
+            if isinstance(getattr(self, name), dict):  # AmpSession("fp16", out, scaler={"init_scale": 1024.0})
+                object.__setattr__(self, name, cls(**getattr(self, name)))
         precision = normalise_precision(self.precision)
         need(precision in PRECISIONS, "precision", f"one of {'|'.join(PRECISIONS)} (or no)", self.precision)
         object.__setattr__(self, "precision", precision)  # frozen: the one normalisation, at construction
