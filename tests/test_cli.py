@@ -521,6 +521,22 @@ def test_add_returns_the_files_it_wrote(tmp_path):
     assert result.unchanged == []
 
 
+def test_add_minimal_copies_the_kernel_alone_and_an_upgrade_keeps_it_so_or_drops_only_unedited_debug_files(tmp_path):
+    kernel = {rel for rel in core_files() if not rel.startswith("debug/")}
+    mini, full = tmp_path / "mini", tmp_path / "full"
+    for folder in (mini, full):
+        folder.mkdir()
+    result = add_core(mini, minimal=True)
+    assert {p.as_posix() for p in result.files} == kernel | {".amptpl.json"}
+    assert json.loads((mini / "amp" / ".amptpl.json").read_text())["minimal"] is True
+    assert add_core(mini).upgrade is not None and not (mini / "amp" / "debug").exists()  # it stays the kernel
+    add_core(full)
+    (full / "amp" / "debug" / "audit.py").write_text("# my audit\n")
+    add_core(full, minimal=True)  # to the kernel: the debugger's files go, unless you edited them
+    assert not (full / "amp" / "debug" / "meters.py").exists()
+    assert (full / "amp" / "debug" / "audit.py").read_text() == "# my audit\n"
+
+
 def test_add_again_accepts_identical_files(tmp_path):
     add_core(tmp_path)
     result = cli.invoke(app, ["add", str(tmp_path)])

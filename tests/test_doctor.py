@@ -124,7 +124,7 @@ def test_doctors_auto_pick_is_what_the_template_cores_resolve_picks_on_this_mach
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
         "from project.amp.precision import resolve; r = resolve('auto', sys.argv[2]);"
-        "from project.amp.autopick import candidates;"
+        "from project.amp.debug.autopick import candidates;"
         "print(json.dumps([r.effective, r.reason, candidates(sys.argv[2])]))"
     )
     src = Path(str(template_root())) / "src"

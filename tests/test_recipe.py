@@ -162,6 +162,24 @@ def patched(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
+@needs_patch
+def test_the_recipe_runs_on_the_kernel_alone_that_add_minimal_copies(env, tmp_path):
+    """``amptpl add --minimal``: amp/ without amp/debug/; the printed recipe trains fp16, checkpoints and resumes."""
+    (tmp_path / "mypkg").mkdir()
+    script = tmp_path / "mypkg" / "train.py"
+    script.write_text(recipe.source(recipe.ACCELERATE.plain))
+    result = cli.invoke(app, ["add", str(tmp_path / "mypkg"), "--minimal"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "mypkg" / "amp" / "debug").exists() and (tmp_path / "mypkg" / "amp" / "hooks.py").is_file()
+    apply(printed_diff(result.stdout, recipe.ACCELERATE.heading), script)
+    first = train(tmp_path, tmp_path, env, 1, "--mixed_precision", "fp16")
+    assert first.returncode == 0 and log_lines(first.stdout), first.stdout + first.stderr
+    assert "precision audit" not in first.stdout and (checkpoints(tmp_path) / latest(tmp_path) / "scaler.pt").is_file()
+    again = train(tmp_path, tmp_path, env, 1, "--mixed_precision", "fp16")  # finished: the session trains nothing more
+    assert again.returncode == 0 and "resume: loaded" in again.stdout, again.stdout + again.stderr
+
+
 def train_cmd(root: Path, nproc: int, *args: str, module: bool = False) -> list[str]:
     """The patched script as a file, as a module (``-m mypkg.train``) or under ``accelerate launch``."""
     if module:

@@ -57,8 +57,16 @@ class AddResult:
     dry_run: bool = False
 
 
-def add_core(dest: str | os.PathLike[str], force: bool = False, dry_run: bool = False) -> AddResult:
+DEBUG = "debug"  # the core's debugger folder: what ``--minimal`` leaves out (the kernel never needs it)
+
+
+def add_core(dest: str | os.PathLike[str], force: bool = False, dry_run: bool = False,
+             minimal: bool | None = None) -> AddResult:
     """Copy the AMP core into ``dest/amp/``, or upgrade the copy an earlier ``add`` left there.
+
+    ``minimal``: the kernel alone, without ``amp/debug/`` (True), or the whole core (False); None keeps what an
+    earlier copy recorded (the whole core on a first copy). An upgrade to minimal removes the debugger's files you did
+    not change and keeps the ones you did.
 
     First add: refuses (``AmptplError``, nothing written) when ``dest`` is not a directory or when a
     destination file exists with different content, naming the first such file, unless ``force`` (each such
@@ -84,7 +92,9 @@ def add_core(dest: str | os.PathLike[str], force: bool = False, dry_run: bool = 
 
     sources = {PurePosixPath(*parts): FileData(entry.read_bytes()) for parts, entry in iter_files(core)}
     if (amp_dir / MANIFEST).exists():
-        return _upgrade(dest, amp_dir, sources, force, dry_run)
+        return _upgrade(dest, amp_dir, sources, force, dry_run, minimal)
+    if minimal:
+        sources = {rel: item for rel, item in sources.items() if rel.parts[0] != DEBUG}
 
     to_write: list[PurePosixPath] = []
     unchanged: list[Path] = []
@@ -117,6 +127,7 @@ def add_core(dest: str | os.PathLike[str], force: bool = False, dry_run: bool = 
         manifest = {
             "template_version": __version__,
             "source": "amptpl/template/" + "/".join(CORE_PARTS),
+            "minimal": bool(minimal),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         commit(amp_dir, sources, manifest)
@@ -124,9 +135,14 @@ def add_core(dest: str | os.PathLike[str], force: bool = False, dry_run: bool = 
 
 
 def _upgrade(
-    dest: Path, amp_dir: Path, sources: dict[PurePosixPath, FileData], force: bool, dry_run: bool
+    dest: Path, amp_dir: Path, sources: dict[PurePosixPath, FileData], force: bool, dry_run: bool,
+    minimal: bool | None,
 ) -> AddResult:
     manifest = read_manifest(amp_dir, "AMP core copied by amptpl")
+    minimal = bool(manifest.get("minimal")) if minimal is None else minimal
+    manifest = {**manifest, "minimal": minimal}  # kept by the plan's new manifest
+    if minimal:
+        sources = {rel: item for rel, item in sources.items() if rel.parts[0] != DEBUG}
     if recorded_hashes(amp_dir, manifest) is None:
         raise AmptplError(
             f'{amp_dir / MANIFEST} has no "files" hashes, so your edits cannot be told from amptpl\'s; '

@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
@@ -276,6 +276,11 @@ def add(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be written (for an upgrade, the plan); write nothing.")
     ] = False,
+    minimal: Annotated[
+        Optional[bool],  # noqa: UP045 - typer reads the annotation at run time (Python 3.10 too)
+        typer.Option("--minimal/--full", help="The kernel alone, without amp/debug/ (the AMP debugger), or the whole "
+                     "core. Default: the whole core, or what an earlier copy in DEST has."),
+    ] = None,
 ) -> None:
     """Copy the AMP core into DEST/amp/ of an existing repo and print the lines to add to its training loop.
 
@@ -286,7 +291,7 @@ def add(
     from .update import plan_table
 
     try:
-        result = add_core(dest, force, dry_run)
+        result = add_core(dest, force, dry_run, minimal)
     except AmptplError as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -178,7 +178,7 @@ if torch is not None:
                 for mp in ("no", "fp16", "bf16"):
                     r = precision.resolve("auto", device, launcher=mp)
                     auto["by_launcher"][mp] = {"effective": r.effective, "reason": r.reason}
-            autopick = attempt(importlib.import_module, "project.amp.autopick")[0]
+            autopick = attempt(importlib.import_module, "project.amp.debug.autopick")[0]
             if autopick is not None:  # what a project times on its own model before it trusts the rule
                 auto["timed_candidates"] = attempt(autopick.candidates, device)[0] or []
         except Exception as exc:
