@@ -92,7 +92,8 @@ def test_every_docs_page_is_in_the_sites_navigation_and_no_more():
 
 def test_the_api_page_documents_every_module_of_the_amp_core():
     core = REPO / "template" / "src" / "project" / "amp"
-    modules = {"project.amp"} | {f"project.amp.{p.stem}" for p in core.glob("*.py") if p.stem != "__init__"}
+    modules = {".".join(("project", "amp", *p.relative_to(core).with_suffix("").parts)).removesuffix(".__init__")
+               for p in core.rglob("*.py")}  # the kernel and amp/debug/
     documented = set(re.findall(r"^::: (\S+)$", (DOCS / "api.md").read_text(encoding="utf-8"), flags=re.M))
     assert documented == modules
 

@@ -5,9 +5,9 @@
     python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
 
 Each precision runs in a fresh process (``--worker PREC``), so no precision inherits another's allocator,
-autocast cache or Accelerate state. The worker builds the data, the model and the optimizer with train.py's
-own builders inside an AmpSession (fp16 goes through the real GradScaler path, on a CPU too), runs the warm-up
-steps, then ``--repeats`` timed blocks of ``--steps`` optimizer steps with train.py's loop body, synchronising
+autocast cache or Accelerate state. The worker builds the data, the model and the optimizer with steps.py's
+builders inside an AmpSession (fp16 goes through the real GradScaler path, on a CPU too), runs the warm-up
+steps, then ``--repeats`` timed blocks of ``--steps`` optimizer steps with the training loop's step (steps.py), synchronising
 the device only at the end of each block, and prints one JSON line that this process reads.
 
 The table has the median step time over the blocks (with min-max), samples/s, tokens/s, peak memory

@@ -6,7 +6,7 @@
 
 A resume is bitwise exact, so the replay computes the same values as the run did: the checkpoint is loaded into
 the model, optimizer, scaler, RNG and data position with train.py's own builders (one process), and each step runs
-train.py's step with hooks on every module (amp/locate.py): forward outputs, the gradients each module's backward
+train.py's step with hooks on every module (amp/debug/locate.py): forward outputs, the gradients each module's backward
 produced, and its parameters' gradients, checked against the precision's limit (65504 for fp16) as the backward
 sees them, times the loss scale. It stops at the first step with a value past the limit or non-finite (or at
 ``--step N``) and prints that module and phase, the per-module headroom table, and the ``amp.fp32_modules`` line

@@ -18,7 +18,6 @@ import pickle
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +208,6 @@ def replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 @contextlib.contextmanager
 def _writing(tmp: Path) -> Any:
     """A failed write removes the half-written folder whatever stopped it (a second Ctrl-C too), and says why in the
@@ -228,30 +223,18 @@ def _writing(tmp: Path) -> Any:
             free = shutil.disk_usage(tmp.parent if tmp.parent.exists() else tmp.parent.parent).free
         except OSError:
             free = None
-        why = _first_line(e)[:200]
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if errno_ == 28 or (free is not None and free < 16 * 2**20):
             why = "no space left on device" + (f" ({free / 2**20:.1f} MiB free)" if free is not None else "")
         raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({why})") from e
-
-
-@dataclass
-class Loaded:
-    """What :meth:`CheckpointManager.load` restored: notices, and this process's session state (None if it has none)."""
-
-    notices: list[str]
-    state: dict[str, Any] | None = field(default=None, repr=False)
 
 
 class _Sink:
     """Takes one registered object's state out of a checkpoint written before the amp_state files existed."""
 
     state: Any = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Any) -> None:
-        self.state = state
+    def state_dict(self) -> dict[str, Any]: return {}
+    def load_state_dict(self, state: Any) -> None: self.state = state
 
 
 class CheckpointManager:
@@ -314,10 +297,16 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
 
     def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
-               rescale_schedulers: bool = False, log: Path | None = None) -> tuple[Path | None, dict | None, Loaded]:
-        """The checkpoint ``policy`` names (:func:`find_resume`), checked by ``check(meta)`` (notices, or it raises),
-        loaded (:meth:`load`); an earlier run in out_dir moves aside for a fresh start or a checkpoint from elsewhere,
-        and records of ``log`` (metrics.jsonl) past the checkpoint's step are dropped. (path, meta, what loaded)."""
+               rescale_schedulers: bool = False, log: Path | None = None) -> tuple[Any, dict | None, list[str], Any]:
+        """Load the checkpoint ``policy`` names (:func:`find_resume`; ``check(meta)`` may return notices or raise to
+        refuse it) into the prepared objects: ``(path, meta, notices, this process's session state)``.
+
+        An earlier run in out_dir moves aside for a fresh start or a checkpoint from elsewhere; records of ``log``
+        (metrics.jsonl) past the checkpoint's step are dropped. The scaler, for every pair of precisions: scale and
+        growth tracker from the checkpoint when both runs are fp16, this run's knobs winning (a changed ``init_scale``
+        starts the scale there). ``rescale_schedulers``: a schedule written in optimizer steps (a prepared scheduler
+        steps once per process per optimizer step) goes on from the same step when the number of processes changed.
+        """
         from .rundir import move_aside
 
         acc, out_dir = self.accelerator, self.root.parent
@@ -328,25 +317,7 @@ class CheckpointManager:
             notices += move_aside(out_dir, f"resume from {path}" if path else "fresh start") if acc.is_main_process else []
             acc.wait_for_everyone()
         if path is None:
-            return None, None, Loaded(notices)
-        loaded = self.load(path, precision, scaler_kwargs, rescale_schedulers)
-        loaded.notices[:0] = notices
-        step = meta.get("step")
-        if log is not None and acc.is_main_process and isinstance(step, int) and (n := trim_log(log, step)):
-            loaded.notices.append(f"resume: dropped {n} {log.name} records logged after step {step}")
-        return path, meta, loaded
-
-    def load(self, path: str | Path, precision: str, scaler_kwargs: dict[str, Any] | None,
-             rescale_schedulers: bool = False) -> Loaded:
-        """Load a checkpoint into the prepared objects; returns notices and this process's session state.
-
-        The scaler, for all pairs of precisions: scale and growth tracker come from the checkpoint when both runs
-        are fp16, while the current run's knobs win (a changed ``init_scale`` starts the scale there).
-        ``rescale_schedulers``: for schedules written in optimizer steps (a prepared scheduler steps once per process
-        per optimizer step), move their position when the number of processes changed.
-        """
-        acc, path = self.accelerator, Path(path)
-        meta = read_meta(path)
+            return None, None, notices, None
         # checkpoints written before the amp_state files kept the session's state as the first registered objects
         legacy = [] if meta.get("amp_state") else [_Sink() for name in LEGACY_STATE if (path / name).is_file()]
         acc._custom_objects[:0] = legacy
@@ -360,7 +331,7 @@ class CheckpointManager:
         finally:
             del acc._custom_objects[: len(legacy)]
         self.hooks.call("on_load", path, list(acc._models))
-        notices = [f"resume: loaded {path} (step {meta.get('step', '?')})"]
+        notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
         saved, now = meta.get("world_size"), acc.num_processes
         if saved is not None and saved != now:
             for sched in acc._schedulers if rescale_schedulers else ():
@@ -371,19 +342,24 @@ class CheckpointManager:
                            f"{now}: weights, optimizer and scheduler carry over ({schedule}); the data order per "
                            "process changes")
         notices += self._load_scaler(path, meta, precision, scaler_kwargs or {})
+        step = meta.get("step")
+        if log is not None and acc.is_main_process and isinstance(step, int) and (n := trim_log(log, step)):
+            notices.append(f"resume: dropped {n} {log.name} records logged after step {step}")
         if legacy:
-            return Loaded(notices, {"progress": legacy[0].state, "monitor": legacy[1].state if len(legacy) > 1 else None})
+            return path, meta, notices, {"progress": legacy[0].state, "monitor": getattr(legacy[-1], "state", None)
+                                         if len(legacy) > 1 else None}
         for index in dict.fromkeys((acc.process_index, 0)):  # this process's, or the main's (fewer processes then)
             file = path / STATE.format(index)
             if file.is_file():
                 try:
                     state = torch.load(file, map_location="cpu", weights_only=False)
                 except Exception as e:  # a damaged file that passed no hash check (a checkpoint without hashes)
-                    raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {_first_line(e)[:200]})") from None
+                    why = (str(e).strip().splitlines() or [""])[0][:200]
+                    raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {why})") from None
                 if not isinstance(state, dict):
                     raise CheckpointError(f"{file}: does not hold the session's state")
-                return Loaded(notices, state)
-        return Loaded(notices)
+                return path, meta, notices, state
+        return path, meta, notices, None
 
     def _load_scaler(self, path: Path, meta: dict[str, Any], precision: str, kwargs: dict[str, Any]) -> list[str]:
         scaler = self.accelerator.scaler

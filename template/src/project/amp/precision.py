@@ -15,7 +15,6 @@ import dataclasses
 import fnmatch
 import functools
 import os
-import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -74,11 +73,6 @@ def _cpuinfo(field: str) -> str | None:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     return None
-
-
-def cpu_name() -> str:
-    """The CPU's model name (for keys and reports)."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_bf16_feature() -> str | None:

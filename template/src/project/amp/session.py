@@ -113,12 +113,12 @@ class AmpSession:
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
         res = self.resolution
-        path, meta, loaded = self.ckpt.resume(str(policy), res.effective, self.settings.scaler_kwargs
-                                              if res.uses_scaler else None, check, rescale_schedule,
-                                              self.out_dir / METRICS)
-        notices, state = loaded.notices, loaded.state or {}
-        if path is not None and loaded.state is None:
+        path, meta, notices, state = self.ckpt.resume(str(policy), res.effective, self.settings.scaler_kwargs
+                                                      if res.uses_scaler else None, check, rescale_schedule,
+                                                      self.out_dir / METRICS)
+        if path is not None and state is None:
             notices.append("resume: the checkpoint holds no training position: step, epoch and data start from 0")
+        state = state or {}
         if path is not None:
             self.progress.load_state_dict(state.get("progress") or {})
             self.monitor.load_state_dict(state.get("monitor") or {})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..precision import Resolution, cpu_bf16_feature, cpu_name
+from ..precision import Resolution, _cpuinfo, cpu_bf16_feature
 
 NOISE = 0.05  # a precision must be more than 5% faster than the rule's pick to replace it
 CACHE_FILE = "auto_precision.json"
@@ -101,7 +102,7 @@ def machine(device: torch.device | str) -> dict[str, Any]:
         out["gpu"] = torch.cuda.get_device_name(device)
         out["capability"] = list(torch.cuda.get_device_capability(device))
     else:
-        out["cpu"] = cpu_name()
+        out["cpu"] = _cpuinfo("model name") or platform.processor() or platform.machine()
         out["feature"] = cpu_bf16_feature()
         out["threads"] = torch.get_num_threads()
     return out

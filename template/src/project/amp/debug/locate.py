@@ -18,8 +18,7 @@ many doublings of the scale it could still take) shows which modules were close.
     finding = loc.finding()            # None, or Finding(module, phase, amax, step)
     print(loc.report())                # the finding, the headroom table and the keep_in_fp32 call
 
-The session's :meth:`AmpSession.locate` gives one bound to the run's precision and scale; the project's
-``python -m PACKAGE.locate`` replays a run from a checkpoint to its first overflow with it.
+``python -m PACKAGE.locate`` (a generated project's) replays a run from a checkpoint to its first overflow with it.
 """
 
 from __future__ import annotations
