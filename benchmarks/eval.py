@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from project.amp import precision
-    from project.amp.session import has_accelerator
+    from project.amp.precision import has_accelerator
     from project.config import parse_args as config_args
     from project.example import build_data, load_metric
-    from project.train import build_model, evaluate
+    from project.steps import build_model, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,6 +28,7 @@ import copy
 import platform
 import statistics
 import sys
+from dataclasses import replace
 
 from _common import TEMPLATE_SRC, cpu_line, table
 
@@ -50,22 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from project import example
-    from project.amp.master import MasterWeights
+    from project.amp import precision
+    from project.amp.hooks import Hooks
     from project.config import parse_args as config
 
     cfg = config([f"seed={args.seed}", "train.weight_decay=0"])
     print(f"torch {torch.__version__}, python {platform.python_version()}, torch threads {torch.get_num_threads()}")
     print(cpu_line())
     set_seed(cfg.seed)
-    loader, _, about = example.build_data(cfg, Accelerator(cpu=True))
+    accelerator = Accelerator(cpu=True)
+    loader, _, about = example.build_data(cfg, accelerator)
     print(f"the default example's model ({cfg.model}), {about}; AdamW lr {args.lr:g} constant, no weight decay, "
           f"{args.steps} steps\n")
     set_seed(cfg.seed)
     ref = example.build_model(cfg)
     nets = {"fp32": ref, "pure bf16": copy.deepcopy(ref).to(torch.bfloat16), "bf16-true": copy.deepcopy(ref)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for k, m in nets.items()}
-    master = MasterWeights()
-    master.attach(nets["bf16-true"], [opts["bf16-true"]])
+    # bf16 weights with float32 masters in the optimizer: the core's own feature, through its hooks (amp/master.py)
+    settings = replace(cfg.amp, precision="bf16-true", audit="off", meters=False)
+    hooks = Hooks(accelerator, settings, precision.resolve("bf16-true", "cpu"), print)
+    hooks.before_prepare([nets["bf16-true"]], [opts["bf16-true"]])
+    master = hooks.get("master")
     stored = {"pure bf16": lambda: list(nets["pure bf16"].parameters()), "bf16-true": lambda: [m for _, m in master.pairs]}
     lost: dict[str, list[float]] = {k: [] for k in stored}
     shown: list[float] = []  # bf16-true: share of the moved elements whose bf16 copy changed this step

@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 
 from _common import TEMPLATE_SRC, cpu_line, table, template_env
 
@@ -116,17 +116,19 @@ class Bare:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
         from project.amp import precision
-        from project.amp.session import has_accelerator
+        from project.amp.precision import has_accelerator
         from project.example import build_data
-        from project.train import build_model, build_optimizer
+        from project.steps import build_model, build_optimizer
 
         cpu = not has_accelerator()  # the device the session picks
         res = precision.resolve(cfg.amp.precision, "cpu" if cpu else "cuda")
-        kw = precision.accelerator_kwargs(res, asdict(cfg.amp.scaler))
+        kw = precision.accelerator_kwargs(res, cfg.amp.scaler_kwargs)
         self.accelerator = Accelerator(
             cpu=cpu, gradient_accumulation_steps=cfg.train.grad_accum, **kw,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
-        precision.install_cpu_fp16_scaler(self.accelerator, asdict(cfg.amp.scaler))  # else fp16 runs as fp32 here
+        scaler = precision.cpu_fp16_scaler(self.accelerator, cfg.amp.scaler_kwargs)  # else fp16 runs as fp32 here
+        if scaler is not None:  # what the session's hooks do, before prepare
+            self.accelerator.scaler, self.accelerator.native_amp = scaler, True
         set_seed(cfg.seed)
         train_loader, _, _ = build_data(cfg, self.accelerator)
         model = build_model(cfg)
@@ -164,16 +166,14 @@ class Generated:
     def __init__(self, cfg, meters: bool = True):
         from accelerate.utils import DataLoaderConfiguration, set_seed
         from project.amp import AmpSession
-        from project.config import guard_policy, to_dict
+        from project.config import to_dict
         from project.example import build_data
-        from project.train import build_model, build_optimizer, forever
+        from project.steps import build_model, build_optimizer, forever
 
         t = cfg.train
-        self.amp = AmpSession(
-            cfg.amp.precision, cfg.out_dir + ("" if meters else "-no-meters"), scaler=asdict(cfg.amp.scaler),
-            guard=guard_policy(cfg), log_every=cfg.amp.log_every, keep=cfg.amp.keep, max_steps=t.max_steps,
-            config=to_dict(cfg), live=cfg.amp.live, rescale_schedule_on_world_size_change=True,
-            gradient_accumulation_steps=t.grad_accum, auto_probe=False, audit=cfg.amp.audit, meters=meters,
+        self.amp = AmpSession(  # as train.py builds it, from the config's amp section
+            replace(cfg.amp, meters=meters), cfg.out_dir + ("" if meters else "-no-meters"), max_steps=t.max_steps,
+            config=to_dict(cfg), probe=False, gradient_accumulation_steps=t.grad_accum,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         )
         set_seed(cfg.seed)
@@ -245,12 +245,11 @@ def worker(args: argparse.Namespace) -> dict:
                     sums[name][1] += wall_s
             rounds.append(sums)
         losses = {k: float(v.loss) for k, v in loops.items()}
-        monitor = loops["B"].amp.monitor
-        monitor.flush()
+        summary = loops["B"].amp.summary()
         for loop in loops.values():
             loop.close()
     out = {"precision": prec, "effective": loops["B"].amp.resolution.effective, "losses": losses,
-           "skipped_B": monitor.skipped, "steps": args.warmup + args.rounds * args.block,
+           "skipped_B": summary["amp/skipped_steps"], "steps": args.warmup + args.rounds * args.block,
            "threads": torch.get_num_threads()}
     for i, clock in enumerate(("cpu", "wall")):
         ratios = [x["B"][i] / x["A"][i] for x in rounds]

@@ -102,7 +102,7 @@ def train(prec: str, keys: dict[str, object], out_dir: Path, threads: int, seed:
 
 def report(size: str, keys: dict[str, object], runs: dict[str, list[dict]], auto: object) -> dict[str, object]:
     """The table of one size and its RESULT fields."""
-    from project.amp.autopick import NOISE, candidates, decide
+    from project.amp.debug.autopick import NOISE, candidates, decide
 
     def time_of(p: str) -> float:
         return statistics.median(r["step_time_s"] for r in runs[p])
