@@ -269,24 +269,6 @@ def run_ids(accelerator: Any) -> dict[str, str]:
     return ids
 
 
-def resume_kwargs(names: list[str], user: dict[str, dict], saved_ids: dict[str, str] | None,
-                  step: int | None) -> dict[str, dict]:
-    """``init_kwargs`` for ``accelerator.init_trackers``: the user's, plus what continues a resumed run."""
-    kwargs = copy.deepcopy({k: dict(v) for k, v in (user or {}).items()})
-    if step is None:  # a fresh run
-        return kwargs
-    ids = saved_ids or {}
-    if "wandb" in names and "wandb" in ids:
-        kwargs.setdefault("wandb", {}).setdefault("id", ids["wandb"])
-        kwargs["wandb"].setdefault("resume", "allow")
-    if "mlflow" in names and "mlflow" in ids:
-        kwargs.setdefault("mlflow", {}).setdefault("run_id", ids["mlflow"])
-    if "tensorboard" in names:
-        # events at steps after the checkpoint were logged by the run that was killed: hide them
-        kwargs.setdefault("tensorboard", {}).setdefault("purge_step", step + 1)
-    return kwargs
-
-
 class Trackers:
     """The run's trackers: ``metrics.jsonl`` first, then the settings' ``trackers`` and the loop's own ``log_with``
     (names or tracker objects, as Accelerate takes them). :meth:`start` runs ``init_trackers`` once, continuing a
@@ -297,14 +279,21 @@ class Trackers:
         user = [*settings.trackers, *([log_with] if isinstance(log_with, str) else log_with or [])]
         self.names = [t if isinstance(t, str) else t.name for t in user]
         self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
-        self.run_name, self.kwargs = settings.run_name or metrics.parent.resolve().name, settings.tracker_kwargs or {}
+        self.run_name = settings.run_name or metrics.parent.resolve().name
+        self.kwargs = {k: dict(v) for k, v in (settings.tracker_kwargs or {}).items()}
         self.config = None if config is None else flat(config)
         self.started = False
 
-    def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int | None = None) -> None:
-        """``init_trackers`` (once); ``meta``/``step``: the checkpoint a run resumed from, whose runs continue."""
+    def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int = 0) -> None:
+        """``init_trackers`` once, with the user's kwargs; after a resume (``meta``: the checkpoint's, at ``step``)
+        W&B and MLflow continue the saved runs, and TensorBoard hides the events a killed run logged after it."""
         if self.started:
             return
-        self.started = True
-        kwargs = resume_kwargs(self.names, self.kwargs, (meta or {}).get("trackers"), step if meta is not None else None)
+        self.started, kwargs, ids = True, copy.deepcopy(self.kwargs), (meta or {}).get("trackers") or {}
+        resumed = {"wandb": {"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {},
+                   "mlflow": {"run_id": ids["mlflow"]} if "mlflow" in ids else {},
+                   "tensorboard": {"purge_step": step + 1} if meta is not None else {}}  # later events: the killed run's
+        for name in self.names:
+            for key, value in resumed.get(name, {}).items():
+                kwargs.setdefault(name, {}).setdefault(key, value)
         accelerator.init_trackers(self.run_name, config=self.config, init_kwargs=kwargs)

@@ -3,9 +3,20 @@
 :class:`Hooks` wraps, once each and only the objects the session was given: ``accelerator.backward`` and
 ``unscale_gradients``, each prepared optimizer's ``step`` (gradients as the backward left them), the optimizer's own
 ``step``/``zero_grad`` and the model's ``forward`` where a feature needs them (bf16-true), and ``accelerator.scaler``
-(fp16 on a CPU; hidden while a checkpoint is written). Each wrapper calls the features that implement its hook (the
-methods of :class:`Feature`), in the order of :data:`FEATURES`. A feature is one module and one line there; its
-``make(hooks)`` returns None where it does not apply. Those in ``debug/`` are optional.
+(fp16 on a CPU; hidden while a checkpoint is written). Each wrapper calls the features that define its hook, in the
+order of :data:`FEATURES`; a feature is one module and one line there. The hooks, all optional:
+
+- ``before_prepare(models, optimizers)`` / ``after_prepare(...)``: around ``accelerator.prepare``;
+- ``before_forward(args, kwargs) -> (args, kwargs)`` / ``after_forward(out) -> out``: the model's forward;
+- ``after_backward()``; ``before_unscale()`` (``clip_grad_norm_`` comes here first);
+- ``before_step(opt)`` / ``after_outer_step(opt)``: a prepared optimizer's step, where gradients sync;
+- ``before_inner_step(opt)`` / ``after_inner_step(opt)`` / ``after_zero_grad(opt, set_to_none)``: the optimizer's own;
+- ``on_batch(batch)``, ``at_step(loss)``: a batch from ``amp.batches``; an optimizer step ``amp.after_step`` counted;
+- ``shared() -> [values]``, ``at_tick(rows) -> (metrics, lines)``: a log tick's one collective, and its result;
+- ``state_dict``/``load_state_dict`` (every checkpoint), ``meta()`` (meta.json), ``summary()``, ``on_save(weights)``
+  and ``on_load(path, models)`` (what a checkpoint holds).
+
+Those in ``debug/`` are optional: a copy of the kernel without that folder runs without them.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ FEATURES = ("debug.loopcheck.LoopChecks", "debug.loopcheck.SameData", "precision
 
 
 class Feature:
-    """Base of the session's features: every hook is optional and does nothing here."""
+    """Base of the session's features: a feature defines the hooks it needs (the module docstring lists them; none
+    is required), and :meth:`make` decides whether it applies to the run."""
 
     name = "feature"
     # wrapped only where a feature defines them: the optimizer's own step and zero_grad, the model's forward
@@ -36,22 +48,8 @@ class Feature:
         """The feature for this run, or None where it does not apply."""
         return cls(hooks)
 
-    def before_prepare(self, models: list[Any], optimizers: list[Any]) -> None: ...
-    def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None: ...
-    def after_backward(self) -> None: ...
-    def before_unscale(self) -> None: ...
-    def before_step(self, optimizer: Any) -> None: ...
-    def after_outer_step(self, optimizer: Any) -> None: ...
-    def on_batch(self, batch: Any) -> None: ...
-    def at_step(self, loss: Any) -> None: ...
-    def shared(self) -> list[Any]: return []
-    def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]: return {}, []
-    def state_dict(self) -> dict[str, Any]: return {}
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def meta(self) -> dict[str, Any]: return {}
-    def summary(self) -> dict[str, Any]: return {}
-    def on_save(self, weights: list[dict[str, Any]]) -> None: ...
-    def on_load(self, path: Any, models: list[Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: return {}  # noqa: E704 - what a checkpoint keeps of the feature
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...  # noqa: E704
 
 
 def _load(spec: str) -> type | None:
@@ -98,14 +96,14 @@ class Hooks:
 
     def shared(self) -> list[list[Any]]:
         """Each feature's values for the log tick's one collective (floats or 0-dim tensors)."""
-        return [f.shared() for f in self.features]
+        return [f.shared() if hasattr(f, "shared") else [] for f in self.features]
 
     def at_tick(self, shared: list[list[Any]], rows: list[list[float]], first: int) -> dict[str, float]:
         """The tick's metrics from the features, given every process's row of the collective (the features' values
         from column ``first`` on, in the order of :meth:`shared`); their warnings are printed."""
         metrics: dict[str, float] = {}
         for f, values in zip(self.features, shared, strict=True):
-            m, lines = f.at_tick([r[first:first + len(values)] for r in rows])
+            m, lines = f.at_tick([r[first:first + len(values)] for r in rows]) if hasattr(f, "at_tick") else ({}, [])
             first += len(values)
             metrics.update(m)
             for line in lines:

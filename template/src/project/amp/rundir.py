@@ -34,8 +34,21 @@ class RunDir:
     def __init__(self, out_dir: str | os.PathLike[str]):
         self.path, self.held, self._created = Path(out_dir), False, []
 
-    def acquire(self) -> None:
-        """Take ``out_dir/.lock``: RunLockedError when a live run holds it, OutputDirError when it cannot be used."""
+    def acquire(self, accelerator: Any = None) -> None:
+        """Take ``out_dir/.lock``: RunLockedError when a live run holds it, OutputDirError when it cannot be used.
+        With ``accelerator``: on its main process, every process learning the outcome (none waits on the others)."""
+        if accelerator is not None:
+            from .distributed import any_rank
+
+            error = None
+            try:
+                if accelerator.is_main_process:
+                    self.acquire()
+            except (RuntimeError, OSError) as e:
+                error = e
+            if any_rank(accelerator, error is not None):
+                raise error or RunLockedError(f"{self.path} cannot be used (seen by the main process)")
+            return
         lock = self.path / LOCK
         try:
             if self.path.exists() and not self.path.is_dir():
@@ -54,19 +67,6 @@ class RunDir:
                 raise OutputDirError(f"{self.path}: cannot be used as the output directory ({e.strerror or e})"
                                      ) from None
             raise
-
-    def acquire_on_main(self, accelerator: Any) -> None:
-        """:meth:`acquire` on the main process; every process learns its outcome, so none waits on the others."""
-        from .distributed import any_rank
-
-        error: Exception | None = None
-        if accelerator.is_main_process:
-            try:
-                self.acquire()
-            except (RuntimeError, OSError) as e:
-                error = e
-        if any_rank(accelerator, error is not None):
-            raise error or RunLockedError(f"{self.path} cannot be used (seen by the main process)")
 
     def release(self) -> None:
         """Remove the lock if this process holds it, then the folders :meth:`acquire` created if they are empty."""

@@ -64,7 +64,7 @@ class AmpSession:
         self.scale: float | None = None  # as of the last log tick
         self._closed, self._warned, self._last_saved, self._last_iter = False, None, None, []  # _last_iter: batches'
         self._rundir = RunDir(self.out_dir)
-        self._rundir.acquire_on_main(acc)  # one run per out_dir; then the stop signals are the run's
+        self._rundir.acquire(acc)  # one run per out_dir; then the stop signals are the run's
         self._signal = StopSignal()
         self.console.log(self.resolution.line())
         self.console.log(f"world_size={acc.num_processes} distributed_type={acc.distributed_type.value} "
@@ -269,8 +269,8 @@ class AmpSession:
                 "scaler_kwargs": self.settings.scaler_kwargs if res.uses_scaler else None, "torch": torch.__version__,
                 "accelerate": version("accelerate"), "config": self.config, "trackers": run_ids(self.accelerator),
                 **self.monitor.meta(self.stop, res.effective)}
-        for f in self.hooks.features:
-            meta.update(f.meta())
+        for part in self.hooks.call("meta"):
+            meta.update(part)
         return meta
 
     def _state(self) -> dict[str, Any]:
@@ -300,8 +300,8 @@ class AmpSession:
         acc, p = self.accelerator, self.progress
         out = {"precision": self.resolution.effective, **self.monitor.summary(), "samples_seen": p.samples_seen,
                "tokens_seen": p.tokens_seen}
-        for f in self.hooks.features:
-            out.update(f.summary())
+        for part in self.hooks.call("summary"):
+            out.update(part)
         out["precision_switches"] = self.monitor.switches
         if acc.num_processes > 1:  # the scaler sees all-reduced gradients: every rank skips the same steps
             out["amp/skipped_steps_per_rank"] = acc.gather(torch.tensor([self.monitor.skipped], device=acc.device)
