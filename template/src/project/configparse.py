@@ -4,7 +4,7 @@
 nothing about any key. Defaults < ``--config FILE.yaml`` (in order) < ``key=value`` (in order). An unknown key,
 a wrong type or a value out of range is one :class:`ConfigError` line naming the key; ``--help`` and
 ``--print-config`` raise :class:`ConfigExit` with the text to print. Standard library and yaml only: a bad key
-is reported before torch loads.
+is reported before torch loads. :class:`UsageParser` is the argparse of the project's other commands.
 
 The trailing ``# comment`` of each field and each class docstring, read from the source of the module that
 defines the class, are its ``--help`` text.
@@ -12,12 +12,13 @@ defines the class, are its ``--help`` text.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -36,6 +37,17 @@ class ConfigExit(Exception):
         self.text = text
 
 
+class UsageError(ValueError):
+    """Bad input to one of the project's commands (bench, locate, numerics): one line, and exit code 2."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one :class:`UsageError` line (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
 # ----------------------------------------------------------------------------
 # Overriding: typed assignment by dotted key
 
@@ -46,43 +58,33 @@ def _type_name(tp: Any) -> str:
     )
 
 
-_NO = object()  # a reader's "this value is not of my type"
+_NO = object()  # _read's "this value is not of the field's type"
 
 
-def _read_bool(value: Any) -> Any:
-    return value if isinstance(value, bool) else _NO
-
-
-def _read_int(value: Any) -> Any:
-    return value if isinstance(value, int) and not isinstance(value, bool) else _NO
-
-
-def _read_float(value: Any) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+def _read(tp: Any, value: Any) -> Any:
+    """``value`` as the field type ``tp`` (ints where floats are expected), or ``_NO``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if number and isinstance(value, int) else _NO
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return float(value) if number else _NO
+    if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads `precision: no` as false
+            return "yes" if value else "no"
+        return str(value) if isinstance(value, (str, int, float)) else _NO
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
     return _NO
-
-
-def _read_str(value: Any) -> Any:
-    if isinstance(value, bool):  # YAML 1.1 reads `precision: no` as false
-        return "yes" if value else "no"
-    return str(value) if isinstance(value, (str, int, float)) else _NO
-
-
-def _read_list(value: Any) -> Any:
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v]
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        return [str(v) for v in value]
-    return _NO
-
-
-_READERS = {bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
 
 
 def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
@@ -95,8 +97,7 @@ def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
         if tp is str:
             return value
         value = parse_value(value)
-    reader = _read_list if typing.get_origin(tp) is list else _READERS.get(tp)
-    out = reader(value) if reader is not None else _NO
+    out = _read(tp, value)
     if out is _NO:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     # nan slips through every range check (nan > 0 is False, and so is nan <= 0): refuse it here
@@ -225,10 +226,6 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
-
-
 def load_yaml(cfg: Any, path: str | Path) -> list[str]:
     """Apply a YAML file's keys on top of ``cfg``; returns the dotted keys it set."""
     p = Path(path)
@@ -244,7 +241,7 @@ def load_yaml(cfg: Any, path: str | Path) -> list[str]:
     except OSError as e:
         raise ConfigError(f"--config: cannot read {p}: {e.strerror or e}") from None
     try:
-        data = _load(text) or {}
+        data = yaml.load(text, Loader=_Loader) or {}  # a SafeLoader: no arbitrary objects
     except ConfigError as e:
         raise ConfigError(f"--config: {p}: {e}") from None
     except yaml.YAMLError as e:
@@ -266,7 +263,7 @@ def load_yaml(cfg: Any, path: str | Path) -> list[str]:
 def parse_value(text: str) -> Any:
     """Read a command-line value the way YAML would: 1e-3 -> float, true -> bool, [a,b] -> list."""
     try:
-        return _load(text) if text != "" else ""
+        return yaml.load(text, Loader=_Loader) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -291,13 +288,8 @@ def parse_args(argv: list[str], root: type, validate: Callable[[Any], Any], comm
     print_config = False
     it = iter(argv)
     for arg in it:
-        if arg in ("--config", "-c"):
-            path = next(it, None)
-            if not path:
-                raise ConfigError("--config: needs a file path")
-            files.append(path)
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
+        if arg in ("--config", "-c") or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else next(it, None)
             if not path:
                 raise ConfigError("--config: needs a file path")
             files.append(path)
@@ -352,37 +344,25 @@ def to_yaml(cfg: Any) -> str:
 
 def _source_docs(modules: set[str]) -> dict[str, tuple[str, dict[str, str]]]:
     """``{class name: (docstring, {field: trailing comment})}``, read from the source of ``modules``."""
-    docs: dict[str, tuple[str, dict[str, str]]] = {}
-    for module in sorted(modules):
-        docs.update(_module_docs(module))
-    return docs
-
-
-def _module_docs(module: str) -> dict[str, tuple[str, dict[str, str]]]:
     import ast
     import inspect
     import io
     import sys
     import tokenize
 
-    try:
-        source = inspect.getsource(sys.modules[module])
-    except (OSError, TypeError):  # no source shipped (e.g. only .pyc): help without comments
-        return {}
-    comments = {
-        tok.start[0]: tok.string.lstrip("#").strip()
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-        if tok.type == tokenize.COMMENT
-    }
     docs: dict[str, tuple[str, dict[str, str]]] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef):
-            fields = {
-                stmt.target.id: comments.get(stmt.end_lineno or stmt.lineno, "")
-                for stmt in node.body
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-            }
-            docs[node.name] = (" ".join((ast.get_docstring(node) or "").split()), fields)
+    for module in sorted(modules):
+        try:
+            source = inspect.getsource(sys.modules[module])
+        except (OSError, TypeError):  # no source shipped (e.g. only .pyc): help without comments
+            continue
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef):
+                fields = {stmt.target.id: comments.get(stmt.end_lineno or stmt.lineno, "") for stmt in node.body
+                          if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+                docs[node.name] = (" ".join((ast.get_docstring(node) or "").split()), fields)
     return docs
 
 

@@ -17,29 +17,17 @@ Nothing is written to the run's out_dir. Bad input is one line and exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
 
 from . import example
 from .config import Config, ConfigError, from_dict
-from .steps import build_optimizer, forever, train_step
-
-PACKAGE = __package__ or "project"
-
-
-class LocateError(ValueError):
-    """Bad input: one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise LocateError(f"{message} (see --help)")
+from .configparse import UsageError, UsageParser
+from .steps import PACKAGE, build_optimizer, forever, train_step
 
 
 def first_skip_interval(out_dir: Path) -> tuple[int, int] | None:
@@ -70,7 +58,7 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
         check_complete(path)
         return path, path, "as given"
     if not (path / CHECKPOINTS).is_dir():
-        raise LocateError(f"{path}: neither a checkpoint (no {META}) nor an out_dir with {CHECKPOINTS}/")
+        raise UsageError(f"{path}: neither a checkpoint (no {META}) nor an out_dir with {CHECKPOINTS}/")
     done = []
     for c in list_checkpoints(path):
         try:
@@ -79,11 +67,11 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
         except Exception:  # noqa: BLE001 - an incomplete checkpoint is simply not a candidate
             continue
     if not done:
-        raise LocateError(f"{path / CHECKPOINTS}: no complete checkpoint to replay from")
+        raise UsageError(f"{path / CHECKPOINTS}: no complete checkpoint to replay from")
     if step is not None:
         before = [d for d in done if d[0] < step]
         if not before:
-            raise LocateError(f"--step {step}: no checkpoint before it (the oldest kept is step {min(done)[0]})")
+            raise UsageError(f"--step {step}: no checkpoint before it (the oldest kept is step {min(done)[0]})")
         return max(before)[1], max(before)[1], f"the newest before step {step}"
     skips = first_skip_interval(path)
     if skips is None:
@@ -112,7 +100,7 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
     try:
         cfg: Config = from_dict(meta.get("config") or {})
     except ConfigError as e:
-        raise LocateError(f"{source}: its config cannot be read ({e})") from None
+        raise UsageError(f"{source}: its config cannot be read ({e})") from None
     switches = meta.get("precision_switches") or []  # after a guard fallback: the precision the run started in
     prec = switches[0]["from"] if switches and ckpt is None else (meta.get("precision") or {}).get("effective")
     start = int(read_meta(ckpt).get("step", 0)) if ckpt is not None else 0
@@ -148,21 +136,22 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog=f"python -m {PACKAGE}.locate", description=__doc__.split("\n\n")[0])
+    """``python -m PACKAGE.locate PATH [--step N] [--max-steps N]``; returns the exit code."""
+    p = UsageParser(prog=f"python -m {PACKAGE}.locate", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="an out_dir, or one checkpoint (out_dir/checkpoints/step_NNNNNNN)")
     p.add_argument("--step", type=int, help="replay to this step (from the newest checkpoint before it)")
     p.add_argument("--max-steps", type=int, default=200, help="steps to replay at most without --step (default 200)")
     try:
         args = p.parse_args(sys.argv[1:] if argv is None else argv)
         if args.max_steps < 1 or (args.step is not None and args.step < 1):
-            raise LocateError("--step and --max-steps must be >= 1")
+            raise UsageError("--step and --max-steps must be >= 1")
         path = Path(args.path)
         if not path.exists():
-            raise LocateError(f"{path}: no such out_dir or checkpoint")
+            raise UsageError(f"{path}: no such out_dir or checkpoint")
         ckpt, source, why = choose(path, args.step)
         print(f"locate: from {ckpt or 'the start'} ({why})")
         return replay(ckpt, source, args.step, args.max_steps)
-    except (LocateError, example.DataError) as e:
+    except (UsageError, example.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a checkpoint that does not verify or load: one line; anything else is a bug

@@ -15,24 +15,13 @@ input is one line and exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from . import example
 from .config import Config, ConfigError, from_dict, parse_args, to_dict
-
-PACKAGE = __package__ or "project"
-
-
-class NumericsError(ValueError):
-    """Bad input: one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise NumericsError(f"{message} (see --help)")
+from .configparse import UsageError, UsageParser, set_key
+from .steps import PACKAGE
 
 
 def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None, str]:
@@ -46,30 +35,24 @@ def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None
     try:
         ckpt = path if (path / "meta.json").is_file() else find_resume(path, "auto")[0]
     except CheckpointError as e:
-        raise NumericsError(str(e)) from None
+        raise UsageError(str(e)) from None
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
-        raise NumericsError(f"{path}: no checkpoint with model.safetensors to start from")
+        raise UsageError(f"{path}: no checkpoint with model.safetensors to start from")
     try:
         cfg = from_dict(read_meta(ckpt).get("config") or {})
-        if overrides:
-            cfg = _override(cfg, overrides)
+        if overrides:  # checked as the command line's, then validated as a whole
+            for item in overrides:
+                key, _, value = item.partition("=")
+                set_key(cfg, key.strip(), value, text=True)
+            cfg = from_dict(to_dict(cfg))
     except ConfigError as e:
-        raise NumericsError(f"{ckpt}: {e}") from None
+        raise UsageError(f"{ckpt}: {e}") from None
     return cfg, load_file(str(ckpt / "model.safetensors")), f"the weights of {ckpt}"
 
 
-def _override(cfg: Config, overrides: list[str]) -> Config:
-    """A checkpoint's config with ``key=value`` overrides, checked as the command line's."""
-    from .configparse import set_key
-
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_key(cfg, key.strip(), value, text=True)
-    return from_dict(to_dict(cfg))
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog=f"python -m {PACKAGE}.numerics", description=__doc__.split("\n\n")[0])
+    """``python -m PACKAGE.numerics [PATH] [options] [key=value ...]``; returns the exit code."""
+    p = UsageParser(prog=f"python -m {PACKAGE}.numerics", description=__doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", help="a run's out_dir or one checkpoint (default: a fresh model)")
     p.add_argument("--batches", type=int, default=4, help="training batches to compare on (default 4)")
     p.add_argument("--precisions", default="bf16,fp16", help="comma-separated: bf16,fp16 (default both)")
@@ -83,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
         bad = [x for x in precisions if x not in ("bf16", "fp16")]
         if bad or not precisions:
-            raise NumericsError(f"--precisions: {bad[0] if bad else args.precisions!r} is not bf16 or fp16")
+            raise UsageError(f"--precisions: {bad[0] if bad else args.precisions!r} is not bf16 or fp16")
         if args.batches < 1 or args.tolerance <= 0:
-            raise NumericsError("--batches must be >= 1 and --tolerance > 0")
+            raise UsageError("--batches must be >= 1 and --tolerance > 0")
         if path is not None and not path.exists():
-            raise NumericsError(f"{path}: no such out_dir or checkpoint")
+            raise UsageError(f"{path}: no such out_dir or checkpoint")
         cfg, weights, source = _state(path, overrides)
         return report(cfg, weights, source, precisions, args.batches, args.tolerance)
-    except (NumericsError, ConfigError, example.DataError) as e:
+    except (UsageError, ConfigError, example.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
