@@ -4,18 +4,16 @@
     python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 train.batch_size=64 [the example's model.* keys]
     python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
 
-Each precision runs in a fresh process (``--worker PREC``), so no precision inherits another's allocator,
-autocast cache or Accelerate state. The worker builds the data, the model and the optimizer with steps.py's
-builders inside an AmpSession (fp16 goes through the real GradScaler path, on a CPU too), runs the warm-up
-steps, then ``--repeats`` timed blocks of ``--steps`` optimizer steps with the training loop's step (steps.py), synchronising
-the device only at the end of each block, and prints one JSON line that this process reads.
+Each precision runs in a fresh process (``--worker PREC``), so none inherits another's allocator, autocast cache
+or Accelerate state. The worker builds the run with steps.py's builders inside an AmpSession (fp16 takes the real
+GradScaler path, on a CPU too), warms up, times ``--repeats`` blocks of ``--steps`` training steps (steps.py),
+synchronising the device only at the end of each block, and prints one JSON line that this process reads.
 
-The table has the median step time over the blocks (with min-max), samples/s, tokens/s, peak memory
-(CUDA: ``max_memory_allocated``; CPU: the worker's peak RSS, interpreter and libraries included), skipped
-steps, the training loss after the last step, and speed-up and memory against fp32 (always measured: it is
-the reference). It says what ``amp.precision=auto`` picks here and whether the measurement agrees, and marks a
-precision this device only emulates instead of passing its number off as a real one. fp32 runs with TF32 off;
-the tf32 row (CUDA, Ampere+) is fp32 with TF32 matmuls on. Results go to ``out_dir/bench.json`` or ``--json``.
+The table has the median step time (with min-max), samples/s, tokens/s, peak memory (CUDA: ``max_memory_allocated``;
+CPU: the worker's peak RSS, interpreter included), skipped steps, the last loss, and speed-up and memory against
+fp32 (always measured: the reference). It says what ``amp.precision=auto`` picks here and whether the measurement
+agrees, and marks a precision this device only emulates instead of passing its number off as real. fp32 runs with
+TF32 off; tf32 (CUDA, Ampere+) is fp32 with TF32 matmuls. Results go to ``out_dir/bench.json`` or ``--json``.
 Bad input is one line and exit code 2.
 """
 
@@ -29,53 +27,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from . import example
 from .amp.console import fmt_duration
 from .amp.settings import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
-from .steps import auto_probe, build_model, build_optimizer, child_env, forever, train_step
+from .configparse import UsageError, UsageParser
+from .steps import PACKAGE, auto_probe, build_model, build_optimizer, child_env, forever, train_step
 
-PACKAGE = __package__ or "project"
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "tf32")
 ROW_PREFIX = '{"bench_row": '  # the one stdout line of a worker that the parent reads
-NOISE = 0.05  # two step times within 5% are a tie
 # how much slower than fp32 a CPU without fast kernels may run these, at worst (for the estimate line only:
 # it varies from ~2x to these with the CPU, the torch build and the model)
 SLOWDOWN = {"fp16": 30.0, "bf16": 10.0, "bf16-true": 10.0}
 
 
-class BenchError(ValueError):
-    """Bad bench input; the message is one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise BenchError(f"{message} (see --help)")
-
-
-@dataclass
-class Options:
-    steps: int = 10
-    warmup: int = 2
-    repeats: int = 3
-    precisions: list[str] | None = None  # None: fp32, bf16, fp16, bf16-true, and tf32 on a CUDA GPU
-    json_path: str | None = None
-    plot: str | None = None
-    worker: str | None = None
-    probe: list[str] | None = None
-    config_args: list[str] = field(default_factory=list)  # --config FILE and key=value, in the order given
-
-
-def parse(argv: list[str]) -> tuple[Options, Config]:
-    """Bench options and the project config (``--config`` files and ``key=value`` overrides, as train.py reads them)."""
-    p = _Parser(prog=f"python -m {PACKAGE}.bench", description=__doc__.split("\n\n")[0],
-                epilog=f"key=value and --config FILE set the config as for training (python -m {PACKAGE}.train --help)")
+def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """Bench options and the project config (``--config`` files and ``key=value`` overrides, as train.py reads them);
+    the options' ``config_args`` hand those on to the workers."""
+    p = UsageParser(prog=f"python -m {PACKAGE}.bench", description=__doc__.split("\n\n")[0],
+                    epilog=f"key=value and --config FILE set the config as for training (python -m {PACKAGE}.train --help)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported (default 3)")
@@ -87,29 +61,27 @@ def parse(argv: list[str]) -> tuple[Options, Config]:
     p.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)  # auto's measurement: comma-separated candidates
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=64")
-    args = p.parse_intermixed_args(argv)
-    for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+    opts = p.parse_intermixed_args(argv)
+    for flag, value, low in (("--steps", opts.steps, 1), ("--warmup", opts.warmup, 0), ("--repeats", opts.repeats, 1)):
         if value < low:
-            raise BenchError(f"{flag} must be >= {low}, got {value}")
-    for o in args.overrides:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    for o in opts.overrides:
         if "=" not in o or o.startswith("="):
-            raise BenchError(f"{o!r}: not a key=value override or a bench option (see --help)")
-    opts = Options(args.steps, args.warmup, args.repeats, json_path=args.json_path, plot=args.plot, worker=args.worker,
-                   config_args=[a for path in args.config for a in ("--config", path)] + args.overrides,
-                   probe=_precisions(args.probe) if args.probe else None)
-    if args.precisions is not None:
-        opts.precisions = _precisions(args.precisions)
-    cfg = parse_args(opts.config_args)
-    return opts, cfg
+            raise UsageError(f"{o!r}: not a key=value override or a bench option (see --help)")
+    opts.config_args = [a for path in opts.config for a in ("--config", path)] + opts.overrides
+    opts.probe = _precisions(opts.probe) if opts.probe else None
+    if opts.precisions is not None:  # None: fp32, bf16, fp16, bf16-true, and tf32 on a CUDA GPU (run decides)
+        opts.precisions = _precisions(opts.precisions)
+    return opts, parse_args(opts.config_args)
 
 
 def _precisions(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
-        raise BenchError(f"--precisions: give at least one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precisions: give at least one of {', '.join(PRECISIONS)}")
     for n in names:
         if n not in PRECISIONS:
-            raise BenchError(f"--precisions: {n!r} is not one of {', '.join(PRECISIONS)}")
+            raise UsageError(f"--precisions: {n!r} is not one of {', '.join(PRECISIONS)}")
     # fp32 first: the reference for the ratios, and the time the estimates of slow precisions start from
     return ["fp32"] + [n for i, n in enumerate(names) if n != "fp32" and n not in names[:i]]
 
@@ -165,7 +137,7 @@ def _peak_memory(device: Any) -> tuple[float | None, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak RSS of the process"
 
 
-def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
+def measure(prec: str, cfg: Config, opts: argparse.Namespace) -> dict[str, Any]:
     """Build everything through steps.py's builders in an AmpSession, warm up, time the blocks; one row."""
     import torch
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -208,7 +180,7 @@ def measure(prec: str, cfg: Config, opts: Options) -> dict[str, Any]:
     return row
 
 
-def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config, opts: Options,
+def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config, opts: argparse.Namespace,
            device: Any) -> dict[str, Any]:
     """Warm-up steps, then the timed blocks of the training loop's own step; a sync only at the end of each block."""
     loss = None
@@ -301,7 +273,7 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
     return {p: statistics.median(ts) for p, ts in times.items()}
 
 
-def worker_main(opts: Options, cfg: Config) -> int:
+def worker_main(opts: argparse.Namespace, cfg: Config) -> int:
     """``--worker PREC``: measure one precision and print its row as one JSON line."""
     from .amp import LoopError, RunLockedError
 
@@ -330,27 +302,22 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "other"
 
 
-def _worker_command(prec: str, opts: Options) -> tuple[list[str], dict[str, str]]:
+def run_worker(prec: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """Run one precision in a fresh process; its row, or a failed row with the worker's last error line."""
     argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--worker", prec, "--steps", str(opts.steps),
             "--warmup", str(opts.warmup), "--repeats", str(opts.repeats), *opts.config_args]
-    return argv, child_env(drop=())
-
-
-def run_worker(prec: str, opts: Options) -> dict[str, Any]:
-    """Run one precision in a fresh process; its row, or a failed row with the worker's last error line."""
-    argv, env = _worker_command(prec, opts)
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(argv, env=child_env(drop=()), capture_output=True, text=True, check=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(ROW_PREFIX):
             return json.loads(line)["bench_row"]
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     last = next((ln for ln in reversed(errors) if ln.startswith("error:")), errors[-1] if errors else "no output")
     if proc.returncode == 2 and last.startswith("error:"):
-        raise BenchError(last.removeprefix("error:").strip())
+        raise UsageError(last.removeprefix("error:").strip())
     return {"precision": prec, "status": "failed", "note": f"exit code {proc.returncode}: {last.strip()[:200]}"}
 
 
-def _estimate(prec: str, rows: list[dict[str, Any]], opts: Options, device_type: str) -> str | None:
+def _estimate(prec: str, rows: list[dict[str, Any]], opts: argparse.Namespace, device_type: str) -> str | None:
     """One line before a precision this CPU runs slowly, with the time it may take."""
     if device_type != "cpu":
         return None
@@ -377,7 +344,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, Any]:
-    """What ``amp.precision=auto`` picks here, the fastest measured precision, and whether they agree."""
+    """What ``amp.precision=auto`` picks here, the fastest measured precision, whether they agree (within autopick's
+    NOISE), and what ``auto`` runs when it times this model (autopick's decision on these rows)."""
+    from .amp.debug.autopick import NOISE, decide
+    from .amp.precision import Resolution
+
     auto = next((r["auto"] for r in rows if "auto" in r), None)
     if auto is None:
         return {"pick": None, "reason": None, "fastest": None, "agrees": None, "text": "no precision was measured"}
@@ -401,8 +372,8 @@ def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[
                 f"({fastest['precision']}, {100 * (ratio - 1):.1f}% faster: noise)")
     else:
         text = f"{head}; the measurement disagrees: {fastest['precision']} was {ratio:.2f}x faster here"
-    timed = timed_pick(rows, asked)
-    if timed is not None:
+    if len(timings) >= 2:
+        timed = decide(Resolution("auto", auto["pick"], auto["reason"], "cpu"), timings, cached=False)
         out["timed_pick"] = timed.effective
         text += f". With amp.auto.measure (the default) auto times it: {timed.effective} ({timed.reason})"
     return {**out, "text": text}
@@ -417,24 +388,8 @@ def _timings(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict
             if r.get("status") == "ok" and r["precision"] in allowed and not r.get("note")}
 
 
-def timed_pick(rows: list[dict[str, Any]], asked: list[str] | None = None) -> Any:
-    """What ``auto`` runs when it times this model (amp/autopick.py's decision on these rows), or None."""
-    from .amp.debug.autopick import decide
-    from .amp.precision import Resolution
-
-    auto = next((r["auto"] for r in rows if "auto" in r), None)
-    timings = _timings(rows, asked)
-    if auto is None or len(timings) < 2:
-        return None
-    return decide(Resolution("auto", auto["pick"], auto["reason"], "cpu"), timings, cached=False)
-
-
 # ----------------------------------------------------------------------------
 # output: the table, bench.json, the plot
-
-
-def _ms(r: dict[str, Any]) -> str:
-    return f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}-{1e3 * r['step_time_max_s']:.1f})"
 
 
 def _x(v: float | None) -> str:
@@ -459,9 +414,10 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
         if r.get("status") != "ok":
             t.add_row(name, r.get("status", "-"), *["-"] * 7)
             continue
+        ms = f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}-{1e3 * r['step_time_max_s']:.1f})"
         mem = "-" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:,.0f}"
         loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        t.add_row(name, _ms(r), f"{r['samples_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-", mem, loss,
+        t.add_row(name, ms, f"{r['samples_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-", mem, loss,
                   f"{r['skipped_steps']}/{r['steps']}", _x(r["speedup_vs_fp32"]), _x(r["memory_vs_fp32"]))
     if notes:
         t.caption = "\n".join(f"* {n}" for n in notes)
@@ -511,29 +467,26 @@ def _remember(cfg: Config, device_type: str, rows: list[dict[str, Any]]) -> None
         autopick.store(autopick.probe_key(device_type, probe), timings, {"from": "bench", "probe": probe.key})
 
 
-def _check_plot(opts: Options) -> None:
-    if opts.plot is None:
-        return
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise BenchError("--plot needs matplotlib (pip install matplotlib)") from None
-
-
-def _check_json(path: Path) -> None:
+def _check_outputs(plot_path: str | None, path: Path) -> None:
+    """--plot's matplotlib and a writable --json folder: one line now, not a traceback after the whole benchmark."""
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
     if path.is_dir():
-        raise BenchError(f"--json: {path} is a directory; give a file path such as {path / 'bench.json'}")
+        raise UsageError(f"--json: {path} is a directory; give a file path such as {path / 'bench.json'}")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
-        raise BenchError(f"--json: {parent} is a file, not a directory")
-    if parent is not None:  # a probe file now, not a traceback after the whole benchmark
+        raise UsageError(f"--json: {parent} is a file, not a directory")
+    if parent is not None:  # a probe file
         try:
             tempfile.TemporaryFile(dir=parent).close()
         except OSError as e:
-            raise BenchError(f"--json: cannot write under {parent} ({e.strerror or e})") from None
+            raise UsageError(f"--json: cannot write under {parent} ({e.strerror or e})") from None
 
 
-def run(opts: Options, cfg: Config) -> int:
+def run(opts: argparse.Namespace, cfg: Config) -> int:
     """Every precision in its own worker, then the table, the verdict, bench.json and the plot."""
     import torch
     from rich.console import Console
@@ -541,9 +494,8 @@ def run(opts: Options, cfg: Config) -> int:
     out = Console(highlight=False, soft_wrap=True)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(highlight=False, soft_wrap=True, width=120)  # a log file or pipe: the whole table
-    _check_plot(opts)
     json_path = Path(opts.json_path) if opts.json_path else Path(cfg.out_dir) / "bench.json"
-    _check_json(json_path)
+    _check_outputs(opts.plot, json_path)
     device_type = _device_type()
     if opts.precisions is None:
         opts.precisions = ["fp32", "bf16", "fp16", "bf16-true"] + (["tf32"] if device_type == "cuda" else [])
@@ -554,7 +506,7 @@ def run(opts: Options, cfg: Config) -> int:
     rows: list[dict[str, Any]] = []
     for i, prec in enumerate(opts.precisions, 1):
         if prec == "tf32" and device_type != "cuda":
-            rows.append({"precision": "tf32", "status": "n/a", "note": "n/a: TF32 needs an Ampere+ CUDA GPU"})
+            rows.append({"precision": "tf32", "status": "n/a", "note": device_note("tf32", "cpu")})
             continue
         line = _estimate(prec, rows, opts, device_type)
         if line:
@@ -599,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigExit as e:
         print(e.text)
         return 0
-    except (BenchError, ConfigError) as e:
+    except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the worker got the same Ctrl-C; nothing of its run is kept
