@@ -227,28 +227,9 @@ def resume_check(cfg: Config) -> Any:
     return check
 
 
-__all__ = [
-    "TRACKER_MODULES",
-    "Config",
-    "ConfigError",
-    "ConfigExit",
-    "check_trackers",
-    "resume_check",
-    "RESUME_INCOMPATIBLE",
-    "RESUME_IGNORED",
-    "COMMAND",
-    "all_keys",
-    "flat",
-    "from_dict",
-    "help_text",
-    "load_yaml",
-    "parse_args",
-    "resume_changes",
-    "set_key",
-    "to_dict",
-    "to_yaml",
-    "validate",
-]
+__all__ = ["TRACKER_MODULES", "Config", "ConfigError", "ConfigExit", "check_trackers", "resume_check",
+           "RESUME_INCOMPATIBLE", "RESUME_IGNORED", "COMMAND", "all_keys", "flat", "from_dict", "help_text", "load_yaml",
+           "parse_args", "resume_changes", "set_key", "to_dict", "to_yaml", "validate"]
 
 
 def _readme_main(argv: list[str]) -> int:

@@ -71,15 +71,6 @@ def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
     return found
 
 
-def _model_args(meta: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The model's constructor arguments from the resolved training config stored in meta.json."""
-    config = meta.get("config")
-    try:
-        return example.model_args(config if isinstance(config, dict) else {})
-    except ValueError as e:
-        raise ExportError(f"{where}: meta.json {e}") from None
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], Path]:
     """Build the model of a checkpoint (or of a run's newest one) and load its weights.
 
@@ -101,7 +92,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         check_complete(path)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    model = example.model_class()(**_model_args(meta, path))
+    config = meta.get("config")  # the resolved training config: the model's constructor arguments
+    try:
+        args = example.model_args(config if isinstance(config, dict) else {})
+    except ValueError as e:
+        raise ExportError(f"{path}: meta.json {e}") from None
+    model = example.model_class()(**args)
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
@@ -177,16 +173,6 @@ A model trained with `{PACKAGE}` (HuggingFace Accelerate, mixed precision).
 """
 
 
-def _check_destination(dest: Path) -> None:
-    if dest.exists() and not dest.is_dir():
-        raise ExportError(f"{dest}: exists and is not a directory; pass another --out")
-    if dest.is_dir():
-        foreign = sorted(p.name for p in dest.iterdir() if p.name not in EXPORT_FILES)
-        if foreign:
-            raise ExportError(f"{dest}: exists and is not an exported model (holds {', '.join(foreign[:3])}); "
-                              "pass another --out")
-
-
 def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write the model of a training checkpoint as ``model.safetensors`` + ``config.json`` + ``README.md``.
 
@@ -198,7 +184,12 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """
     model, meta, ckpt = load_checkpoint(ckpt_dir)
     dest = Path(out_dir) if out_dir is not None else ckpt.resolve().parents[1] / "final"
-    _check_destination(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"{dest}: exists and is not a directory; pass another --out")
+    foreign = sorted(p.name for p in dest.iterdir() if p.name not in EXPORT_FILES) if dest.is_dir() else []
+    if foreign:
+        raise ExportError(f"{dest}: exists and is not an exported model (holds {', '.join(foreign[:3])}); "
+                          "pass another --out")
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)  # model.safetensors + config.json (and the mixin's generic card, replaced next)
