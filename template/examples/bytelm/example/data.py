@@ -14,6 +14,7 @@ Bad data settings (a binary or missing file, too little text, a hub dataset with
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import os
 import sysconfig
@@ -95,28 +96,22 @@ def check_enough(n_train_blocks: int, batch_size: int, num_processes: int, sourc
     """
     need = batch_size * num_processes
     if n_train_blocks < need:
-        raise DataError(
-            f"{source}: only {n_train_blocks} training blocks, fewer than one batch of {need} "
-            f"(train.batch_size={batch_size} x {num_processes} process{'es' if num_processes != 1 else ''}); "
-            f"{MORE_TEXT[source]}, or lower train.batch_size or data.seq_len"
-        )
+        raise DataError(f"{source}: only {n_train_blocks} training blocks, fewer than one batch of {need} "
+                        f"(train.batch_size={batch_size} x {num_processes} process{'es' if num_processes != 1 else ''}); "
+                        f"{MORE_TEXT[source]}, or lower train.batch_size or data.seq_len")
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """What ``load_dataset`` raises when the hub cannot be reached (offline mode included)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]  # OfflineModeIsEnabled is a ConnectionError
-    try:
+    with contextlib.suppress(ImportError):  # huggingface_hub uses requests or httpx, by version
         import requests
 
         errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError):
         import httpx
 
         errors.append(httpx.TransportError)
-    except ImportError:
-        pass
     return tuple(errors)
 
 
@@ -181,15 +176,9 @@ def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int,
         text_column = "text"
     if text_column not in raw.column_names:
         raise DataError(f"data.text_column: {text_column!r} not in the dataset's columns {raw.column_names}")
-    blocks = raw.map(
-        _to_blocks,
-        batched=True,
-        batch_size=64,
-        remove_columns=raw.column_names,
-        fn_kwargs={"block": seq_len + 1, "column": text_column},
-        features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint8"))}),
-        desc="bytes -> blocks",
-    )
+    blocks = raw.map(_to_blocks, batched=True, batch_size=64, remove_columns=raw.column_names,
+                     fn_kwargs={"block": seq_len + 1, "column": text_column}, desc="bytes -> blocks",
+                     features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint8"))}))
     n_val = max(1, int(len(blocks) * val_fraction))
     if len(blocks) - n_val < 1:
         raise DataError(f"{source}: only {len(blocks)} blocks of {seq_len + 1} bytes, none left for training after "
@@ -206,14 +195,5 @@ def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_loader(ds, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
     """A DataLoader whose order depends only on ``seed`` and the epoch (``set_epoch``), so resume is exact."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle,
-        collate_fn=collate,
-        generator=g,
-        num_workers=num_workers,
-    )
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers)

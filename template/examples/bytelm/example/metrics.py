@@ -30,18 +30,10 @@ Returns:
 
 class ByteLMMetrics(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features(
-                {
-                    "correct": datasets.Value("int64"),
-                    "count": datasets.Value("int64"),
-                    "nll_sum": datasets.Value("float64"),
-                }
-            ),
-        )
+        features = {"correct": datasets.Value("int64"), "count": datasets.Value("int64"),
+                    "nll_sum": datasets.Value("float64")}
+        return evaluate.MetricInfo(description=_DESCRIPTION, citation="", inputs_description=_INPUTS,
+                                   features=datasets.Features(features))
 
     def _compute(self, correct, count, nll_sum):
         n = sum(count)
