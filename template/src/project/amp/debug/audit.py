@@ -2,17 +2,15 @@
 
 A run can say "bf16 mixed" while its master weights or optimizer state are silently bf16 (a ``model.to(bf16)``
 left in a script, an optimizer built on a cast copy, a wrapper that casts): nothing fails, the run just loses
-its small updates. After ``prepare`` and the first optimizer step the session builds one table:
+its small updates. After ``prepare`` and the first optimizer step the session builds one table: per optimizer
+parameter group the dtypes of its parameters, of their gradients (at that first step) and of the optimizer's
+state (``exp_avg``, ...); the model's own parameters (what the forward computes with) and, per top-level module,
+the dtype of its output in the first step's forward (under autocast: what it really ran in); the ``fp32_modules``
+in effect, the TF32 switches and the scaler.
 
-- per optimizer parameter group: the dtypes of the parameters it updates, of their gradients (seen at that first
-  step) and of the optimizer's state (``exp_avg``, ``exp_avg_sq``, ...);
-- the model's own parameters (what the forward computes with) and, per top-level module, the dtype of its output
-  as the first step's forward produced it (under autocast: what it really ran in);
-- the ``fp32_modules`` in effect, the TF32 switches and the scaler;
-
-and checks it: mixed precision (bf16, fp16) and fp32 keep float32 weights, master weights and optimizer state;
-bf16-true keeps bf16 weights with float32 masters and state. A mismatch is a warning naming the tensors, or
-:class:`AuditError` (one line) with ``audit="strict"``. The table goes to the console and to ``meta.json``.
+Mixed precision (bf16, fp16) and fp32 keep float32 weights, master weights and optimizer state; bf16-true keeps
+bf16 weights with float32 masters and state. A mismatch is a warning naming the tensors, or :class:`AuditError`
+(one line) with ``audit="strict"``. The table goes to the console and to ``meta.json``.
 """
 
 from __future__ import annotations
@@ -36,6 +34,10 @@ def _name(dtype: Any) -> str:
 
 def _names(dtypes: Iterable[Any]) -> str:
     return ",".join(sorted({_name(d) for d in dtypes})) or "-"
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
 
 
 class Audit(Feature):
@@ -96,6 +98,7 @@ class Audit(Feature):
                 self._handles.append(inner.register_step_pre_hook(self._grads))
 
     def _output(self, name: str) -> Any:
+        # a closure, not a bound method: a model deep-copied while it is watched must not copy the session
         def hook(module: Any, args: Any, output: Any) -> None:
             out = output[0] if isinstance(output, (tuple, list)) and output else output
             if isinstance(out, torch.Tensor) and out.is_floating_point():
@@ -116,6 +119,7 @@ class Audit(Feature):
             h.remove()
         self._handles = []
         want_weights = torch.bfloat16 if self.precision == "bf16-true" else torch.float32
+        names = {id(p): n for m in self.models for n, p in m.named_parameters()}
         problems: list[str] = []
         groups = []
         for i, opt in enumerate(self.optimizers):
@@ -129,38 +133,32 @@ class Audit(Feature):
                 low = [p for p in params if p.dtype != torch.float32]
                 if low:
                     problems.append(f"optimizer {i} group {j} updates {len(low)} {_names(p.dtype for p in low)} "
-                                    f"parameter(s) ({self._param_names(low)}): {self.precision} keeps float32 master "
-                                    "weights")
+                                    f"parameter(s) ({_few([names.get(id(p), '?') for p in low])}): {self.precision} "
+                                    "keeps float32 master weights")
                 bad_state = sorted(k for k, d in state.items() if d != torch.float32)
                 if bad_state:
                     problems.append(f"optimizer {i} group {j} keeps {', '.join(bad_state)} in "
                                     f"{_names(state[k] for k in bad_state)}: {self.precision} keeps float32 "
                                     "optimizer state")
-        fp32_modules = [n for m in self.models for n, x in m.named_modules() if getattr(x, "_amp_fp32", False)]
-        kept = {id(p) for m in self.models for x in m.modules() if getattr(x, "_amp_fp32", False)
-                for p in x.parameters()}
+        fp32 = [(n, x) for m in self.models for n, x in m.named_modules() if getattr(x, "_amp_fp32", False)]
+        kept = {id(p) for _, x in fp32 for p in x.parameters()}
         weights = [(n, p) for m in self.models for n, p in m.named_parameters()
                    if p.is_floating_point() and id(p) not in kept]
-        wrong = [n for n, p in weights if p.dtype != want_weights]
+        wrong = [(n, p) for n, p in weights if p.dtype != want_weights]
         if wrong:
-            problems.append(f"model parameter(s) {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} "
-                            f"({len(wrong)} of {len(weights)}) are {_names(dict(weights)[n].dtype for n in wrong)}: "
-                            f"{self.precision} stores the model's weights in {_name(want_weights)}")
+            problems.append(f"model parameter(s) {_few([n for n, _ in wrong])} ({len(wrong)} of {len(weights)}) are "
+                            f"{_names(p.dtype for _, p in wrong)}: {self.precision} stores the model's weights in "
+                            f"{_name(want_weights)}")
         self.result = {
             "precision": self.precision, "optimizer_groups": groups,
-            "model_weights": _names(p.dtype for _, p in weights) if weights else "-",
+            "model_weights": _names(p.dtype for _, p in weights),
             "module_outputs": {n: _names(d) for n, d in self.outputs.items()},
-            "fp32_modules": fp32_modules,
+            "fp32_modules": [n for n, _ in fp32],
             "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)},
             "scaler": type(scaler).__name__ if scaler is not None else "none",
             "problems": problems,
         }
         return problems
-
-    def _param_names(self, params: list[torch.Tensor]) -> str:
-        ids = {id(p): n for m in self.models for n, p in m.named_parameters()}
-        names = [ids.get(id(p), "?") for p in params]
-        return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
 
     def lines(self) -> list[str]:
         """The table as plain lines for the console."""
