@@ -1,19 +1,18 @@
 """How close a run is to the edges of its precision, measured on the steps that end at a log tick only.
 
-- ``amp/grad_underflow_frac``: of the non-zero gradient elements in a fixed sample, the share whose *scaled*
-  value (as the backward computed it, times the loss scale) is below fp16's subnormal floor, its smallest normal
-  number (2**-14): there fp16 keeps fewer significant bits, and below 2**-24 none (the value becomes zero). High
-  means the scale is too low (or fp16 is the wrong precision for this model).
-- ``amp/scale_headroom_bits``: ``log2(65504 / the largest scaled gradient)``: how many more doublings of the scale
-  the gradients would take before fp16 overflows (negative: they already do; the step is skipped).
-- ``amp/lost_update_frac`` (bf16-true): of the sampled weights that the optimizer moved (their float32 master
-  changed), the share whose bf16 copy did not change: updates too small to show yet, kept in the master.
+- ``amp/grad_underflow_frac`` (fp16): of the non-zero gradient elements in a fixed sample, the share whose
+  *scaled* value (as the backward computed it, times the loss scale) is below fp16's smallest normal number
+  (2**-14), the floor of its subnormal range: there fp16 keeps fewer significant bits, and below 2**-24 none (the
+  value becomes zero). High: the scale is too low (or fp16 is the wrong precision for this model).
+- ``amp/scale_headroom_bits`` (fp16): ``log2(65504 / the largest scaled gradient)``: how many more doublings of
+  the scale the gradients would take before fp16 overflows (negative: they already do; the step is skipped).
+- ``amp/lost_update_frac`` (bf16-true, around its optimizer step, with the masters of ``master.py``): of the
+  sampled weights whose float32 master the optimizer moved, the share whose bf16 copy did not change: updates
+  too small to show yet, kept in the master.
 
-The first two are measured in runs with a loss scale (fp16), the third in bf16-true (around its optimizer step,
-with the master weights of ``master.py``). Nothing is read from the
-device per step: the values stay on the device from the tick's last backward (and optimizer step) until the tick
-reads them, in one read. A sample is every n-th element of each tensor (n fixed per run so that at most :data:`SAMPLE` elements
-are looked at), so a tick costs a few strided reductions.
+Nothing is read from the device per step: the values stay there from the tick's last backward (and optimizer
+step) until the tick reads them, in one read. A sample is every n-th element of each tensor (n fixed per run so
+that at most :data:`SAMPLE` elements are looked at), so a tick costs a few strided reductions.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ class Meters(Feature):
         self.armed = False  # the optimizer step being computed ends at a log tick
         self._stride: int | None = None
         self._pending: dict[str, torch.Tensor] = {}
-        self._before: list[torch.Tensor] = []
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] = []  # sampled (bf16 copy, master) before the step
         self.last: dict[str, float] = {}  # as of the last tick (the run's summary)
         if hooks.resolution.weights_dtype is not None:  # bf16-true: around the optimizer's own step
             self.before_inner_step, self.after_inner_step = self._sample_masters, self._lost_updates
@@ -80,7 +79,7 @@ class Meters(Feature):
     def _sample_masters(self, opt: Any) -> None:
         pairs = self._pairs(opt)
         n = self.stride([p for p, _ in pairs]) if pairs else 1
-        self._before = [t.detach().reshape(-1)[::n].clone() for p, m in pairs for t in (p, m)]
+        self._before = [(p.detach().reshape(-1)[::n].clone(), m.detach().reshape(-1)[::n].clone()) for p, m in pairs]
 
     def _lost_updates(self, opt: Any) -> None:
         """After the masters were updated and rounded: of the sampled weights whose master changed, the share whose
@@ -88,13 +87,12 @@ class Meters(Feature):
         pairs = self._pairs(opt)
         if not pairs or not self._before:
             return
-        moved = kept = None
+        moved = kept = 0
         n = self.stride([p for p, _ in pairs])
-        for (p, m), (low, high) in zip(pairs, zip(self._before[::2], self._before[1::2], strict=True), strict=True):
+        for (p, m), (low, high) in zip(pairs, self._before, strict=True):
             changed = m.detach().reshape(-1)[::n] != high
-            shown = p.detach().reshape(-1)[::n] != low
-            moved = changed.sum() if moved is None else moved + changed.sum()
-            kept = (changed & ~shown).sum() if kept is None else kept + (changed & ~shown).sum()
+            moved = moved + changed.sum()
+            kept = kept + (changed & (p.detach().reshape(-1)[::n] == low)).sum()
         self._pending["amp/lost_update_frac"] = kept / moved.clamp(min=1)
         self._before = []
 
