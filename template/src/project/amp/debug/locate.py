@@ -1,17 +1,13 @@
 """Which module overflowed: hooks on one training step that find the first value past the low-precision limit.
 
 :class:`OverflowLocator` watches a model for the steps run inside it (off the hot path: use it to replay a step,
-never in normal training). For every module it checks
-
-- ``forward``: the module's floating-point outputs;
-- ``backward``: the gradient its backward hands to its inputs (what its own backward produced);
-- ``parameter gradient``: the gradients of its own parameters;
-
-against the limit of the run's low-precision dtype (65504 for fp16): a gradient is seen as the backward computes
-it, that is times the loss scale, so the check is ``|value| * 1 > limit`` on the scaled value, which is
-``|unscaled value| * scale > limit``. The first module and phase, in the order the step ran them, where a value
-is non-finite or past the limit is the overflow; the per-module headroom ``log2(limit / amax)`` (in bits: how
-many doublings of the scale it could still take) shows which modules were close.
+never in normal training). For every module it checks its floating-point outputs (``forward``), the gradient its
+backward hands to its inputs (``backward``) and the gradients of its own parameters (``parameter gradient``)
+against the limit of the run's low-precision dtype (65504 for fp16). A gradient is seen as the backward computes
+it, times the loss scale: ``|scaled value| > limit`` is ``|unscaled value| * scale > limit``. The first module and
+phase, in the order the step ran them, where a value is non-finite or past the limit is the overflow; the
+per-module headroom ``log2(limit / amax)`` (in bits: how many doublings of the scale it could still take) shows
+which modules were close.
 
     with OverflowLocator(model, limit=65504.0, scale=scaler.get_scale()) as loc:
         loss = model(x).float().mean(); scaler.scale(loss).backward()
@@ -56,13 +52,11 @@ class Finding:
 
 
 def _floats(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x] if x.is_floating_point() else []
+    if isinstance(x, dict):
+        x = list(x.values())
     if isinstance(x, (list, tuple)):
         return [t for v in x for t in _floats(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _floats(v)]
-    return []
+    return [x] if isinstance(x, torch.Tensor) and x.is_floating_point() else []
 
 
 class OverflowLocator:
@@ -80,14 +74,15 @@ class OverflowLocator:
     # ------------------------------------------------------------------ hooks
 
     def __enter__(self) -> OverflowLocator:
-        owner: dict[int, str] = {}
+        # closures, not bound methods, as hooks: a model deep-copied while it is watched must not copy the locator
+        owned: set[int] = set()
         for name, module in self.model.named_modules():
             name = _plain_name(name)
             self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
             for p in module.parameters(recurse=False):
-                if p.requires_grad and id(p) not in owner:
-                    owner[id(p)] = name
+                if p.requires_grad and id(p) not in owned:
+                    owned.add(id(p))
                     self._handles.append(p.register_hook(self._seen(name, "parameter gradient")))
         return self
 
@@ -100,10 +95,10 @@ class OverflowLocator:
         self._handles = []
         self._settle()
 
-    def _seen(self, name: str, phase: str) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            if grad is not None and grad.is_floating_point():
-                self._pending.append((name, phase, grad.detach().abs().amax().float()))
+    def _seen(self, name: str, phase: str) -> Callable[[torch.Tensor], None]:
+        def hook(value: torch.Tensor) -> None:
+            if value is not None and value.is_floating_point():
+                self._pending.append((name, phase, value.detach().abs().amax().float()))
 
         return hook
 
@@ -111,25 +106,19 @@ class OverflowLocator:
         def hook(module: Any, args: Any) -> None:
             # the gradient of this module's inputs is what its own backward produced; a tensor several modules take
             # in (a parent and its first child) is claimed by the innermost, whose pre-hook runs last
-            for t in _floats(args):
-                if not t.requires_grad:
-                    continue
+            for t in [t for t in _floats(args) if t.requires_grad]:
                 if getattr(t, "_amp_locate_owner", None) is None:
-                    t.register_hook(self._input_grad(t))
+                    t.register_hook(lambda grad, t=t: self._seen(t._amp_locate_owner, "backward")(grad))
                 t._amp_locate_owner = name
 
         return hook
 
-    def _input_grad(self, t: torch.Tensor) -> Any:
-        def hook(grad: torch.Tensor) -> None:
-            self._seen(getattr(t, "_amp_locate_owner", ""), "backward")(grad)
-
-        return hook
-
     def _forward_hook(self, name: str) -> Any:
+        seen = self._seen(name, "forward")
+
         def hook(module: Any, args: Any, output: Any) -> None:
             for t in _floats(output):
-                self._pending.append((name, "forward", t.detach().abs().amax().float()))
+                seen(t)
 
         return hook
 
@@ -172,10 +161,9 @@ class OverflowLocator:
         (``fix(module)``: the line in the caller's words, e.g. a config key; default: the core's call)."""
         first = self.finding()
         scale = f" at loss scale {self.scale:g}" if self.scale else ""
-        lines = [first.line(self.limit) + scale if first else f"no overflow: every value stayed within {self.limit:g}"
-                 + scale]
-        lines.append(f"headroom in bits, log2({self.limit:g} / amax), lowest first:")
-        lines.append(f"  {'module':<36} {'forward':>9} {'backward':>9} {'param grad':>10}")
+        head = first.line(self.limit) if first else f"no overflow: every value stayed within {self.limit:g}"
+        lines = [head + scale, f"headroom in bits, log2({self.limit:g} / amax), lowest first:",
+                 f"  {'module':<36} {'forward':>9} {'backward':>9} {'param grad':>10}"]
         for name, bits in self.headroom()[:top]:
             cells = [_bits(bits.get(p)) for p in PHASES]
             lines.append(f"  {(name or '(the model)')[:36]:<36} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10}")
