@@ -2,16 +2,16 @@
 
 Two features of the session (``hooks.py``), reporting what would otherwise fail silently:
 
-- :class:`LoopChecks` (fp16): the loss went through ``loss.backward()`` instead of ``accelerator.backward(loss)``
-  (gradients never scaled, then unscaled: the update is ``init_scale`` times too small), or the weights were
-  updated without ``optimizer.step()`` of a prepared optimizer (scaled gradients applied as they are, the scale never
-  updated): a :class:`LoopError` at the first step where it happens. Gradients made smaller between backward and the
-  optimizer step while still scaled, as ``torch.nn.utils.clip_grad_norm_`` does when called before unscaling (it
-  then clips ``scale`` times too hard): a warning, from two gradient norms in each of the first few steps, kept on
-  the device and read at the first log tick.
-- :class:`SameData` (several processes): every process trained on the same first batch (the data is not split
-  between them): a warning, from a fingerprint of each process's first batch (its first loss, for batches without
-  a tensor) exchanged in the tick's collective.
+- :class:`LoopChecks` (fp16), a :class:`LoopError` at the first step where the loss went through
+  ``loss.backward()`` instead of ``accelerator.backward(loss)`` (gradients never scaled, then unscaled: the update
+  is ``init_scale`` times too small), or the weights were updated without ``optimizer.step()`` of a prepared
+  optimizer (scaled gradients applied as they are, the scale never updated); a warning where the gradients were
+  made smaller between backward and the optimizer step while still scaled, as ``torch.nn.utils.clip_grad_norm_``
+  does when called before unscaling (it then clips ``scale`` times too hard): two gradient norms in each of the
+  first few steps, kept on the device and read at the first log tick.
+- :class:`SameData` (several processes), a warning where every process trained on the same first batch (the data
+  is not split between them): a fingerprint of each process's first batch (its first loss, for batches without a
+  tensor) exchanged in the tick's collective.
 """
 
 from __future__ import annotations
@@ -24,13 +24,6 @@ from ..hooks import Feature
 from ..position import LoopError, fingerprint
 
 CHECKED_STEPS = 3  # steps whose gradient norms are compared (two norms each); later steps cost nothing
-
-
-def _grad_norm(optimizer: Any) -> torch.Tensor | None:
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return None
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
 class LoopChecks(Feature):
@@ -49,7 +42,7 @@ class LoopChecks(Feature):
         self.backwards = 0  # accelerator.backward calls
         self.steps = 0  # optimizer steps that went through a prepared optimizer (and so through the GradScaler)
         self._checked = 0
-        self._norms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (after backward, at step, scale)
+        self._norms: list[torch.Tensor] = []  # [norm after backward, norm at the step, scale] on the device
         self._after_backward: torch.Tensor | None = None
         self._seen = (0, 0)  # (backwards, steps) at the previous optimizer step
         self._known = 0  # prepared optimizers seen
@@ -63,18 +56,21 @@ class LoopChecks(Feature):
         if self._checked < CHECKED_STEPS and self.hooks.accelerator.sync_gradients:
             self._after_backward = self._norm_now()
 
-    def before_unscale(self) -> None:  # clip_grad_norm_ comes here first
-        self._require_backward()
-
     def _require_backward(self) -> None:
         if self.backwards == self._seen[0]:
             raise LoopError("fp16: the loss did not go through accelerator.backward(loss) in this step "
                             "(loss.backward() skips the loss scaling, so the GradScaler would unscale gradients that "
                             "were never scaled); call accelerator.backward(loss)")
 
+    before_unscale = _require_backward  # clip_grad_norm_ comes here first
+
     def _norm_now(self) -> torch.Tensor | None:
-        norms = [n for n in (_grad_norm(o) for o in self.hooks.accelerator._optimizers) if n is not None]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        """The norm of every gradient of the prepared optimizers, on the device."""
+        grads = [p.grad for o in self.hooks.accelerator._optimizers for g in o.param_groups for p in g["params"]
+                 if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
     def before_step(self, optimizer: Any) -> None:
         self._require_backward()
@@ -86,7 +82,7 @@ class LoopChecks(Feature):
         if getattr(stage, "name", str(stage)) == "READY":  # nobody unscaled yet: the gradients are still scaled
             now = self._norm_now()
             if now is not None and getattr(self.scaler, "_scale", None) is not None:
-                self._norms.append((self._after_backward, now, self.scaler._scale.detach().clone()))
+                self._norms.append(torch.stack([self._after_backward, now, self.scaler._scale.float().reshape(())]))
         self._checked += 1
         self._after_backward = None
 
@@ -107,8 +103,7 @@ class LoopChecks(Feature):
     def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
         if not self._norms or self._warned:
             return {}, []
-        values = torch.stack([torch.stack([a.float(), b.float(), s.float().reshape(())])
-                              for a, b, s in self._norms]).tolist()
+        values = torch.stack(self._norms).tolist()
         self._norms.clear()
         shrunk = [(a, b, s) for a, b, s in values if b < a * 0.999]
         if not shrunk:
@@ -144,8 +139,7 @@ class SameData(Feature):
             self.value = loss.detach().float().clone() if isinstance(loss, torch.Tensor) else float(loss)
 
     def shared(self) -> list[float]:
-        v = self.value
-        return [float("nan") if v is None or self.done else v]
+        return [float("nan") if self.value is None or self.done else self.value]
 
     def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
         prints = [r[0] for r in rows]
