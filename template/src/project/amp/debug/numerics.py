@@ -1,15 +1,14 @@
 """Which modules lose the most to low precision: each module's error against a float32 shadow, in rounding units.
 
 The same batches run through the model from one state twice, in float32 and under the low precision's autocast,
-with hooks on every leaf module: its output (``activation``) and the gradient of the loss with respect to that
-output (``gradient``). Per module the error is the relative RMS difference, ``rms(low - fp32) / rms(fp32)``, in
-units of the dtype's rounding error (``u``: 2**-8 for bf16, 2**-11 for fp16), averaged over the batches. A module
-that only rounds its result is near 1 unit; one whose arithmetic is hostile to the dtype (a long sum, a softmax of
-large logits done in the input's dtype) is far above. Modules above ``tolerance`` are flagged; :func:`suggest`
-keeps the worst one in float32 (``keep_in_fp32``), measures again, and adds the next while any stays above, so the
-list it returns is the ``amp.fp32_modules`` that brings every module under the tolerance (at most ``rounds``).
-:func:`loss_gap` trains K steps from the same state in float32 and in the low precision and gives the relative
-difference of the losses: the cost at the level a user sees.
+with hooks on every leaf module: its output (``activation``) and the gradient of the loss with respect to it
+(``gradient``). Per module the error is the relative RMS difference, ``rms(low - fp32) / rms(fp32)``, in units of
+the dtype's rounding error (:data:`UNIT`), averaged over the batches. A module that only rounds its result is near
+1 unit; one whose arithmetic is hostile to the dtype (a long sum, a softmax of large logits done in the input's
+dtype) is far above. :func:`suggest` keeps the worst module above ``tolerance`` in float32 (``keep_in_fp32``) and
+measures again while any stays above (at most ``rounds``): its last list is the ``amp.fp32_modules`` that brings
+every module under the tolerance. :func:`loss_gap` trains from the same state in float32 and in the low precision:
+the relative difference of the losses is the cost at the level a user sees.
 
 The model runs in ``eval()`` mode (no dropout; BatchNorm on its running statistics) so that both passes compute
 the same function; nothing is random, so a report is the same for the same state and batches.
@@ -21,13 +20,14 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..precision import keep_in_fp32
 
-UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # the dtype's rounding error u
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,10 +51,6 @@ class Round:
     flagged: list[str] = field(default_factory=list)
 
 
-def _leaves(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
-
-
 def _capture(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor], device_type: str,
              dtype: torch.dtype | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """One forward and backward; per leaf module its output and the gradient of the loss with respect to it."""
@@ -62,18 +58,16 @@ def _capture(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
     grads: dict[str, torch.Tensor] = {}
     handles = []
 
-    def hook(name: str) -> Any:
-        def record(module: Any, args: Any, output: Any) -> None:
-            t = output[0] if isinstance(output, (tuple, list)) and output else output
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                outs[name] = t.detach().float()
-                if t.requires_grad:
-                    t.register_hook(lambda g: grads.__setitem__(name, g.detach().float()))
+    def record(name: str, module: Any, args: Any, output: Any) -> None:
+        t = output[0] if isinstance(output, (tuple, list)) and output else output
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            outs[name] = t.detach().float()
+            if t.requires_grad:
+                t.register_hook(lambda g: grads.__setitem__(name, g.detach().float()))
 
-        return record
-
-    for name, module in _leaves(model):
-        handles.append(module.register_forward_hook(hook(name)))
+    for name, module in model.named_modules():
+        if name and next(module.children(), None) is None:  # the leaf modules
+            handles.append(module.register_forward_hook(partial(record, name)))
     try:
         model.zero_grad(set_to_none=True)
         with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -86,8 +80,7 @@ def _capture(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    ref = a.norm()
-    diff = (b - a).norm()
+    ref, diff = a.norm(), (b - a).norm()
     if not torch.isfinite(diff):
         return math.inf
     return float(diff / ref) if ref > 0 else (0.0 if diff == 0 else math.inf)
@@ -107,14 +100,11 @@ def measure(build: Callable[[], torch.nn.Module], batches: Sequence[Any], loss_f
         a = _capture(ref_model, batch, loss_fn, device.type, None)
         b = _capture(low_model, batch, loss_fn, device.type, dtype)
         for name, (out_a, grad_a) in a.items():
-            if name not in b:
-                continue
-            out_b, grad_b = b[name]
-            act = _rel(out_a, out_b) / unit
-            grad = _rel(grad_a, grad_b) / unit if grad_a is not None and grad_b is not None else 0.0
-            s = sums.setdefault(name, [0.0, 0.0])
-            s[0] += act
-            s[1] += grad
+            if name in b:
+                out_b, grad_b = b[name]
+                s = sums.setdefault(name, [0.0, 0.0])
+                s[0] += _rel(out_a, out_b) / unit
+                s[1] += _rel(grad_a, grad_b) / unit if grad_a is not None and grad_b is not None else 0.0
     n = max(len(batches), 1)
     errors = [ModuleError(name, s[0] / n, s[1] / n) for name, s in sums.items()]
     return sorted(errors, key=lambda e: -e.worst)
