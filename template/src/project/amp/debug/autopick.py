@@ -2,17 +2,12 @@
 
 The same CPU runs a tiny model slower in bf16 (the casts dominate) and a wide one twice as fast; GPUs differ the
 same way. So where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU),
-a session asked for ``auto`` with a :class:`Probe` (``AmpSession(..., probe=Probe(run, key))``) times a few optimizer
-steps of each candidate precision and runs the fastest. The probe is the caller's (the project times its own training step in a child process, so the
-run's model, optimizer, RNG and data position never see it); this module owns the rest:
-
-- which precisions are candidates here (:func:`candidates`): fp32 and bf16 on such a CPU (never fp16 on a CPU:
-  no fast kernels), fp32, bf16 (where native) and fp16 with a GradScaler on a CUDA GPU;
-- the decision (:func:`decide`): the fastest, unless the rule's pick is within :data:`NOISE` of it (then the rule
-  stands: a measurement overrides it only when it clearly disagrees);
-- a cache keyed by the machine (device, CPU feature or GPU name, threads, torch version) and the probe's own key
-  (model and batch shape), in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``: a resume or the next run costs nothing;
-- several processes: the main process measures (or reads the cache), every rank follows its result.
+a session asked for ``auto`` with a :class:`Probe` (``AmpSession(..., probe=Probe(run, key))``) times a few
+optimizer steps of each of the :func:`candidates` and runs the fastest (:func:`decide`). The probe is the caller's
+(the project times its own training step in a child process, so the run's model, optimizer, RNG and data position
+never see it). Timings are cached by machine (device, CPU feature or GPU name, threads, torch version) and the
+probe's own key (model and batch shape), in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``: a resume or the next
+run costs nothing. With several processes the main process measures (or reads the cache), every rank follows it.
 """
 
 from __future__ import annotations
@@ -49,32 +44,52 @@ class Probe:
 
 def for_session(rule: Resolution, state: Any, probe: Probe | None, auto: Any) -> Resolution:
     """What a session asked for ``auto`` runs: ``rule`` where the hardware decides or ``auto.measure`` is off, the
-    measured pick with a ``probe`` (the main process measures or reads the cache; every rank runs its result), and
-    the rule with the hint of how to time it otherwise."""
+    measured pick with a ``probe``, and the rule with the hint of how to time it otherwise. The main process reads
+    the cache or runs ``probe.run``; every rank runs its result. A failing probe keeps the rule, and says so."""
     if not auto.measure or not candidates(state.device, auto.candidates or None):
         return rule
     if probe is None:
         return untimed(rule)
     probe = Probe(probe.run, probe.key, auto.candidates or probe.candidates)
-    share = None
-    if state.num_processes > 1:
+    found = _timings(state.device, probe) if state.is_main_process else (None, False, None)
+    if state.num_processes > 1:  # every rank follows the main process's timings
         from accelerate.utils import broadcast_object_list
 
-        def share(value: Any) -> Any:
-            box = [value]
-            broadcast_object_list(box, from_process=0)
-            return box[0]
+        box = [found]
+        broadcast_object_list(box, from_process=0)
+        found = box[0]
+    timings, cached, error = found
+    if error == UNTIMED:
+        return untimed(rule, "nothing cached for this model")
+    if error or not timings:
+        why = error or "no precision was timed"
+        return Resolution(rule.requested, rule.effective, f"{rule.reason} (timing it failed: {why})", rule.device_type)
+    return decide(rule, timings, cached)
 
-    return pick(rule, state.device, probe, state.is_main_process, share)
 
-
-TIMEABLE = ("fp32", "bf16", "fp16", "bf16-true")
+def _timings(device: torch.device | str, probe: Probe) -> tuple[dict[str, float] | None, bool, str | None]:
+    """The main process's (timings, cached, error): from the cache, else from ``probe.run`` (then cached)."""
+    key = probe_key(device, probe)
+    timings = lookup(key)
+    if timings is not None:
+        return timings, True, None
+    if probe.run is None:
+        return None, False, UNTIMED
+    cands = candidates(device, probe.candidates)
+    try:
+        timings = {p: float(t) for p, t in probe.run(cands).items() if p in cands}
+    except Exception as e:  # the probe is advice: training goes on by the rule
+        return None, False, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    if timings:
+        store(key, timings, {"machine": machine(device), "probe": probe.key})
+    return timings, False, None
 
 
 def candidates(device: torch.device | str, asked: list[str] | None = None) -> list[str]:
     """The precisions worth timing on ``device``: ``asked`` (fp32, the reference, always among them) where a device
-    can be timed, else fp32 and bf16 on a CPU with AVX512-BF16 or AMX, and fp16 too on a CUDA GPU (never fp16 on a
-    CPU unless asked: no fast kernels); empty where the hardware rule is certain and nothing was asked."""
+    can be timed, else fp32 and bf16 on a CPU with AVX512-BF16 or AMX, fp32, bf16 (where native) and fp16 (with a
+    GradScaler) on a CUDA GPU (never fp16 on a CPU unless asked: no fast kernels); empty where the hardware rule is
+    certain and nothing was asked."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return []
@@ -82,8 +97,7 @@ def candidates(device: torch.device | str, asked: list[str] | None = None) -> li
         return ["fp32"] + [p for i, p in enumerate(asked) if p != "fp32" and p not in asked[:i]]
     if device.type == "cpu":
         return ["fp32", "bf16"] if cpu_bf16_feature() else []
-    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    return ["fp32", "bf16", "fp16"] if bf16 else ["fp32", "fp16"]
+    return ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported(including_emulation=False) else ["fp32", "fp16"]
 
 
 def probe_key(device: torch.device | str, probe: Probe) -> str:
@@ -97,15 +111,12 @@ def probe_key(device: torch.device | str, probe: Probe) -> str:
 def machine(device: torch.device | str) -> dict[str, Any]:
     """What a timing depends on that is not the model: the device, its bf16 feature, threads, torch."""
     device = torch.device(device)
-    out: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
     if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-        out["capability"] = list(torch.cuda.get_device_capability(device))
+        own = {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device))}
     else:
-        out["cpu"] = _cpuinfo("model name") or platform.processor() or platform.machine()
-        out["feature"] = cpu_bf16_feature()
-        out["threads"] = torch.get_num_threads()
-    return out
+        own = {"cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+               "feature": cpu_bf16_feature(), "threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "device": device.type, **own}
 
 
 def cache_dir() -> Path:
@@ -133,7 +144,7 @@ def lookup(key: str) -> dict[str, float] | None:
     if not isinstance(timings, dict) or not timings:
         return None
     if not all(isinstance(v, (int, float)) and v > 0 for v in timings.values()):
-        return None
+        return None  # damaged: measure again
     return {str(k): float(v) for k, v in timings.items()}
 
 
@@ -152,13 +163,14 @@ def store(key: str, timings: Mapping[str, float], about: Mapping[str, Any] | Non
 
 
 def decide(rule: Resolution, timings: Mapping[str, float], cached: bool) -> Resolution:
-    """The precision to run from measured step times; the reason gives the ratio to fp32 (or to the rule's pick)."""
+    """The precision to run from measured step times: the fastest, unless the rule's pick is within :data:`NOISE` of
+    it (a measurement overrides the rule only when it clearly disagrees); the reason gives the ratio to fp32 (or to
+    the rule's pick)."""
     measured = {p: t for p, t in timings.items() if t and t > 0}
     if not measured:
         return rule
-    fastest = min(measured, key=measured.get)
-    pick = fastest
-    if rule.effective in measured and measured[rule.effective] <= measured[fastest] * (1 + NOISE):
+    pick = min(measured, key=measured.get)  # the fastest
+    if rule.effective in measured and measured[rule.effective] <= measured[pick] * (1 + NOISE):
         pick = rule.effective  # within noise of the fastest: the rule stands
     ref = "fp32" if "fp32" in measured and pick != "fp32" else next((p for p in measured if p != pick), None)
     ratio = f"{measured[ref] / measured[pick]:.2f}x {ref}" if ref else "the only one measured"
@@ -166,42 +178,7 @@ def decide(rule: Resolution, timings: Mapping[str, float], cached: bool) -> Reso
     return Resolution(rule.requested, pick, f"timed on this model: {pick} {ratio}; {where}", rule.device_type)
 
 
-def pick(rule: Resolution, device: torch.device | str, probe: Probe, is_main: bool = True,
-         share: Callable[[Any], Any] | None = None) -> Resolution:
-    """``rule`` (what ``auto`` resolved to by hardware) replaced by a measurement where that is worth doing.
-
-    The main process reads the cache or runs ``probe.run``; ``share(value)`` (several processes: a broadcast from
-    the main process) gives every rank the main process's timings. A failing probe keeps the rule, and says so.
-    """
-    cands = candidates(device, probe.candidates)
-    if not cands:
-        return rule
-    timings: dict[str, float] | None = None
-    cached, error = False, None
-    if is_main:
-        key = probe_key(device, probe)
-        timings = lookup(key)
-        cached = timings is not None
-        if timings is None and probe.run is None:
-            error = UNTIMED
-        elif timings is None:
-            try:
-                timings = {p: float(t) for p, t in probe.run(cands).items() if p in cands}
-            except Exception as e:  # the probe is advice: training goes on by the rule
-                error = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
-            if timings:
-                store(key, timings, {"machine": machine(device), "probe": probe.key})
-    if share is not None:
-        timings, cached, error = share((timings, cached, error))
-    if error == UNTIMED:
-        return untimed(rule, "nothing cached for this model")
-    if error or not timings:
-        why = error or "no precision was timed"
-        return Resolution(rule.requested, rule.effective, f"{rule.reason} (timing it failed: {why})", rule.device_type)
-    return decide(rule, timings, cached)
-
-
-UNTIMED = "untimed"
+UNTIMED = "untimed"  # the main process found nothing cached and had no probe to run
 
 
 def untimed(rule: Resolution, why: str = "no probe") -> Resolution:
