@@ -137,17 +137,14 @@ def loss_gap(build: Callable[[], torch.nn.Module], make_optimizer: Callable[[tor
         if kept:
             keep_in_fp32(model, kept)
         opt = make_optimizer(model)
-        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # disabled: a plain step
         losses = []
         for batch in batches:
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = loss_fn(model, batch).float()
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         return losses
