@@ -132,11 +132,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from for ``none``, ``auto`` (the newest complete one) or a path, and notices.
-
-    A path that is missing, incomplete or corrupt raises CheckpointError; under ``auto`` such a checkpoint is skipped
-    with a notice naming the bad part. An ``out_dir`` whose checkpoint folder could not take a save is refused first.
-    """
+    """The checkpoint for ``none``, ``auto`` (the newest complete one) or a path, and notices: a bad path raises
+    CheckpointError, ``auto`` skips a bad one saying why; a checkpoint folder that could not take a save is refused."""
     root = Path(out_dir) / CHECKPOINTS
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file; it must be the folder of the checkpoints: move it away")
@@ -298,15 +295,12 @@ class CheckpointManager:
 
     def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
                rescale_schedulers: bool = False, log: Path | None = None) -> tuple[Any, dict | None, list[str], Any]:
-        """Load the checkpoint ``policy`` names (:func:`find_resume`; ``check(meta)`` may return notices or raise to
-        refuse it) into the prepared objects: ``(path, meta, notices, this process's session state)``.
-
-        An earlier run in out_dir moves aside for a fresh start or a checkpoint from elsewhere; records of ``log``
-        (metrics.jsonl) past the checkpoint's step are dropped. The scaler, for every pair of precisions: scale and
-        growth tracker from the checkpoint when both runs are fp16, this run's knobs winning (a changed ``init_scale``
-        starts the scale there). ``rescale_schedulers``: a schedule written in optimizer steps (a prepared scheduler
-        steps once per process per optimizer step) goes on from the same step when the number of processes changed.
-        """
+        """Load the checkpoint ``policy`` names (``check(meta)`` may add notices or refuse it): ``(path, meta, notices,
+        this process's session state)``. An earlier run in out_dir moves aside for a fresh start or a checkpoint from
+        elsewhere; ``log`` records past the checkpoint are dropped. The scaler, for every pair of precisions: scale and
+        growth tracker from an fp16 checkpoint into an fp16 run, this run's knobs winning (a changed ``init_scale``
+        starts there). ``rescale_schedulers``: a schedule in optimizer steps goes on from the same step when the number
+        of processes changed (a prepared scheduler steps once per process per optimizer step)."""
         from .rundir import move_aside
 
         acc, out_dir = self.accelerator, self.root.parent

@@ -53,13 +53,9 @@ def _end_now(signum: int, frame: Any) -> None:
 
 
 def run_main(main: Callable[[], Any]) -> NoReturn:
-    """Run ``main()`` and end the process with its exit status (its return value, a SystemExit's code, 1 for an
-    uncaught exception after its traceback, 130 for Ctrl-C).
-
-    With several processes (``WORLD_SIZE`` > 1) the exit handlers run, output is flushed, and the process ends with
-    ``os._exit``, skipping the interpreter's finalization where gloo's threads can abort it; otherwise it exits
-    normally. Use it as the whole ``__main__`` block: ``if __name__ == "__main__": run_main(main)``.
-    """
+    """``if __name__ == "__main__": run_main(main)``: end with ``main()``'s exit status (its return value, a
+    SystemExit's code, 1 after an uncaught exception's traceback, 130 for Ctrl-C); with several processes
+    (``WORLD_SIZE`` > 1) through ``os._exit`` once exit handlers ran, skipping the finalization gloo can abort."""
     try:
         code = exit_status(main())
     except SystemExit as e:

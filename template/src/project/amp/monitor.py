@@ -288,12 +288,9 @@ def fallback_target(precision: str, native_bf16: bool) -> str | None:
 
 
 def decide(guard: Any, problem: Problem | None, *, precision: str, native_bf16: bool, warned: str | None) -> Decision:
-    """The guard's decision for this log tick (``guard``: its settings). ``warned``: the kind already warned about.
-
-    A fallback with nowhere to go (already fp32) stops instead. A loss that stays non-finite without loss scaling
-    (fp32, bf16) stops even under ``warn``: every such step already wrote NaN into the weights, so going on would
-    only end in a run that exits 0 with a ruined model.
-    """
+    """The guard's decision at a log tick (``warned``: the kind already warned about). A fallback with nowhere to go
+    (fp32) stops. A loss non-finite without loss scaling stops even under ``warn``: each such step already wrote NaN
+    into the weights, and going on would end in a run that exits 0 with a ruined model."""
     if problem is None:
         return Decision("ok")
     if guard.action == "warn" and not (problem.kind == "nonfinite_loss" and precision != "fp16"):

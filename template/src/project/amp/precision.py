@@ -192,12 +192,9 @@ def _resolve(req: str, device: Any) -> Resolution:
 
 
 def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[Any, Resolution, Any]:
-    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` on this device: the precision resolved (and
-    timed, for ``auto`` with a ``probe``: ``debug/autopick.py``), a GradScalerKwargs for fp16, TF32 where asked.
-
-    ``kwargs`` go to ``Accelerator(...)``; a GradScalerKwargs among their ``kwargs_handlers`` gives the settings its
-    knobs (the returned settings say so). ``cpu=True``, ``ACCELERATE_USE_CPU`` or no accelerator: the CPU.
-    """
+    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` here: resolved (timed for ``auto`` with a
+    ``probe``: ``debug/autopick.py``), a GradScalerKwargs for fp16, TF32 where asked. ``kwargs`` go to
+    ``Accelerator(...)``; a GradScalerKwargs among their handlers gives the (returned) settings its knobs."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs
 
@@ -267,13 +264,9 @@ def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
 
 
 class FusedSkipFix(Feature):
-    """Keeps ``step_was_skipped`` (and so the scheduler's hold on skipped steps) right for fused optimizers.
-
-    A fused optimizer takes the GradScaler's inf check into its own kernel, so Accelerate sees its step called and
-    reports "not skipped" on an overflow (accelerate #4242): the schedule would advance on skipped steps. The skip is
-    read off the scale instead (it backs off exactly on a skipped step): one small device read per optimizer step,
-    for fused optimizers under a GradScaler only.
-    """
+    """``step_was_skipped`` (and the scheduler's hold on skipped steps) right for fused optimizers: those take the
+    scaler's inf check into their kernel, so Accelerate sees the step called and says "not skipped" on an overflow
+    (accelerate #4242). The skip is read off the scale (it backs off exactly then): one small device read a step."""
 
     name = "fused_skip"
 
@@ -331,12 +324,9 @@ def cast_floats(x: Any, dtype: torch.dtype) -> Any:
 
 
 def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
-    """Run the submodules whose names match ``patterns`` (fnmatch, e.g. ``lm_head``, ``*.norm``) in fp32.
-
-    Their forward runs with autocast off and float32 inputs, so their outputs are float32 under bf16 and fp16
-    autocast. Returns the matched module names; a pattern that matches nothing raises ValueError naming it. Call
-    before ``accelerator.prepare`` (the session's ``prepare`` does, for the settings' ``fp32_modules``).
-    """
+    """Run the submodules whose names match ``patterns`` (fnmatch: ``lm_head``, ``*.norm``) with autocast off and float32
+    inputs (float32 outputs under bf16 and fp16 autocast). Returns the names; a pattern that matches nothing raises
+    ValueError naming it. Before ``prepare`` (the session's does it for the settings' ``fp32_modules``)."""
     modules = {n: m for n, m in model.named_modules() if n}
     matched: list[str] = []
     for pat in patterns:

@@ -184,15 +184,10 @@ class AmpSession:
 
     def after_step(self, loss: Any = None, grad_norm: Any = None, *, samples: int | None = None,
                    tokens: int | None = None, **values: Any) -> bool:
-        """Call after each ``optimizer.step()`` (every micro-batch under ``accelerator.accumulate``). Returns True when
-        the run stopped early (``amp.stop``; its state is saved): end the loop.
-
-        ``loss``, ``grad_norm`` and your own ``values`` (tensors or numbers, e.g. ``acc=acc``) stay on the device until
-        a log tick reads them; they appear on the console, in ``metrics.jsonl`` and the trackers (``train/NAME``).
-        ``samples``/``tokens``: this process's counts for throughput when the batch layout does not say them. A step
-        is counted when gradients synced; then a log tick every ``log_every`` steps (console, metrics, the guard), a
-        checkpoint every ``checkpoint_every`` steps, and a stop signal is honoured.
-        """
+        """After each ``optimizer.step()`` (each micro-batch under ``accelerator.accumulate``); True once the run stopped
+        (``amp.stop``; its state saved): end the loop. ``loss``, ``grad_norm`` and your own ``values`` (``acc=acc``)
+        stay on the device until a log tick (every ``log_every`` steps: console, metrics.jsonl and trackers as
+        ``train/NAME``, the guard); ``samples``/``tokens``: this process's counts where the batches do not say them."""
         self._end_if_stopped()
         if self.ckpt is None:
             raise LoopError("call amp.prepare(model, optimizer, ...) before the first amp.after_step")
