@@ -78,8 +78,8 @@ class OverflowLocator:
         owned: set[int] = set()
         for name, module in self.model.named_modules():
             name = _plain_name(name)
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            before, after = self._module_hooks(name)
+            self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
             for p in module.parameters(recurse=False):
                 if p.requires_grad and id(p) not in owned:
                     owned.add(id(p))
@@ -102,8 +102,10 @@ class OverflowLocator:
 
         return hook
 
-    def _pre_hook(self, name: str) -> Any:
-        def hook(module: Any, args: Any) -> None:
+    def _module_hooks(self, name: str) -> tuple[Any, Any]:
+        seen = self._seen(name, "forward")
+
+        def before(module: Any, args: Any) -> None:
             # the gradient of this module's inputs is what its own backward produced; a tensor several modules take
             # in (a parent and its first child) is claimed by the innermost, whose pre-hook runs last
             for t in [t for t in _floats(args) if t.requires_grad]:
@@ -111,16 +113,11 @@ class OverflowLocator:
                     t.register_hook(lambda grad, t=t: self._seen(t._amp_locate_owner, "backward")(grad))
                 t._amp_locate_owner = name
 
-        return hook
-
-    def _forward_hook(self, name: str) -> Any:
-        seen = self._seen(name, "forward")
-
-        def hook(module: Any, args: Any, output: Any) -> None:
+        def after(module: Any, args: Any, output: Any) -> None:
             for t in _floats(output):
                 seen(t)
 
-        return hook
+        return before, after
 
     # ------------------------------------------------------------------ findings
 
@@ -174,11 +171,8 @@ class OverflowLocator:
 
 
 def _bits(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if v == -math.inf:
-        return "inf/nan"
-    return "+inf" if v == math.inf else f"{v:.1f}"
+    special = {None: "-", -math.inf: "inf/nan", math.inf: "+inf"}
+    return special[v] if v in special else f"{v:.1f}"
 
 
 def _plain_name(name: str) -> str:
