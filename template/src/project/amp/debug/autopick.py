@@ -102,10 +102,8 @@ def candidates(device: torch.device | str, asked: list[str] | None = None) -> li
 
 def probe_key(device: torch.device | str, probe: Probe) -> str:
     """The cache key of ``probe``'s timings on ``device`` (the candidates count only when they were asked for)."""
-    key = dict(probe.key)
-    if probe.candidates:
-        key["candidates"] = candidates(device, probe.candidates)
-    return cache_key(device, key)
+    asked = {"candidates": candidates(device, probe.candidates)} if probe.candidates else {}
+    return cache_key(device, {**probe.key, **asked})
 
 
 def machine(device: torch.device | str) -> dict[str, Any]:
