@@ -183,14 +183,18 @@ def test_new_lists_what_it_created_and_prints_next_steps(tmp_path, monkeypatch):
     assert "Created my-proj (package my_proj)" in out
     assert "src/my_proj/" in out and "pyproject.toml" in out
     assert "Next steps" in out
+    # the README's line: the dev extra brings pytest, so the project's own tests run next
+    assert '  pip install -e ".[dev]"\n' in out
     for line in [
         "cd my-proj",
-        "pip install -e .",
         "python -m my_proj.train",
         "amptpl run my-proj train.max_steps=200",
         "accelerate launch",
     ]:
         assert line in out
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((tmp_path / "my-proj" / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("pytest") for req in extras["dev"])
 
 
 def test_python_dash_m_amptpl_new_creates_a_project(tmp_path):

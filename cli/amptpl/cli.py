@@ -167,7 +167,7 @@ def new(
     where = _shown(result.path)
     typer.echo("\n" + bold("Next steps"))
     typer.echo(f"  cd {where}")
-    typer.echo("  pip install -e .")
+    typer.echo('  pip install -e ".[dev]"')
     typer.echo(f"  python -m {result.package}.train")
     typer.echo(f"\nOr run it from here without installing:  amptpl run {where} train.max_steps=200")
     typer.echo(_launch_hint(result.files, result.package))
