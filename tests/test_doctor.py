@@ -218,6 +218,43 @@ def test_doctor_without_a_working_torch_still_reports_and_exits_1_only_when_the_
         assert line.startswith("Error: broken: torch") and "`import torch` raises" in line and says in line
 
 
+def cli_only_python(root: Path) -> Path:
+    """A venv with no packages at all, as under a CLI-only install (no torch, accelerate or datasets)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "cli-only")], check=True, timeout=120)
+    return root / "cli-only" / "bin" / "python"
+
+
+@pytest.mark.parametrize(
+    ("installed", "status", "row", "warns"),
+    [
+        pytest.param({}, "missing", "not installed (pip install accelerate)",
+                     "accelerate is not installed: pip install accelerate", id="accelerate-missing"),
+        pytest.param({"accelerate": "import torch\n"}, "unavailable",
+                     "UNAVAILABLE: needs torch, which cannot be imported", None, id="torch-missing-accelerate-present"),
+    ],
+)  # fmt: skip
+def test_doctor_in_a_python_without_torch_says_accelerate_needs_torch_only_when_accelerate_is_installed(
+    tmp_path, monkeypatch, no_accelerate_config, installed, status, row, warns
+):
+    python = cli_only_python(tmp_path)
+    for name, code in installed.items():  # a fake package on the child's PYTHONPATH, as an install would put it
+        (tmp_path / "site" / name).mkdir(parents=True)
+        (tmp_path / "site" / name / "__init__.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    report = diagnose(python=str(python), cwd=tmp_path, environ={"HF_HOME": str(no_accelerate_config)})
+    assert report.ok, report.problems
+    assert report.packages["torch"]["status"] == "missing"
+    assert report.packages["accelerate"]["status"] == status
+    lines = render_text(report)
+    assert any(line.startswith("torch") and line.endswith("not installed (pip install torch)") for line in lines)
+    (accelerate,) = [line for line in lines if line.startswith("accelerate")]
+    assert accelerate.endswith(row), lines
+    assert ("needs torch" in accelerate) == (status == "unavailable")
+    assert ("not installed" in accelerate) == (status == "missing")
+    accelerate_warnings = [w for w in report.warnings if w.startswith("accelerate")]
+    assert accelerate_warnings == ([warns] if warns else [])
+
+
 def test_doctor_json_without_torch_says_missing_and_unavailable_not_broken(tmp_path, monkeypatch, no_accelerate_config):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(shadow_torch(tmp_path, TORCH_MISSING)))

@@ -14,8 +14,9 @@ and calls ``resolve("auto", device)`` on the device a run would use, so doctor a
     amptpl           amptpl's version
     ok               false when something is broken (then ``amptpl doctor`` exits 1)
     python           {version, executable, implementation, platform, venv}
-    packages         {torch|accelerate|datasets: {version, status, error, location}}; status is ok, missing,
-                     unavailable (a package it needs is missing or broken), broken, or unknown (not reached)
+    packages         {torch|accelerate|datasets: {version, status, error, location}}; status is ok, missing
+                     (not installed), unavailable (installed, but a package it needs is missing or broken), broken,
+                     or unknown (not reached)
     devices          [{index, name, capability, bf16_native, fp16_tensor_cores}] (CUDA GPUs; [] without)
     cuda             {available, build, device_count, warnings} or null without torch
     cpu              {flags_source, amx_bf16, avx512_bf16, bf16_feature, torch_capability,
@@ -109,8 +110,14 @@ def load(name):
 torch = load("torch")
 if torch is not None:
     load("accelerate")
-else:
-    out["modules"]["accelerate"] = {"ok": False, "skipped": "torch"}
+else:  # not imported (it would import the failed torch again): installed, it is skipped; else it is missing
+    stage("find_spec accelerate")
+    spec, err = attempt(importlib.util.find_spec, "accelerate")
+    if spec is None and err is None:
+        out["modules"]["accelerate"] = {"ok": False, "error": {
+            "type": "ModuleNotFoundError", "message": "No module named 'accelerate'", "missing": "accelerate"}}
+    else:
+        out["modules"]["accelerate"] = {"ok": False, "skipped": "torch"}
 load("datasets")
 
 if torch is not None:
@@ -542,7 +549,7 @@ def _package_rows(packages: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, 
         if entry["status"] == "ok":
             text = entry["version"] or "installed"
         elif entry["status"] == "missing":
-            text = "not installed"
+            text = f"not installed (pip install {name})"
         elif entry["status"] == "unknown":
             text = f"{entry['version'] or '?'} (not checked: the probe stopped earlier)"
         else:
