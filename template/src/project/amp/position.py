@@ -116,18 +116,6 @@ def first_tensor(batch: Any) -> torch.Tensor | None:
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
-def fingerprint(batch: Any) -> torch.Tensor | None:
-    """A number that differs between different batches: a weighted sum of the first tensor's first elements (on its
-    device, no sync); None for a batch without a tensor (an offset says nothing about the data it selects).
-    Compared across processes to find unsplit data."""
-    t = first_tensor(batch)
-    if t is None or not t.numel():
-        return None
-    flat = t.detach().reshape(-1)[:4096].float()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float32).remainder_(97).add_(1)
-    return (flat * weights).sum()
-
-
 _END = object()
 
 
