@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo test test-fast lint bench docs docs-serve panel clean
+.PHONY: help venv install demo test test-fast lint bench docs docs-serve panel release-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,27 @@ bench: install ## side-by-side benchmarks, quick sizes (ratios, printed; about 1
 	$(PY) benchmarks/precision.py --quick
 	$(PY) benchmarks/cli.py
 	$(PY) benchmarks/eval.py --quick
+
+# What a release builds and checks before it uploads (.github/workflows/release.yml; CI runs it on every push). It
+# downloads build, twine and amptpl's dependencies into venvs of its own under RELEASE: not part of `make test`.
+RELEASE ?= build/release
+release-check: ## build the sdist and wheel into dist/, twine-check them, scaffold with the wheel in a clean venv
+	rm -rf dist $(RELEASE)
+	python3 -m venv $(RELEASE)/tools
+	$(RELEASE)/tools/bin/pip install -q build twine
+	$(RELEASE)/tools/bin/python -m build --outdir dist .
+	$(RELEASE)/tools/bin/twine check --strict dist/*
+	python3 -m venv $(RELEASE)/clean
+	$(RELEASE)/clean/bin/pip install -q dist/*.whl
+	@version=$$(sed -n 's/^__version__ = "\([^"]*\)".*/\1/p' cli/amptpl/__init__.py); \
+	  got=$$($(RELEASE)/clean/bin/amptpl --version); \
+	  if [ "$$got" != "amptpl $$version" ]; then \
+	    echo "the wheel says '$$got', cli/amptpl/__init__.py says __version__ = $$version" >&2; exit 1; fi; \
+	  echo "$$got"
+	$(RELEASE)/clean/bin/amptpl --help >/dev/null
+	$(RELEASE)/clean/bin/amptpl new smoke --dir $(RELEASE)
+	test -f $(RELEASE)/smoke/src/smoke/train.py
+	ls dist
 
 clean: ## remove the venv and build outputs
 	rm -rf $(VENV) build dist runs
