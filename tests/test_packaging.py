@@ -16,6 +16,7 @@ package index, skipping only when no index answers.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -98,6 +99,47 @@ def wheel(tmp_path_factory) -> Path:
     return build_wheel(REPO, tmp_path_factory.mktemp("wheel"))
 
 
+@pytest.fixture(scope="module")
+def release_dist(tmp_path_factory) -> dict[str, Path]:
+    """The sdist and the wheel built from it, as `make release-check` builds them (`python -m build`), with the
+    build backend of this Python instead of a downloaded one."""
+    for module in ("build", "hatchling"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (it is in the dev extra: pip install build hatchling)")
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (sdist,) = out.glob("*.tar.gz")
+    (built,) = out.glob("*.whl")
+    return {"sdist": sdist, "wheel": built}
+
+
+def source_version(path: Path) -> str:
+    """The ``__version__ = "..."`` of a file in this checkout."""
+    found = re.search(r'^__version__ = "([^"]+)"', path.read_text(), flags=re.M)
+    assert found, f"{path} has no __version__ line"
+    return found.group(1)
+
+
+def workflow(name: str) -> dict:
+    return yaml.safe_load((REPO / ".github" / "workflows" / name).read_text())
+
+
+def step_named(job: dict, start: str) -> dict:
+    (step,) = [s for s in job["steps"] if s.get("name", "").startswith(start)]
+    return step
+
+
+def run_step(step: dict, cwd: Path, tag: str) -> subprocess.CompletedProcess:
+    """A workflow step's script as GitHub runs it on a tag push (`bash -e`, GITHUB_REF_NAME the tag)."""
+    env = {**os.environ, "GITHUB_REF_NAME": tag, "GITHUB_REF": f"refs/tags/{tag}"}
+    return subprocess.run(["bash", "-e", "-c", step["run"]], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ metadata
 
 
@@ -122,7 +164,7 @@ def test_the_dev_extra_pulls_in_the_train_extra_and_the_tools_amptpls_tests_use(
     else:  # expanded by the build backend into the train extra's own requirements
         assert set(train) <= set(dev)
         assert all(dev[name].specifier == req.specifier for name, req in train.items())
-    assert {"pytest", "ruff", "tensorboard"} <= set(dev)
+    assert {"pytest", "ruff", "tensorboard", "build", "twine", "hatchling"} <= set(dev)
 
 
 def test_the_minimum_versions_ci_job_installs_exactly_the_floors_a_project_declares(generated):
@@ -154,9 +196,119 @@ def test_the_wheel_ships_the_license_and_py_typed_for_amptpl_and_for_the_templat
     assert "Classifier: Typing :: Typed" in metadata.splitlines()
 
 
+# what a generated project is made of: the core, its debugger, the default example and the core's own tests
+SHIPPED = [
+    "amptpl/template/src/project/amp/session.py",
+    "amptpl/template/src/project/amp/debug/audit.py",
+    "amptpl/template/examples/bytelm/example/model.py",
+    "amptpl/template/tests/core/tiny_loop.py.jinja",
+    "amptpl/configs/fp16.yaml",
+]
+
+
+def test_the_wheel_carries_the_template_and_the_configs(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert [name for name in SHIPPED if name not in names] == []
+
+
+def test_the_release_wheel_built_from_the_sdist_carries_the_template_and_the_configs(release_dist):
+    names = set(zipfile.ZipFile(release_dist["wheel"]).namelist())
+    assert [name for name in SHIPPED if name not in names] == []
+    assert release_dist["wheel"].name == f"amptpl-{amptpl.__version__}-py3-none-any.whl"
+    assert release_dist["sdist"].name == f"amptpl-{amptpl.__version__}.tar.gz"
+
+
+def test_twine_check_passes_on_the_sdist_and_the_wheel(release_dist):
+    if importlib.util.find_spec("twine") is None:
+        pytest.skip("twine is not installed (it is in the dev extra: pip install twine)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(release_dist["sdist"]), str(release_dist["wheel"])],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("PASSED") == 2, proc.stdout
+
+
 def test_the_license_is_mit_for_the_amptpl_authors():
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) 2026 the amptpl authors\n")
+
+
+# ---------------------------------------------------------------------------------------------------- release
+
+
+def test_the_amp_core_in_this_checkout_carries_amptpls_version():
+    """A release bumps both: a checkpoint records the core's __version__ as the amptpl release it comes from."""
+    core = source_version(REPO / "template" / "src" / "project" / "amp" / "__init__.py")
+    assert core == source_version(REPO / "cli" / "amptpl" / "__init__.py")
+
+
+def test_the_release_workflow_runs_on_v_tags_and_only_its_publish_job_uploads_by_trusted_publishing():
+    wf = workflow("release.yml")
+    assert wf.get("on", wf.get(True)) == {"push": {"tags": ["v*"]}}  # YAML 1.1 reads a bare `on` as true
+    assert "id-token" not in (wf.get("permissions") or {})
+    publish = [(name, job) for name, job in wf["jobs"].items()
+               if any("pypa/gh-action-pypi-publish" in s.get("uses", "") for s in job["steps"])]  # fmt: skip
+    assert len(publish) == 1, publish
+    name, job = publish[0]
+    assert job["permissions"] == {"id-token": "write"}
+    environment = job["environment"]
+    assert (environment["name"] if isinstance(environment, dict) else environment) == "pypi"
+    assert [s.get("uses", "").split("@")[0] for s in job["steps"]] == [
+        "actions/download-artifact", "pypa/gh-action-pypi-publish"]  # fmt: skip
+    (build,) = [other for other_name, other in wf["jobs"].items() if other_name != name]
+    assert job["needs"] in ("build", ["build"]) and wf["jobs"]["build"] is build
+    assert "permissions" not in build
+    scripts = "\n".join(s.get("run", "") for s in build["steps"])
+    assert "make release-check" in scripts and "upload" not in scripts
+    python = [s["with"]["python-version"] for s in build["steps"] if s.get("uses", "").startswith("actions/setup-python")]
+    assert python == ["3.11"]
+    (upload,) = [s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert upload["with"]["name"] == "dist" and upload["with"]["path"].rstrip("/") == "dist"
+
+
+def test_make_release_check_builds_twine_checks_and_scaffolds_from_the_wheel_and_ci_runs_it_but_not_make_test():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^release-check:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+    assert recipe, "the Makefile has no release-check target"
+    body = recipe.group(1)
+    for piece in ["pip install -q build twine", "-m build --outdir dist", "twine check --strict dist/*",
+                  "pip install -q dist/*.whl", "amptpl --version", "amptpl --help", "amptpl new smoke"]:  # fmt: skip
+        assert piece in body, piece
+    assert "upload" not in body
+    test_target = re.search(r"^test:(.*)$", makefile, flags=re.M).group(1)
+    assert "release-check" not in test_target
+    assert "release-check" not in (REPO / ".ci" / "run").read_text()
+    ci = workflow("ci.yml")
+    runs = [name for name, job in ci["jobs"].items() if any(s.get("run") == "make release-check" for s in job["steps"])]
+    assert runs == ["release-check"]
+    assert not any("pypi-publish" in s.get("uses", "") for job in ci["jobs"].values() for s in job["steps"])
+
+
+def test_the_release_refuses_a_tag_other_than_v_and_the_version_in_one_line_naming_both():
+    step = step_named(workflow("release.yml")["jobs"]["build"], "The tag is")
+    version = source_version(REPO / "cli" / "amptpl" / "__init__.py")
+    ok = run_step(step, REPO, f"v{version}")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    for tag in ["v9.9.9", version, f"v{version}.1"]:
+        refused = run_step(step, REPO, tag)
+        assert refused.returncode == 1
+        (line,) = (refused.stdout + refused.stderr).splitlines()
+        assert f"tag {tag} " in line and f'__version__ = "{version}"' in line, line
+
+
+def test_the_release_refuses_a_tag_without_its_changelog_section_in_one_line(tmp_path):
+    step = step_named(workflow("release.yml")["jobs"]["build"], "CHANGELOG.md has")
+    (tmp_path / "CHANGELOG.md").write_text(
+        "# Changelog\n\n## [Unreleased]\n\n## [1.2.3] - 2026-01-02\n\n- Mentions ## [1.4.0] in passing.\n"
+    )
+    ok = run_step(step, tmp_path, "v1.2.3")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", ""), ok.stdout
+    for tag in ["v1.2.4", "v1.2", "v1.4.0"]:
+        refused = run_step(step, tmp_path, tag)
+        assert refused.returncode == 1
+        (line,) = (refused.stdout + refused.stderr).splitlines()
+        assert f'"## [{tag[1:]}]"' in line and f"tag {tag}" in line, line
 
 
 # ----------------------------------------------------------------------------------------- generated project
