@@ -32,23 +32,27 @@ class Progress:
     samples_seen: int = 0  # over all processes
     tokens_seen: int = 0
     epoch_rng: torch.Tensor | None = field(default=None, repr=False)  # CPU RNG state as the epoch's iteration began
-    _pending: tuple[int, int] = field(default=(0, 0), repr=False)  # samples and tokens since the last step
+    _counted: list[Any] = field(default_factory=lambda: [0, 0, None, None], repr=False)  # since the last step: the
+    # batches' samples and tokens, and those the loop gave (None: it gave none)
 
     _INTS = ("step", "epoch", "batch_in_epoch", "samples_seen", "tokens_seen")
 
-    def count(self, batch: Any) -> None:
-        """A batch of this epoch was drawn: its samples and tokens count toward the step it belongs to."""
-        self.batch_in_epoch += 1
-        samples, tokens = count(batch)
-        self._pending = (self._pending[0] + samples, self._pending[1] + tokens)
+    def count(self, batch: Any = None, samples: int | None = None, tokens: int | None = None) -> None:
+        """A batch drawn (its samples and tokens count toward its optimizer step), or the counts the loop gives for
+        a micro-batch (``after_step(samples=, tokens=)``: summed over the micro-batches of a step)."""
+        c = self._counted
+        if batch is not None:
+            self.batch_in_epoch += 1
+            c[0], c[1] = (a + b for a, b in zip(c[:2], count(batch), strict=True))
+        c[2] = c[2] if samples is None else (c[2] or 0) + samples
+        c[3] = c[3] if tokens is None else (c[3] or 0) + tokens
 
-    def advance(self, samples: int | None, tokens: int | None, processes: int) -> None:
-        """One optimizer step done; ``samples``/``tokens``: this process's counts (None: those of its batches), every
-        process counting as many."""
-        counted, self._pending = self._pending, (0, 0)
+    def advance(self, processes: int) -> None:
+        """One optimizer step done; each process counted as many samples and tokens as this one."""
+        c, self._counted = self._counted, [0, 0, None, None]
         self.step += 1
-        self.samples_seen += (counted[0] if samples is None else samples) * processes
-        self.tokens_seen += (counted[1] if tokens is None else tokens) * processes
+        self.samples_seen += (c[0] if c[2] is None else c[2]) * processes
+        self.tokens_seen += (c[1] if c[3] is None else c[3]) * processes
 
     def state_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self._INTS}, "epoch_rng": self.epoch_rng}

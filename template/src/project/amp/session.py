@@ -193,12 +193,13 @@ class AmpSession:
             raise LoopError("call amp.prepare(model, optimizer, ...) before the first amp.after_step")
         acc, p = self.accelerator, self.progress
         self.monitor.add(loss, grad_norm, values)
+        p.count(samples=samples, tokens=tokens)
         if not acc.sync_gradients:
             return False
         self.hooks.watch_optimizers()
         self.hooks.call("at_step", loss)  # the loop's mistakes that must stop at once, the audit
         self.console.__enter__()  # the live panel, from the first step on (once)
-        p.advance(samples, tokens, acc.num_processes)
+        p.advance(acc.num_processes)
         self.monitor.end_step(p.step)
         signalled = acc.num_processes == 1 and self._signal.signame is not None  # several: agreed at ticks only
         if p.step % self.settings.log_every == 0 or p.step == self.max_steps:
