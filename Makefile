@@ -36,7 +36,7 @@ demo: install ## render build/demo and train it: fp16 with a real loss scale, ab
 	$(VENV)/bin/amptpl run $(DEMO) --config=configs/demo.yaml resume=none
 
 test: install ## run every test: amptpl's own and, end to end, a generated project's
-	$(PY) -m pytest -q -rs --durations=15 -p no:cacheprovider; rc=$$?; \
+	$(PY) -m pytest -q -rs --durations=40 -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: install ## the quick tier only (no slow end-to-end runs)
