@@ -1,14 +1,9 @@
 """What precision each tensor really has, checked against the precision the run declared.
 
-A run can say "bf16 mixed" while its master weights or optimizer state are silently bf16 (a ``model.to(bf16)``
-left in a script, an optimizer built on a cast copy, a wrapper that casts): nothing fails, the run just loses
-its small updates. After ``prepare`` and the first optimizer step the session tabulates the dtypes of each
-optimizer group's parameters, gradients (at that step) and state (``exp_avg``, ...), of the model's own parameters
-(what the forward computes with) and of each top-level module's output in that step's forward (under autocast:
-what it really ran in), with the ``fp32_modules`` in effect, the TF32 switches and the scaler. Mixed precision
-(bf16, fp16) and fp32 keep float32 weights, master weights and optimizer state; bf16-true keeps bf16 weights with
-float32 masters and state. A mismatch is a warning naming the tensors, or :class:`AuditError` (one line) with
-``audit="strict"``. The table goes to the console and to ``meta.json``.
+After the first optimizer step: the dtypes of each optimizer group's parameters, gradients and state, of the model's
+weights and of each top-level module's output. A mismatch that fails silently otherwise (a ``model.to(bf16)`` left
+under "bf16 mixed") is a warning, or :class:`AuditError` with ``audit="strict"``; what each precision keeps, and the
+table, are in docs/debugger.md.
 """
 
 from __future__ import annotations
