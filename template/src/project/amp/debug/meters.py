@@ -1,18 +1,10 @@
 """How close a run is to the edges of its precision, measured on the steps that end at a log tick only.
 
-- ``amp/grad_underflow_frac`` (fp16): of the non-zero gradient elements in a fixed sample, the share whose
-  *scaled* value (as the backward computed it, times the loss scale) is below fp16's smallest normal number
-  (2**-14), the floor of its subnormal range: there fp16 keeps fewer significant bits, and below 2**-24 none (the
-  value becomes zero). High: the scale is too low (or fp16 is the wrong precision for this model).
-- ``amp/scale_headroom_bits`` (fp16): ``log2(65504 / the largest scaled gradient)``: how many more doublings of
-  the scale the gradients would take before fp16 overflows (negative: they already do; the step is skipped).
-- ``amp/lost_update_frac`` (bf16-true, around its optimizer step, with the masters of ``master.py``): of the
-  sampled weights whose float32 master the optimizer moved, the share whose bf16 copy did not change: updates
-  too small to show yet, kept in the master.
-
-Nothing is read from the device per step: the values stay there from the tick's last backward (and optimizer
-step) until the tick reads them, in one read. A sample is every n-th element of each tensor (n fixed per run so
-that at most :data:`SAMPLE` elements are looked at), so a tick costs a few strided reductions.
+``amp/scale_headroom_bits`` and ``amp/grad_underflow_frac`` (fp16: the scaled gradients against fp16's largest and
+smallest normal numbers), ``amp/lost_update_frac`` (bf16-true: master updates its bf16 copy does not show yet); what
+they mean and what to do is in docs/debugger.md. Nothing is read from the device per step: the values stay there
+until the tick reads them, in one read. Each meter samples every n-th element of each tensor (at most :data:`SAMPLE`
+in all), so a tick costs a few strided reductions.
 """
 
 from __future__ import annotations
@@ -25,8 +17,7 @@ import torch
 from ..hooks import Feature
 
 SAMPLE = 1 << 16  # sampled elements per meter, across all parameters
-FP16_MAX = 65504.0
-FP16_TINY = 2.0**-14  # fp16's smallest normal number: the floor of its subnormal range
+FP16 = torch.finfo(torch.float16)  # max 65504; tiny 2**-14, its smallest normal number: the floor of its subnormals
 
 
 class Meters(Feature):
@@ -55,8 +46,7 @@ class Meters(Feature):
         return self._stride
 
     def after_backward(self) -> None:
-        """Sample the gradients as the backward left them: times the loss scale, before any unscaling. Device
-        work only, on steps that end at a log tick."""
+        """On a tick's step, sample the gradients as the backward left them (scaled): device work only."""
         acc = self.hooks.accelerator
         self.armed = acc.sync_gradients and self.hooks.tick_due()
         if not self.armed or acc.scaler is None or not acc.scaler.is_enabled():
@@ -69,8 +59,8 @@ class Meters(Feature):
         nonzero = mag > 0
         amax = torch.stack([torch.linalg.vector_norm(g.detach().float(), ord=math.inf) for g in grads]).amax()
         amax = torch.where(torch.isfinite(amax), amax, torch.full_like(amax, math.inf))  # NaN too: overflowed
-        self._pending["amp/grad_underflow_frac"] = ((mag < FP16_TINY) & nonzero).sum() / nonzero.sum().clamp(min=1)
-        self._pending["amp/scale_headroom_bits"] = torch.log2(FP16_MAX / amax)
+        self._pending["amp/grad_underflow_frac"] = ((mag < FP16.tiny) & nonzero).sum() / nonzero.sum().clamp(min=1)
+        self._pending["amp/scale_headroom_bits"] = torch.log2(FP16.max / amax)
 
     def _pairs(self, opt: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         master = self.hooks.get("master")
@@ -82,8 +72,7 @@ class Meters(Feature):
         self._before = [(p.detach().reshape(-1)[::n].clone(), m.detach().reshape(-1)[::n].clone()) for p, m in pairs]
 
     def _lost_updates(self, opt: Any) -> None:
-        """After the masters were updated and rounded: of the sampled weights whose master changed, the share whose
-        bf16 copy did not."""
+        """After the masters were updated and rounded: the share of moved masters whose bf16 copy did not change."""
         pairs = self._pairs(opt)
         if not pairs or not self._before:
             return
