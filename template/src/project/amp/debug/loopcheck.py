@@ -1,17 +1,7 @@
 """Checks that a loop the core did not write uses mixed precision correctly, at no per-step device read.
 
-Two features of the session (``hooks.py``), reporting what would otherwise fail silently:
-
-- :class:`LoopChecks` (fp16), a :class:`LoopError` at the first step where the loss went through
-  ``loss.backward()`` instead of ``accelerator.backward(loss)`` (gradients never scaled, then unscaled: the update
-  is ``init_scale`` times too small), or the weights were updated without ``optimizer.step()`` of a prepared
-  optimizer (scaled gradients applied as they are, the scale never updated); a warning where the gradients were
-  made smaller between backward and the optimizer step while still scaled, as ``torch.nn.utils.clip_grad_norm_``
-  does when called before unscaling (it then clips ``scale`` times too hard): two gradient norms in each of the
-  first few steps, kept on the device and read at the first log tick.
-- :class:`SameData` (several processes), a warning where every process trained on the same first batch (the data
-  is not split between them): a fingerprint of each process's first batch (its first loss, for batches without a
-  tensor) exchanged in the tick's collective.
+Two features of the session (``hooks.py``) name what would otherwise fail silently (docs/copying-the-core.md):
+:class:`LoopChecks` the fp16 mistakes of a loop, :class:`SameData` processes that all train on the same data.
 """
 
 from __future__ import annotations
@@ -27,7 +17,9 @@ CHECKED_STEPS = 3  # steps whose gradient norms are compared (two norms each); l
 
 
 class LoopChecks(Feature):
-    """fp16 mistakes of a loop: see the module docstring."""
+    """fp16: a :class:`LoopError` at the first step where the loss skipped ``accelerator.backward`` or the weights
+    changed without a prepared optimizer's ``step()`` (the GradScaler's); a warning at the first log tick where the
+    gradients were clipped while still scaled, from two gradient norms per early step kept on the device."""
 
     name = "loopcheck"
 
@@ -103,9 +95,8 @@ class LoopChecks(Feature):
     def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
         if not self._norms or self._warned:
             return {}, []
-        values = torch.stack(self._norms).tolist()
+        shrunk = [(a, b, s) for a, b, s in torch.stack(self._norms).tolist() if b < a * 0.999]
         self._norms.clear()
-        shrunk = [(a, b, s) for a, b, s in values if b < a * 0.999]
         if not shrunk:
             return {}, []
         a, b, s = shrunk[0]
@@ -117,7 +108,8 @@ class LoopChecks(Feature):
 
 
 class SameData(Feature):
-    """Several processes that all trained on the same first batch: see the module docstring."""
+    """A warning where every process trained on the same first batch (the data not split between them): a
+    :func:`fingerprint` of each process's first batch (or its first loss), exchanged in the tick's collective."""
 
     name = "same_data"
 
@@ -155,9 +147,8 @@ class SameData(Feature):
 
 
 def fingerprint(batch: Any) -> torch.Tensor | None:
-    """A number that differs between different batches: a weighted sum of the first tensor's first elements (on its
-    device, no sync); None for a batch without a tensor (an offset says nothing about the data it selects).
-    Compared across processes to find unsplit data."""
+    """A number that differs between batches: a weighted sum of the first tensor's first elements (on its device, no
+    sync); None for a batch without a tensor (an offset says nothing about the data it selects)."""
     t = first_tensor(batch)
     if t is None or not t.numel():
         return None
