@@ -1,25 +1,16 @@
 """Which module overflowed: hooks on one training step that find the first value past the low-precision limit.
 
-:class:`OverflowLocator` watches a model for the steps run inside it (off the hot path: use it to replay a step,
-never in normal training). For every module it checks its floating-point outputs (``forward``), the gradient its
-backward hands to its inputs (``backward``) and the gradients of its own parameters (``parameter gradient``)
-against the limit of the run's low-precision dtype (65504 for fp16). A gradient is seen as the backward computes
-it, times the loss scale: ``|scaled value| > limit`` is ``|unscaled value| * scale > limit``. The first module and
-phase, in the order the step ran them, where a value is non-finite or past the limit is the overflow; the
-per-module headroom ``log2(limit / amax)`` (in bits: how many doublings of the scale it could still take) shows
-which modules were close.
-
-    with OverflowLocator(model, limit=65504.0, scale=scaler.get_scale()) as loc:
-        loss = model(x).float().mean(); scaler.scale(loss).backward()
-    finding = loc.finding()            # None, or Finding(module, phase, amax, step)
-    print(loc.report())                # the finding, the headroom table and the keep_in_fp32 call
-
-``python -m PACKAGE.locate`` (a generated project's) replays a run from a checkpoint to its first overflow with it.
+:class:`OverflowLocator` checks every module's outputs (``forward``), the gradient its backward hands to its inputs
+(``backward``) and its parameters' gradients (``parameter gradient``) against the limit (65504 for fp16), gradients
+as the backward computes them: times the loss scale. The first module and phase past the limit, or non-finite, is
+the overflow; a per-module headroom table shows which were close. For replaying a step, never in normal training:
+``python -m PACKAGE.locate`` replays a run from a checkpoint with it; docs/debugger.md shows it in your own loop.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +18,6 @@ from typing import Any
 import torch
 
 PHASES = ("forward", "backward", "parameter gradient")
-FP16_MAX = 65504.0
 
 
 def limit_for(precision: str) -> float:
@@ -63,7 +53,7 @@ class OverflowLocator:
     """Hooks on every module of ``model``; ``limit``: the dtype's largest value; ``scale``: the loss scale in
     effect (for the headroom of unscaled values it is 1: gradients are checked as the backward sees them)."""
 
-    def __init__(self, model: torch.nn.Module, limit: float = FP16_MAX, scale: float | None = None):
+    def __init__(self, model: torch.nn.Module, limit: float = 65504.0, scale: float | None = None):
         self.model, self.limit, self.scale = model, float(limit), scale
         self.step: int | None = None
         self._handles: list[Any] = []
@@ -144,8 +134,7 @@ class OverflowLocator:
         return self._first
 
     def headroom(self) -> list[tuple[str, dict[str, float]]]:
-        """Per module, the bits of headroom per phase (``log2(limit / amax)``; negative: past the limit; -inf:
-        non-finite), lowest first."""
+        """Per module, lowest first, the bits of headroom per phase: ``log2(limit / amax)``, -inf where non-finite."""
         self._settle()
         rows: dict[str, dict[str, float]] = {}
         for (name, phase), amax in self._amax.items():
@@ -177,7 +166,4 @@ def _bits(v: float | None) -> str:
 
 def _plain_name(name: str) -> str:
     """Module names as the user's model has them (no DDP ``module.`` or compile ``_orig_mod.`` prefix)."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return "" if name in ("module", "_orig_mod") else name
+    return re.sub(r"^((module|_orig_mod)(\.|$))+", "", name)
