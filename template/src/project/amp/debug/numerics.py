@@ -1,17 +1,11 @@
 """Which modules lose the most to low precision: each module's error against a float32 shadow, in rounding units.
 
-The same batches run through the model from one state twice, in float32 and under the low precision's autocast,
-with hooks on every leaf module: its output (``activation``) and the gradient of the loss with respect to it
-(``gradient``). Per module the error is the relative RMS difference, ``rms(low - fp32) / rms(fp32)``, in units of
-the dtype's rounding error (:data:`UNIT`), averaged over the batches. A module that only rounds its result is near
-1 unit; one whose arithmetic is hostile to the dtype (a long sum, a softmax of large logits done in the input's
-dtype) is far above. :func:`suggest` keeps the worst module above ``tolerance`` in float32 (``keep_in_fp32``) and
-measures again while any stays above (at most ``rounds``): its last list is the ``amp.fp32_modules`` that brings
-every module under the tolerance. :func:`loss_gap` trains from the same state in float32 and in the low precision:
-the relative difference of the losses is the cost at the level a user sees.
-
-The model runs in ``eval()`` mode (no dropout; BatchNorm on its running statistics) so that both passes compute
-the same function; nothing is random, so a report is the same for the same state and batches.
+The same batches run from one state in float32 and under the low precision's autocast, with hooks on every leaf
+module: its output (``activation``) and the loss's gradient with respect to it (``gradient``). The error is
+``rms(low - fp32) / rms(fp32)`` in units of the dtype's rounding error (:data:`UNIT`), averaged over the batches: a
+module that only rounds its result is near 1. :func:`suggest` keeps the worst in float32 until every module is
+under the tolerance; :func:`loss_gap` is the cost in the training loss. The model runs in ``eval()`` mode (no
+dropout, BatchNorm on its running statistics): the same state and batches give the same report (docs/debugger.md).
 """
 
 from __future__ import annotations
@@ -93,8 +87,7 @@ def measure(build: Callable[[], torch.nn.Module], batches: Sequence[Any], loss_f
     device = torch.device(device)
     unit, dtype = UNIT[precision], DTYPE[precision]
     ref_model, low_model = build().to(device).eval(), build().to(device).eval()
-    if list(fp32_modules):
-        keep_in_fp32(low_model, list(fp32_modules))
+    keep_in_fp32(low_model, list(fp32_modules))
     sums: dict[str, list[float]] = {}
     for batch in batches:
         a = _capture(ref_model, batch, loss_fn, device.type, None)
@@ -134,8 +127,7 @@ def loss_gap(build: Callable[[], torch.nn.Module], make_optimizer: Callable[[tor
 
     def run(dtype: torch.dtype | None, kept: list[str]) -> list[float]:
         model = build().to(device).eval()
-        if kept:
-            keep_in_fp32(model, kept)
+        keep_in_fp32(model, kept)
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # disabled: a plain step
         losses = []
