@@ -1,13 +1,9 @@
 """``auto`` by measurement: where the hardware alone cannot say which precision is fastest for *this* model, time it.
 
-The same CPU runs a tiny model slower in bf16 (the casts dominate) and a wide one twice as fast; GPUs differ the
-same way. So where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU),
-a session asked for ``auto`` with a :class:`Probe` (``AmpSession(..., probe=Probe(run, key))``) times a few
-optimizer steps of each of the :func:`candidates` and runs the fastest (:func:`decide`). The probe is the caller's
-(the project times its own training step in a child process, so the run's model, optimizer, RNG and data position
-never see it). Timings are cached by machine (device, CPU feature or GPU name, threads, torch version) and the
-probe's own key (model and batch shape), in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``: a resume or the next
-run costs nothing. With several processes the main process measures (or reads the cache), every rank follows it.
+Where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU), a session asked
+for ``auto`` with a :class:`Probe` times a few optimizer steps of each of the :func:`candidates` and runs the fastest
+(:func:`decide`). Timings are cached by machine and the probe's key, in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``;
+with several processes the main process measures (or reads the cache), every rank follows it (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import json
 import os
 import platform
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +27,9 @@ CACHE_FILE = "auto_precision.json"
 
 @dataclass
 class Probe:
-    """What the session needs to measure: ``run(candidates)`` returns seconds per optimizer step for each candidate
-    (a missing one was not measured); ``key`` is what the timing depends on besides the machine (model and batch
-    shape, compile, ...): a different key measures again. ``run=None`` reads the cache only (a plain script that
-    cannot time its step: ``bench`` or an earlier run may have). ``candidates``: the precisions to weigh instead of
-    the device's own set (:func:`candidates`), e.g. with ``bf16-true`` (the settings' ``auto.candidates``)."""
+    """``run(candidates)``: seconds per optimizer step for each candidate it measured (``None``: read the cache
+    only); ``key``: what the timing depends on besides the machine (model and batch shape, compile, ...);
+    ``candidates``: the precisions to weigh instead of the device's own set (:func:`candidates`)."""
 
     run: Callable[[list[str]], Mapping[str, float]] | None
     key: dict[str, Any] = field(default_factory=dict)
@@ -43,9 +37,8 @@ class Probe:
 
 
 def for_session(rule: Resolution, state: Any, probe: Probe | None, auto: Any) -> Resolution:
-    """What a session asked for ``auto`` runs: ``rule`` where the hardware decides or ``auto.measure`` is off, the
-    measured pick with a ``probe``, and the rule with the hint of how to time it otherwise. The main process reads
-    the cache or runs ``probe.run``; every rank runs its result. A failing probe keeps the rule, and says so."""
+    """What a session asked for ``auto`` runs: the pick of ``probe``'s timings (the main process's, which every rank
+    follows), else ``rule``, with the hint of how to time it, or why timing it failed."""
     if not auto.measure or not candidates(state.device, auto.candidates or None):
         return rule
     if probe is None:
@@ -55,15 +48,12 @@ def for_session(rule: Resolution, state: Any, probe: Probe | None, auto: Any) ->
     if state.num_processes > 1:  # every rank follows the main process's timings
         from accelerate.utils import broadcast_object_list
 
-        box = [found]
-        broadcast_object_list(box, from_process=0)
-        found = box[0]
+        found = broadcast_object_list([found], from_process=0)[0]
     timings, cached, error = found
     if error == UNTIMED:
         return untimed(rule, "nothing cached for this model")
     if error or not timings:
-        why = error or "no precision was timed"
-        return Resolution(rule.requested, rule.effective, f"{rule.reason} (timing it failed: {why})", rule.device_type)
+        return replace(rule, reason=f"{rule.reason} (timing it failed: {error or 'no precision was timed'})")
     return decide(rule, timings, cached)
 
 
@@ -86,10 +76,8 @@ def _timings(device: torch.device | str, probe: Probe) -> tuple[dict[str, float]
 
 
 def candidates(device: torch.device | str, asked: list[str] | None = None) -> list[str]:
-    """The precisions worth timing on ``device``: ``asked`` (fp32, the reference, always among them) where a device
-    can be timed, else fp32 and bf16 on a CPU with AVX512-BF16 or AMX, fp32, bf16 (where native) and fp16 (with a
-    GradScaler) on a CUDA GPU (never fp16 on a CPU unless asked: no fast kernels); empty where the hardware rule is
-    certain and nothing was asked."""
+    """The precisions worth timing on ``device``: ``asked`` (with fp32, the reference), else the device's own set
+    (never fp16 on a CPU: no fast kernels); empty where the hardware rule is certain and nothing was asked."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return []
@@ -118,9 +106,8 @@ def machine(device: torch.device | str) -> dict[str, Any]:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("AMPTPL_CACHE_DIR"):
-        return Path(os.environ["AMPTPL_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amptpl"
+    own = os.environ.get("AMPTPL_CACHE_DIR")
+    return Path(own) if own else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "amptpl"
 
 
 def cache_key(device: torch.device | str, probe_key: Mapping[str, Any]) -> str:
@@ -161,9 +148,8 @@ def store(key: str, timings: Mapping[str, float], about: Mapping[str, Any] | Non
 
 
 def decide(rule: Resolution, timings: Mapping[str, float], cached: bool) -> Resolution:
-    """The precision to run from measured step times: the fastest, unless the rule's pick is within :data:`NOISE` of
-    it (a measurement overrides the rule only when it clearly disagrees); the reason gives the ratio to fp32 (or to
-    the rule's pick)."""
+    """The fastest measured precision, unless the rule's pick is within :data:`NOISE` of it (a measurement overrides
+    the rule only when it clearly disagrees); the reason gives the ratio to fp32 (or to another one measured)."""
     measured = {p: t for p, t in timings.items() if t and t > 0}
     if not measured:
         return rule
@@ -181,6 +167,5 @@ UNTIMED = "untimed"  # the main process found nothing cached and had no probe to
 
 def untimed(rule: Resolution, why: str = "no probe") -> Resolution:
     """The rule's pick, with the one-line hint that a measurement could do better on this model."""
-    return Resolution(rule.requested, rule.effective, f"{rule.reason}; not timed on this model ({why}: "
-                      "AmpSession(..., probe=debug.autopick.Probe(run, key)) or the project's bench measures it)",
-                      rule.device_type)
+    return replace(rule, reason=f"{rule.reason}; not timed on this model ({why}: AmpSession(..., "
+                   "probe=debug.autopick.Probe(run, key)) or the project's bench measures it)")
