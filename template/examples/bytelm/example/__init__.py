@@ -1,16 +1,14 @@
 """The example this project trains: a small byte-level language model on text that needs no download.
 
-This package is the one part to replace for your own model and data ("Make it yours" in the README).
-``train.py``, ``bench.py``, ``export.py`` and ``sample.py`` use only the names below; the AMP core (``amp/``)
-uses none of them. The config sections ``data`` and ``model`` are the example's (``example/config.py``); the
-others (``amp``, ``train``, ``eval``, ``checkpoint``, ``log``) are the loop's and stay as they are.
-
-A batch is whatever the loader yields; the loop hands it back to :func:`loss` and :func:`eval_rows` untouched.
-This module imports nothing heavy: ``config.py`` reads ``example.config`` before torch loads.
+The one part to replace for your own model and data ("Make it yours" in the README): the loop uses only the names
+below and the config sections ``data`` and ``model`` (``example/config.py``). A batch is whatever the loader yields,
+handed back to :func:`loss` and :func:`eval_rows` untouched. Nothing heavy is imported here: ``config.py`` reads
+``example.config`` before torch loads.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .config import RESUME_INCOMPATIBLE, TINY, WIDE, DataConfig, ModelConfig, validate
@@ -56,8 +54,7 @@ def loss(model: Any, batch: Any) -> Any:
 
 
 def eval_rows(model: Any, batch: Any) -> Any:
-    """Per sample, the sums named by :data:`EVAL_FIELDS` (float64, shape (batch, 3)); the forward runs under the
-    caller's autocast, the loss in float32."""
+    """Per sample, the sums named by :data:`EVAL_FIELDS` (float64, shape (batch, 3)), the loss in float32."""
     import torch
     import torch.nn.functional as F
 
@@ -76,8 +73,7 @@ def load_metric() -> Any:
 
 
 def model_class() -> type:
-    """The model class: a ``PyTorchModelHubMixin`` (``save_pretrained``/``from_pretrained``), built from
-    :func:`model_args` of a checkpoint's config."""
+    """The model class, a ``PyTorchModelHubMixin`` built from :func:`model_args` of a checkpoint's config."""
     from .model import ByteLM
 
     return ByteLM
@@ -122,8 +118,6 @@ or `python -m {package}.sample path/to/this/folder --prompt "def "`."""
 
 def loss_unit(val_loss: float) -> str:
     """How the card shows the validation loss."""
-    import math
-
     return f"{val_loss:.4f} nats/byte (perplexity {math.exp(min(val_loss, 700)):.2f})"
 
 
