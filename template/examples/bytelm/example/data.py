@@ -1,14 +1,9 @@
 """Data for the default example: bytes of real text, loaded with ``datasets``, no download.
 
-By default the corpus is the Python standard library's own source files, which exist on every machine
-that runs this project. ``data.files`` points it at your own text files (globs allowed);
-``data.hub_name`` loads a dataset from the Hugging Face hub for users with a network.
-
-The text is concatenated, encoded as UTF-8 bytes and cut into blocks of ``seq_len + 1`` bytes; the last
-``val_fraction`` of the blocks is held out for evaluation (split by position, as nanoGPT does).
-
-Bad data settings (a binary or missing file, too little text, a hub dataset with no network) raise
-:class:`DataError` with one line naming the key. ``datasets`` is imported only when data is loaded.
+The text is this Python's standard library sources by default, ``data.files`` (your text files, globs allowed) or
+``data.hub_name`` (a hub dataset, with a network); it is cut into blocks of ``seq_len + 1`` bytes, the last
+``val_fraction`` of them held out (split by position, as nanoGPT does). Bad data settings raise :class:`DataError`,
+one line naming the key. ``datasets`` is imported only when data is loaded.
 """
 
 from __future__ import annotations
@@ -50,8 +45,7 @@ def resolve_files(patterns: list[str], max_bytes: int) -> list[str]:
         path = os.path.expanduser(pat)
         if os.path.isdir(path):
             raise DataError(f"data.files: {pat!r} is a directory; name files or a glob, e.g. '{pat.rstrip('/')}/**/*.txt'")
-        hits = sorted(glob.glob(path, recursive=True))
-        hits = [h for h in hits if os.path.isfile(h)]
+        hits = sorted(h for h in glob.glob(path, recursive=True) if os.path.isfile(h))
         if not hits:
             raise DataError(f"data.files: {pat!r} matches no file")
         files += [h for h in hits if h not in files]
@@ -59,10 +53,8 @@ def resolve_files(patterns: list[str], max_bytes: int) -> list[str]:
 
 
 def check_text_file(path: str, head: int = 8192) -> None:
-    """Refuse a file that is not UTF-8 text (a NUL byte, or invalid UTF-8) in its first ``head`` bytes (-1: all).
-
-    Checked before the files reach ``datasets``, which would fail deep inside dataset generation instead.
-    """
+    """Refuse a file that is not UTF-8 text (a NUL byte, or invalid UTF-8) in its first ``head`` bytes (-1: all),
+    before ``datasets`` would fail deep inside dataset generation."""
     try:
         with open(path, "rb") as f:
             chunk = f.read(head)
@@ -89,11 +81,8 @@ def source_key(files: list[str], hub_name: str) -> str:
 
 
 def check_enough(n_train_blocks: int, batch_size: int, num_processes: int, source: str = "data.files") -> None:
-    """Refuse a training split smaller than one global batch.
-
-    The training loader drops the last incomplete batch, so with fewer blocks than ``batch_size *
-    num_processes`` an epoch yields no batch at all and the loop would wait forever for one.
-    """
+    """Refuse a training split smaller than one global batch: the training loader drops the last incomplete batch,
+    so an epoch would yield no batch at all and the loop would wait forever for one."""
     need = batch_size * num_processes
     if n_train_blocks < need:
         raise DataError(f"{source}: only {n_train_blocks} training blocks, fewer than one batch of {need} "
@@ -160,8 +149,7 @@ def _load_raw(files: list[str], hub_name: str):
 
 def _to_blocks(batch: dict, block: int, column: str) -> dict:
     data = "\n".join(batch[column]).encode("utf-8", errors="replace")
-    n = len(data) // block
-    return {"input_ids": [list(data[i * block : (i + 1) * block]) for i in range(n)]}
+    return {"input_ids": [list(data[i : i + block]) for i in range(0, len(data) - block + 1, block)]}
 
 
 def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int, val_fraction: float,
@@ -172,20 +160,18 @@ def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int,
     import datasets
 
     raw = _load_raw(files, hub_name)
-    if not hub_name:
-        text_column = "text"
+    text_column = text_column if hub_name else "text"  # local files: the text loader's one column
     if text_column not in raw.column_names:
         raise DataError(f"data.text_column: {text_column!r} not in the dataset's columns {raw.column_names}")
     blocks = raw.map(_to_blocks, batched=True, batch_size=64, remove_columns=raw.column_names,
                      fn_kwargs={"block": seq_len + 1, "column": text_column}, desc="bytes -> blocks",
                      features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint8"))}))
-    n_val = max(1, int(len(blocks) * val_fraction))
-    if len(blocks) - n_val < 1:
+    n_train = len(blocks) - max(1, int(len(blocks) * val_fraction))
+    if n_train < 1:
         raise DataError(f"{source}: only {len(blocks)} blocks of {seq_len + 1} bytes, none left for training after "
                         f"data.val_fraction={val_fraction}; {MORE_TEXT[source]} or lower data.seq_len")
-    train = blocks.select(range(len(blocks) - n_val)).with_format("torch")
-    val = blocks.select(range(len(blocks) - n_val, len(blocks))).with_format("torch")
-    return train, val
+    train, val = blocks.select(range(n_train)), blocks.select(range(n_train, len(blocks)))
+    return train.with_format("torch"), val.with_format("torch")
 
 
 def collate(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
