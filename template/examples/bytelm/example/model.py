@@ -1,11 +1,7 @@
-"""A small byte-level transformer language model (the default example).
+"""A small byte-level transformer language model (the default example): bytes in, next-byte logits out.
 
-Bytes in, next-byte logits out: vocabulary 256, no tokenizer to download. ``ByteLM`` carries
-huggingface_hub's ``PyTorchModelHubMixin``, so a trained model is usable without this project's config:
-
-    model.save_pretrained("final/")          # model.safetensors + config.json (the constructor arguments)
-    model = ByteLM.from_pretrained("final/")  # offline from a local directory; a hub repo id needs a network
-    model.generate(torch.tensor([list(b"def ")]), 100, temperature=0.8, top_k=50)
+Vocabulary 256, no tokenizer to download. ``ByteLM`` carries huggingface_hub's ``PyTorchModelHubMixin``, so a
+trained model loads without this project's config: ``ByteLM.from_pretrained("final/")`` (the README shows it).
 """
 
 from __future__ import annotations
@@ -45,12 +41,9 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module, PyTorchModelHubMixin, tags=["byte-level", "text-generation", "amptpl"]):
-    """GPT-style decoder over bytes. ``forward(idx) -> logits`` of shape (batch, time, 256).
-
-    The mixin records the constructor arguments (all five JSON values) for ``config.json`` and adds no
-    parameter or buffer: ``state_dict`` keys are those of a plain ``nn.Module``, so the model.safetensors
-    in a training checkpoint loads as it is.
-    """
+    """GPT-style decoder over bytes: ``forward(idx) -> logits`` of shape (batch, time, 256). The mixin records the
+    constructor arguments for ``config.json`` and adds no parameter or buffer, so the state_dict keys are a plain
+    ``nn.Module``'s and the model.safetensors of a training checkpoint loads as it is."""
 
     def __init__(self, seq_len: int, d_model: int = 192, n_layer: int = 4, n_head: int = 6, dropout: float = 0.0):
         super().__init__()
@@ -83,11 +76,8 @@ class ByteLM(nn.Module, PyTorchModelHubMixin, tags=["byte-level", "text-generati
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new: int, temperature: float = 1.0, top_k: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append ``max_new`` bytes to ``idx`` (batch, time), one at a time; returns (batch, time + max_new).
-
-        The context is cropped to the last ``seq_len`` bytes. ``temperature`` 0 is greedy (argmax);
-        ``top_k`` > 0 samples among the k likeliest bytes only. Pass a seeded ``generator`` for repeatable output.
-        """
+        """Append ``max_new`` bytes to ``idx`` (batch, time), each predicted from the last ``seq_len``; ``temperature``
+        0 is greedy, ``top_k`` > 0 samples among the k likeliest; a seeded ``generator`` gives repeatable output."""
         for _ in range(max_new):
             logits = self(idx[:, -self.seq_len :])[:, -1, :].float()
             if temperature == 0:
@@ -103,10 +93,9 @@ class ByteLM(nn.Module, PyTorchModelHubMixin, tags=["byte-level", "text-generati
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs) -> ByteLM:
-        # The mixin loads with strict=False (a weight missing from the file would stay random, silently) and
-        # prints a line to stdout for a local directory; load a local directory strictly and quietly instead.
-        # **kwargs: the hub arguments (revision, token, ...; they vary across huggingface_hub versions) and
-        # the constructor arguments read from config.json.
+        # The mixin loads with strict=False (a weight missing from the file would stay random, silently) and prints
+        # a line to stdout for a local directory: load one strictly and quietly instead. **kwargs: the hub arguments
+        # (revision, token, ...; they vary across huggingface_hub versions) and the constructor's, from config.json.
         if not os.path.isdir(model_id):
             return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
         model = cls(**{k: v for k, v in kwargs.items() if k in cls._hub_mixin_init_parameters}).to(map_location)
