@@ -1,14 +1,8 @@
 """Held-out metrics for the byte LM as an ``evaluate`` module that ships with the project (no hub access).
 
-``evaluate.load`` is given this file's own path; it imports a copy of it, so this module imports only
-``datasets`` and ``evaluate`` and keeps the metric class self-contained.
-
-The module is fed one row of sums per batch, not one row per token: evaluate stores every row in an Arrow
-cache file, so per-token rows made an eval cost O(tokens) in Python and disk; per-batch sums cost O(batches).
-
-    metric = load_metric()                      # once per run; compute() empties it for the next eval
-    metric.add_batch(correct=[...], count=[...], nll_sum=[...])   # one row per batch, python numbers
-    metric.compute()  # {"accuracy": ..., "loss": ..., "perplexity": ...}
+``evaluate.load`` imports a copy of this file, so it imports only ``datasets`` and ``evaluate``. It is fed one row of
+sums per batch, not per token: evaluate stores every row in an Arrow cache file, so per-token rows made an eval cost
+O(tokens) in Python and disk. ``compute()`` gives accuracy, loss and perplexity, and empties it for the next eval.
 """
 
 import math

@@ -1,13 +1,9 @@
 """Generate text with a trained byte-level model.
 
-    python -m PACKAGE.sample --prompt "def "                            # runs/default: newest checkpoint
-    python -m PACKAGE.sample runs/default/final --prompt "def " --max-bytes 400 --temperature 0.8 --top-k 50
-    python -m PACKAGE.sample runs/a/checkpoints/step_0000200 --temperature 0   # greedy
-
-The model source is an exported directory (``final/``, read with ``ByteLM.from_pretrained``), a training
-checkpoint, or a run's ``out_dir`` (its newest complete checkpoint, else its ``final/``). The prompt and
-the continuation go to stdout; which weights were used goes to stderr. The same ``--seed`` gives the same
-text. A bad path or argument gets one line ``error: ...`` and exit code 2.
+``python -m PACKAGE.sample [PATH] --prompt "def "``: PATH is an exported ``final/``, a training checkpoint or a run's
+``out_dir`` (its newest complete checkpoint, else its ``final/``; default ``runs/default``). The text goes to stdout,
+which weights were used to stderr; the same ``--seed`` gives the same text; a bad path or argument gets one line
+``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -61,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for line in [*notices, f"sample: {source}"]:
-        print(line, file=sys.stderr)
+    print("\n".join([*notices, f"sample: {source}"]), file=sys.stderr)
     new = generate_bytes(model, prompt, args.max_bytes, args.temperature, args.top_k, args.seed)
     # decode prompt and continuation together: a character may span the boundary
     text = (prompt + new).decode("utf-8", errors="replace")
