@@ -2,8 +2,8 @@
 
 After the first optimizer step: the dtypes of each optimizer group's parameters, gradients and state, of the model's
 weights and of each top-level module's output. A mismatch that fails silently otherwise (a ``model.to(bf16)`` left
-under "bf16 mixed") is a warning, or :class:`AuditError` with ``audit="strict"``; what each precision keeps, and the
-table, are in docs/debugger.md.
+under "bf16 mixed") is a warning, or :class:`AuditError` with ``audit="strict"``. What each precision keeps, and the
+table: amptpl's docs, docs/debugger.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU), a session asked
 for ``auto`` with a :class:`Probe` times a few optimizer steps of each of the :func:`candidates` and runs the fastest
 (:func:`decide`). Timings are cached by machine and the probe's key, in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``;
-with several processes the main process measures (or reads the cache), every rank follows it (docs/precision.md).
+with several processes the main process measures (or reads the cache), every rank follows it. The detail: amptpl's
+docs, docs/precision.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 (``backward``) and its parameters' gradients (``parameter gradient``) against the limit (65504 for fp16), gradients
 as the backward computes them: times the loss scale. The first module and phase past the limit, or non-finite, is
 the overflow; a per-module headroom table shows which were close. For replaying a step, never in normal training:
-``python -m PACKAGE.locate`` replays a run from a checkpoint with it; docs/debugger.md shows it in your own loop.
+``python -m PACKAGE.locate`` replays a run from a checkpoint with it; amptpl's docs, docs/debugger.md, show it in a
+loop of your own.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Checks that a loop the core did not write uses mixed precision correctly, at no per-step device read.
 
-Two features of the session (``hooks.py``) name what would otherwise fail silently (docs/copying-the-core.md):
-:class:`LoopChecks` the fp16 mistakes of a loop, :class:`SameData` processes that all train on the same data.
+Two features of the session (``hooks.py``) name what would otherwise fail silently (amptpl's docs,
+docs/copying-the-core.md): :class:`LoopChecks` the fp16 mistakes of a loop, :class:`SameData` processes that all
+train on the same data.
 """
 
 from __future__ import annotations

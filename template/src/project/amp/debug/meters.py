@@ -2,9 +2,9 @@
 
 ``amp/scale_headroom_bits`` and ``amp/grad_underflow_frac`` (fp16: the scaled gradients against fp16's largest and
 smallest normal numbers), ``amp/lost_update_frac`` (bf16-true: master updates its bf16 copy does not show yet); what
-they mean and what to do is in docs/debugger.md. Nothing is read from the device per step: the values stay there
-until the tick reads them, in one read. Each meter samples every n-th element of each tensor (at most :data:`SAMPLE`
-in all), so a tick costs a few strided reductions.
+they mean and what to do: amptpl's docs, docs/debugger.md. Nothing is read from the device per step: the values stay
+there until the tick reads them, in one read. Each meter samples every n-th element of each tensor (at most
+:data:`SAMPLE` in all), so a tick costs a few strided reductions.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ module: its output (``activation``) and the loss's gradient with respect to it (
 ``rms(low - fp32) / rms(fp32)`` in units of the dtype's rounding error (:data:`UNIT`), averaged over the batches: a
 module that only rounds its result is near 1. :func:`suggest` keeps the worst in float32 until every module is
 under the tolerance; :func:`loss_gap` is the cost in the training loss. The model runs in ``eval()`` mode (no
-dropout, BatchNorm on its running statistics): the same state and batches give the same report (docs/debugger.md).
+dropout, BatchNorm on its running statistics): the same state and batches give the same report (amptpl's docs,
+docs/debugger.md).
 """
 
 from __future__ import annotations
