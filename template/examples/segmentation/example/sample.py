@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..faults import write_status
 from ..export import PACKAGE, ArgParser, ExportError, device_arg, load_model
+from ..faults import write_status
 from .config import DataConfig
 from .data import draw_shapes, split_seed
 
