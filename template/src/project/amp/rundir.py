@@ -11,11 +11,16 @@ import json
 import os
 import signal
 import socket
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 LOCK, PREVIOUS = ".lock", "previous-runs"
+# what a run writes in out_dir (final/: the generated project's export); a fresh start moves these, and only these
+RUN_FILES = ("checkpoints", "metrics.jsonl", "amp_summary.json", "final")
+ECHO_S = 1.0  # a second SIGTERM sooner than this after the first is the same stop, forwarded by a launcher
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
 
 
@@ -135,11 +140,12 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def move_aside(out_dir: Path, why: str) -> list[str]:
-    """Move everything an earlier run left in ``out_dir`` (checkpoints, metrics, summary, tracker logs, an export) to
-    ``out_dir/previous-runs/<UTC time>/``; returns the notice (none when there was nothing)."""
+def move_aside(out_dir: Path, why: str, also: tuple[str, ...] = ()) -> list[str]:
+    """Move what an earlier run wrote in ``out_dir`` (:data:`RUN_FILES` and ``also``, e.g. a tracker's folder) to
+    ``out_dir/previous-runs/<UTC time>/``, leaving anything else there alone; returns the notice (none when nothing
+    moved)."""
     out_dir = Path(out_dir)
-    old = sorted(p for p in out_dir.iterdir() if p.name not in (LOCK, PREVIOUS)) if out_dir.is_dir() else []
+    old = [out_dir / n for n in dict.fromkeys((*RUN_FILES, *also)) if n and (out_dir / n).exists()]
     if not old:
         return []
     dest = out_dir / PREVIOUS / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -154,12 +160,15 @@ def move_aside(out_dir: Path, why: str) -> list[str]:
 
 
 class StopSignal:
-    """Notes a stop signal for the run to honour at its next step, instead of dying mid-step. A second SIGINT (Ctrl-C
-    twice) raises KeyboardInterrupt at once; :meth:`restore` puts the previous handlers back (at the run's end, so a
-    Ctrl-C after an in-process run is not swallowed)."""
+    """Notes a stop signal for the run to honour at its next step, instead of dying mid-step. A second one ends the
+    process at once, whatever the loop does: Ctrl-C raises KeyboardInterrupt, then any further signal kills; a second
+    SIGTERM or SIGHUP kills, unless it comes within :data:`ECHO_S` of the first (a launcher's copy of the scheduler's).
+    :meth:`restore` puts the previous handlers back (at the run's end, so a Ctrl-C after an in-process run is not
+    swallowed)."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signame: str | None = None
+        self._at = 0.0
         self._previous: dict[int, Any] = {}
         for sig in signals:
             try:
@@ -169,9 +178,17 @@ class StopSignal:
                 break
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signame is not None and signum == signal.SIGINT:
+        if self.signame is None:
+            self.signame, self._at = signal.Signals(signum).name, time.monotonic()
+            return
+        if signum != signal.SIGINT and time.monotonic() - self._at < ECHO_S:
+            return
+        for sig in self._previous:  # nothing of ours stands in the way of a further signal
+            signal.signal(sig, signal.SIG_DFL)
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signame = signal.Signals(signum).name
+        sys.stderr.write(f"{signal.Signals(signum).name} again: ending now, without saving\n")
+        os.kill(os.getpid(), signum)
 
     def restore(self) -> None:
         """Reinstall the handlers that were there before."""
