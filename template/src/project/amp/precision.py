@@ -17,6 +17,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,9 +136,25 @@ def resolve(requested: str | None, device: torch.device | str, launcher: str | N
     r = _resolve(launch if followed else req, torch.device(device))
     if followed:
         return dataclasses.replace(r, requested="auto", reason=f"the launcher asked for {launch}; {r.reason}")
+    if req == "auto" and launch == "fp32":
+        return dataclasses.replace(r, reason=f"{r.reason}; the launcher's mixed_precision no is taken as not asked "
+                                   "(AmpSession(None) under `--mixed_precision no`, or precision fp32, runs fp32)")
     if req != "auto" and launch in ("bf16", "fp16") and launch != r.effective:
         return dataclasses.replace(r, reason=f"{r.reason}; the launcher asked for {launch}, the explicit precision wins")
     return r
+
+
+def launcher_choice() -> str:
+    """What ``AmpSession(None)`` runs: ``fp32`` where the launcher's command line (the parent process) says
+    ``--mixed_precision no``, else ``auto`` (a ``no`` that Accelerate passes when nothing was asked is not a choice)."""
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux: the launcher's no cannot be told from its default
+        return "auto"
+    flags = [a.replace("-", "_") for a in args]  # --mixed_precision no, --mixed_precision=no
+    said = {*zip(flags, flags[1:], strict=False), *(tuple(a.split("=", 1)) for a in flags if "=" in a)}
+    asked = ("__mixed_precision", "no") in said and os.environ.get("ACCELERATE_MIXED_PRECISION") == "no"
+    return "fp32" if asked else "auto"
 
 
 def _resolve(req: str, device: Any) -> Resolution:

@@ -44,7 +44,7 @@ class AmpSession:
                  max_steps: int | None = None, config: dict[str, Any] | None = None, probe: Any = None,
                  **accelerator_kwargs: Any):
         kw = accelerator_kwargs
-        base = settings if isinstance(settings, AmpSettings) else AmpSettings(settings or "auto")
+        base = settings if isinstance(settings, AmpSettings) else AmpSettings(settings or precision.launcher_choice())
         settings = dataclasses.replace(base, **{f.name: kw.pop(f.name) for f in dataclasses.fields(base) if f.name in kw})
         self.out_dir, self.max_steps, self.config = Path(out_dir), max_steps, config
         kw.setdefault("project_dir", str(self.out_dir))
@@ -115,7 +115,7 @@ class AmpSession:
         res = self.resolution
         path, meta, notices, state = self.ckpt.resume(str(policy), res.effective, self.settings.scaler_kwargs
                                                       if res.uses_scaler else None, check, rescale_schedule,
-                                                      self.out_dir / METRICS)
+                                                      self.out_dir / METRICS, (self.trackers.run_name,))
         if path is not None and state is None:
             notices.append("resume: the checkpoint holds no training position: step, epoch and data start from 0")
         state = state or {}
