@@ -144,9 +144,13 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
         said = [f"resume: starting fresh as asked, although {root} holds checkpoints"] if list_checkpoints(out_dir) else []
         return None, said
     if resume != "auto":
-        if not Path(resume).exists():
+        path = Path(resume)
+        if not path.exists():
             raise CheckpointError(f"resume: no such checkpoint: {resume}")
-        return Path(resume), check_complete(Path(resume))
+        if path.is_dir() and not (path / META).exists() and any((path / f).exists() for f in MODEL_FILES):
+            return path, [f"resume: {path} is a plain accelerator.save_state checkpoint (no {META}): loaded as it is, "
+                          "unverified, without the session's state"]
+        return path, check_complete(path)
     notices: list[str] = []  # newest complete wins; `latest` lags by one save after a crash between rename and update
     for path in reversed(list_checkpoints(out_dir)):
         try:
@@ -294,26 +298,28 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
 
     def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
-               rescale_schedulers: bool = False, log: Path | None = None) -> tuple[Any, dict | None, list[str], Any]:
+               rescale_schedulers: bool = False, log: Path | None = None, also: tuple[str, ...] = ()
+               ) -> tuple[Any, dict | None, list[str], Any]:
         """Load the checkpoint ``policy`` names (``check(meta)`` may add notices or refuse it): ``(path, meta, notices,
         this process's session state)``. An earlier run in out_dir moves aside for a fresh start or a checkpoint from
-        elsewhere; ``log`` records past the checkpoint are dropped. The scaler, for every pair of precisions: scale and
-        growth tracker from an fp16 checkpoint into an fp16 run, this run's knobs winning (a changed ``init_scale``
-        starts there). ``rescale_schedulers``: a schedule in optimizer steps goes on from the same step when the number
+        elsewhere (``also``: names it wrote besides rundir.RUN_FILES); ``log`` records past the checkpoint are dropped.
+        The scaler, for every pair of precisions: scale and growth tracker from an fp16 checkpoint into an fp16 run,
+        this run's knobs winning (a changed ``init_scale`` starts there). ``rescale_schedulers``: a schedule in optimizer steps goes on from the same step when the number
         of processes changed (a prepared scheduler steps once per process per optimizer step)."""
         from .rundir import move_aside
 
         acc, out_dir = self.accelerator, self.root.parent
         path, notices = find_resume(out_dir, policy)
-        meta = read_meta(path) if path is not None else None
+        meta = (read_meta(path) if (path / META).exists() else {}) if path is not None else None
         notices += list(check(meta) or []) if meta is not None and check is not None else []
         if path is None or Path(path).resolve().parent != self.root.resolve():  # a fresh start, or a new line of runs
-            notices += move_aside(out_dir, f"resume from {path}" if path else "fresh start") if acc.is_main_process else []
+            why = f"resume from {path}" if path else "fresh start"
+            notices += move_aside(out_dir, why, also) if acc.is_main_process else []
             acc.wait_for_everyone()
         if path is None:
             return None, None, notices, None
         # checkpoints written before the amp_state files kept the session's state as the first registered objects
-        legacy = [] if meta.get("amp_state") else [_Sink() for name in LEGACY_STATE if (path / name).is_file()]
+        legacy = [] if meta.get("amp_state") or not meta else [_Sink() for name in LEGACY_STATE if (path / name).is_file()]
         acc._custom_objects[:0] = legacy
         try:
             with self.hooks.scaler_hidden():
@@ -325,7 +331,7 @@ class CheckpointManager:
         finally:
             del acc._custom_objects[: len(legacy)]
         self.hooks.call("on_load", path, list(acc._models))
-        notices.append(f"resume: loaded {path} (step {meta.get('step', '?')})")
+        notices.append(f"resume: loaded {path}" + (f" (step {meta['step']})" if "step" in meta else ""))
         saved, now = meta.get("world_size"), acc.num_processes
         if saved is not None and saved != now:
             for sched in acc._schedulers if rescale_schedulers else ():
@@ -357,13 +363,13 @@ class CheckpointManager:
 
     def _load_scaler(self, path: Path, meta: dict[str, Any], precision: str, kwargs: dict[str, Any]) -> list[str]:
         scaler = self.accelerator.scaler
-        was = (meta.get("precision") or {}).get("effective", "?")
+        was = (meta.get("precision") or {}).get("effective", "of an unrecorded precision")
         state = torch.load(path / SCALER, map_location="cpu", weights_only=False) if (path / SCALER).exists() else None
         if scaler is None or not scaler.is_enabled():
             if state and "scale" in state:
                 return [f"resume: checkpoint was {was} with loss scale {state['scale']:g}, run is {precision} -> no "
                         "loss scaling, the scale is not used"]
-            return [f"resume: checkpoint was {was}, run is {precision}"] if was != precision else []
+            return [f"resume: checkpoint was {was}, run is {precision}"] if was != precision and meta else []
         if not state or "scale" not in state:
             return [f"resume: checkpoint was {was} (no loss scale saved), run is {precision} -> fresh GradScaler at "
                     f"init_scale {kwargs.get('init_scale', scaler.get_scale()):g}"]

@@ -287,7 +287,8 @@ class Trackers:
     def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int = 0) -> None:
         """``init_trackers`` once, with the user's kwargs; after a resume (``meta``: the checkpoint's, at ``step``)
         W&B and MLflow continue the saved runs, and TensorBoard hides the events a killed run logged after it."""
-        if self.started:
+        if self.started or accelerator.trackers:  # the loop's own init_trackers came first: its set-up stands
+            self.started = True
             return
         self.started, kwargs, ids = True, copy.deepcopy(self.kwargs), (meta or {}).get("trackers") or {}
         resumed = {"wandb": {"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {},

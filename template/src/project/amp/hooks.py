@@ -1,7 +1,7 @@
 """The one place that wraps anything of yours; the session's features watch the loop through it.
 
 :class:`Hooks` wraps, once each and only the objects the session was given: ``accelerator.backward`` and
-``unscale_gradients``, each prepared optimizer's ``step`` (gradients as the backward left them), the optimizer's own
+``unscale_gradients`` (and ``init_trackers``, run once), each prepared optimizer's ``step`` (gradients as the backward left them), the optimizer's own
 ``step``/``zero_grad`` and the model's ``forward`` where a feature needs them (bf16-true), and ``accelerator.scaler``
 (fp16 on a CPU; hidden while a checkpoint is written). Each wrapper calls the features that define its hook, in the
 order of :data:`FEATURES`; a feature is one module and one line there. The hooks, all optional:
@@ -84,7 +84,16 @@ class Hooks:
                 self.call("before_unscale")
             return unscale(*args, **kwargs)
 
+        def init_trackers(*args: Any, **kwargs: Any) -> None:
+            if accelerator.trackers:  # a second call would log every record twice
+                self.say("accelerator.init_trackers: the trackers run already; this call is ignored (AmpSession's "
+                         "run_name=, tracker_kwargs= and config= set them up)", style="yellow")
+                return
+            start_trackers(*args, **kwargs)
+
+        start_trackers = accelerator.init_trackers
         accelerator.backward, accelerator.unscale_gradients = amp_backward, amp_unscale
+        accelerator.init_trackers = init_trackers
 
     def get(self, name: str) -> Any:
         """The feature called ``name`` in this session, or None."""
