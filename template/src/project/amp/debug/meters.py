@@ -33,6 +33,7 @@ class Meters(Feature):
     def __init__(self, hooks: Any):
         super().__init__(hooks)
         self.armed = False  # the optimizer step being computed ends at a log tick
+        self._first = True  # the next backward is the first of an optimizer step
         self._stride: int | None = None
         self._pending: dict[str, torch.Tensor] = {}
         self._before: list[tuple[torch.Tensor, torch.Tensor]] = []  # sampled (bf16 copy, master) before the step
@@ -46,10 +47,12 @@ class Meters(Feature):
         return self._stride
 
     def after_backward(self) -> None:
-        """On a tick's step, sample the gradients as the backward left them (scaled): device work only."""
+        """On a tick's step, sample the gradients of its first micro-batch as the backward left them (scaled, not yet
+        summed over micro-batches): device work only."""
         acc = self.hooks.accelerator
+        first, self._first = self._first, False
         self.armed = acc.sync_gradients and self.hooks.tick_due()
-        if not self.armed or acc.scaler is None or not acc.scaler.is_enabled():
+        if not (first and self.hooks.tick_due()) or acc.scaler is None or not acc.scaler.is_enabled():
             return
         grads = [p.grad for m in acc._models for p in m.parameters() if p.grad is not None and p.grad.is_floating_point()]
         if not grads:
@@ -58,9 +61,13 @@ class Meters(Feature):
         mag = torch.cat([g.detach().reshape(-1)[::n].float() for g in grads]).abs()
         nonzero = mag > 0
         amax = torch.stack([torch.linalg.vector_norm(g.detach().float(), ord=math.inf) for g in grads]).amax()
-        amax = torch.where(torch.isfinite(amax), amax, torch.full_like(amax, math.inf))  # NaN too: overflowed
+        # finite gradients: nothing overflowed in fp16, whatever a float32 sum (a tied weight's uses) reaches: >= 0
+        bits = torch.where(torch.isfinite(amax), torch.log2(FP16.max / amax).clamp(min=0), -math.inf)
         self._pending["amp/grad_underflow_frac"] = ((mag < FP16.tiny) & nonzero).sum() / nonzero.sum().clamp(min=1)
-        self._pending["amp/scale_headroom_bits"] = torch.log2(FP16.max / amax)
+        self._pending["amp/scale_headroom_bits"] = bits
+
+    def after_outer_step(self, opt: Any) -> None:
+        self._first = True  # the next backward is the first micro-batch of the next optimizer step
 
     def _pairs(self, opt: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         master = self.hooks.get("master")
