@@ -154,7 +154,12 @@ class OverflowLocator:
         for name, bits in self.headroom()[:top]:
             cells = [_bits(bits.get(p)) for p in PHASES]
             lines.append(f"  {(name or '(the model)')[:36]:<36} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10}")
-        if first is not None and first.module:
+        grads = [min(bits.get(p, math.inf) for p in PHASES[1:]) for _, bits in self.headroom()
+                 if any(p in bits for p in PHASES[1:])]
+        if first is not None and first.phase != "forward" and len(grads) > 1 and max(grads) < 0:  # none to blame
+            lines.append(f"every module's gradient passed {self.limit:g}: not one module but the loss scale "
+                         f"({self.scale:g}) is too high; lower the scaler's init_scale (each skipped step halves it)")
+        elif first is not None and first.module:
             how = fix(first.module) if fix else f'precision.keep_in_fp32(model, ["{first.module}"]) before prepare'
             lines.append(f"to keep it in float32: {how}")
         return "\n".join(lines)
