@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 # Registration order is calling order: bf16-true's masters are rounded into the model before the meters look.
-FEATURES = ("debug.loopcheck.LoopChecks", "debug.loopcheck.SameData", "precision.FusedSkipFix",
+FEATURES = ("debug.loopcheck.LoopChecks", "debug.loopcheck.SameData", "debug.loopcheck.RandomAhead",
+            "precision.FusedSkipFix",
             "master.MasterWeights", "debug.audit.Audit", "debug.meters.Meters")
 
 
@@ -69,6 +70,7 @@ class Hooks:
     def __init__(self, accelerator: Any, settings: Any, resolution: Any, say: Callable[..., None], scaler: Any = None):
         self.accelerator, self.settings, self.resolution, self.say = accelerator, settings, resolution, say
         self.tick_due: Callable[[], bool] = lambda: False
+        self.tracked: Any = None  # what the loop keeps with amp.track (position.Tracked; the session sets both)
         if scaler is not None:  # before prepare, or the prepared optimizer never unscales with it; native_amp makes
             accelerator.scaler, accelerator.native_amp = scaler, True  # prepare() wrap the forward in autocast
         self.features = [f for spec in FEATURES if (cls := _load(spec)) and (f := cls.make(self)) is not None]
@@ -125,7 +127,8 @@ class Hooks:
         """Before ``accelerator.prepare``: the features' casts, then the optimizer's own step and zero_grad and the
         model's forward wrapped where a feature needs them (Accelerate keeps the step it finds at prepare)."""
         self.call("before_prepare", models, optimizers)
-        defined = {h for f in self.features for h in ("before_inner_step", "before_forward") if getattr(f, h, None)}
+        defined = {h for f in self.features for h in ("before_inner_step", "before_forward", "after_forward")
+                   if getattr(f, h, None)}
         for opt in optimizers if "before_inner_step" in defined else ():
             if getattr(opt, "_amp_inner", False):
                 continue
@@ -144,7 +147,7 @@ class Hooks:
                 self.call("after_zero_grad", __opt, set_to_none)
 
             opt.step, opt.zero_grad, opt._amp_inner = inner_step, inner_zero_grad, True
-        for model in models if "before_forward" in defined else ():
+        for model in models if {"before_forward", "after_forward"} & defined else ():
             forward = model.forward
 
             @functools.wraps(forward)

@@ -59,6 +59,7 @@ class AmpSession:
         # whether the optimizer step being computed now ends at a log tick
         self.hooks.tick_due = lambda: (self.step + 1) % self.settings.log_every == 0 or self.step + 1 == max_steps
         self.monitor, self.progress, self.tracked, self.clock = AmpMonitor(acc.scaler), Progress(), Tracked(), Clock()
+        self.hooks.tracked = self.tracked
         self.ckpt: CheckpointManager | None = None
         self.stop: Stop | None = None
         self.scale: float | None = None  # as of the last log tick

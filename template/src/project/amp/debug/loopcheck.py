@@ -7,6 +7,7 @@ train on the same data.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -86,12 +87,27 @@ class LoopChecks(Feature):
             self._known, self._seen = known, (self.backwards, self.steps)
             return
         self._require_backward()
+        if self.steps == 1:
+            self._no_second_scaler()
         steps = self._seen[1]
         self._seen = (self.backwards, self.steps)
         if self.steps == steps:
             raise LoopError("fp16: the optimizer step did not go through the GradScaler: the weights changed without "
                             "optimizer.step() of an optimizer passed to amp.prepare (fp16 needs it to unscale the "
                             "gradients, skip overflowing steps and update the loss scale)")
+
+    def _no_second_scaler(self) -> None:
+        """The loop's own GradScaler that scaled something (``accelerator.backward(scaler.scale(loss))``): the loss
+        scaled twice, the updates that many times too large once unscaled by the session's scaler alone."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            for name, v in [*frame.f_locals.items(), *frame.f_globals.items()]:
+                if (isinstance(v, torch.amp.GradScaler) and v is not self.scaler and v.is_enabled()
+                        and v._scale is not None):
+                    raise LoopError(f"fp16: the loss was scaled twice: your own GradScaler `{name}` scaled it, and "
+                                    f"the session's scales what accelerator.backward gets; remove `{name}` and its "
+                                    "scale/step/update calls (accelerator.backward(loss), optimizer.step())")
+            frame = frame.f_back
 
     def at_tick(self, rows: list[list[float]]) -> tuple[dict[str, float], list[str]]:
         if not self._norms or self._warned:
@@ -106,6 +122,35 @@ class LoopChecks(Feature):
                     f"norm {a:.4g} after backward, {b:.4g} at the optimizer step. Clipping before unscaling clips "
                     "them that many times too hard; use accelerator.clip_grad_norm_(...) (it unscales first), or "
                     "call accelerator.unscale_gradients() before torch.nn.utils.clip_grad_norm_"]
+
+
+class RandomAhead(Feature):
+    """A warning where the loop drew from the global RNG between the step's last forward and ``amp.after_step`` (a
+    batch for the next step drawn ahead, ``X, Y = get_batch("train")``) and tracks no tensor: the checkpoint holds
+    the RNG after that draw but not the batch, so a resume trains on another one. Checks the first step only."""
+
+    name = "random_ahead"
+
+    def __init__(self, hooks: Any):
+        super().__init__(hooks)
+        self.state: torch.Tensor | None = None  # the CPU RNG as the last forward left it
+
+    def after_forward(self, out: Any) -> Any:
+        self.state = torch.random.get_rng_state()
+        return out
+
+    def at_step(self, loss: Any) -> None:
+        if self.state is None:
+            return
+        moved, self.state, self.after_forward = not torch.equal(self.state, torch.random.get_rng_state()), None, None
+        tracked = self.hooks.tracked
+        kept = tracked is not None and any(isinstance(v, torch.Tensor) for o in tracked.objects.values()
+                                           if isinstance(o, dict) for v in o.values())
+        if moved and not kept:
+            self.hooks.say("warning: the global RNG moved between the step's last forward and amp.after_step: a batch "
+                           "drawn ahead for the next step (a prefetch) is not in the checkpoint, so a resume would "
+                           "train on another; keep it with amp.track({...}) or draw it after amp.after_step",
+                           style="yellow")
 
 
 class SameData(Feature):
