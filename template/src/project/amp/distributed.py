@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -48,22 +49,36 @@ def exit_status(code: Any) -> int:
     return code if isinstance(code, int) else 1
 
 
+PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|communicator was aborted)|timed out|"
+                  r"connection closed", re.I)
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """One line for an error that says another process of the run died or stopped answering (gloo's "Connection
+    reset by peer", NCCL's errors), else None."""
+    several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    m = PEER.search(str(e)) if several and isinstance(e, RuntimeError) else None
+    return None if m is None else (f"another process of this run died or stopped answering ({m.group(0)}), so rank "
+                                   f"{os.environ.get('RANK', '?')} stops too; its own output says why")
+
+
 def _end_now(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
 def run_main(main: Callable[[], Any]) -> NoReturn:
     """``if __name__ == "__main__": run_main(main)``: end with ``main()``'s exit status (its return value, a
-    SystemExit's code, 1 after an uncaught exception's traceback, 130 for Ctrl-C); with several processes
-    (``WORLD_SIZE`` > 1) through ``os._exit`` once exit handlers ran, skipping the finalization gloo can abort."""
+    SystemExit's code, 1 after an uncaught exception's traceback or a peer's death in one line, 130 for Ctrl-C); with
+    several processes (``WORLD_SIZE`` > 1) through ``os._exit`` once exit handlers ran (gloo can abort finalization)."""
     try:
         code = exit_status(main())
     except SystemExit as e:
         code = exit_status(e.code)
     except KeyboardInterrupt:
         code = 130
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:
+        line = peer_lost(e)  # a peer's death: one line, not the collective's traceback
+        print(f"error: {line}", file=sys.stderr) if line else traceback.print_exc()
         code = 1
     try:  # a Ctrl-C from here on ends the process at once, without a traceback from an exit handler
         signal.signal(signal.SIGINT, _end_now)
