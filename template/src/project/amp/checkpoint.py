@@ -1,11 +1,6 @@
-"""Checkpoints around ``accelerator.save_state``/``load_state``: atomic, rotated, resumable across precisions.
-
-``out_dir/checkpoints/step_NNNNNNN/`` is Accelerate's layout (a plain ``accelerator.load_state`` of the same prepared
-objects reads it) plus ``amp_state_<process>.pt`` (data position, AMP statistics, ``amp.track``) and ``meta.json``
-(precision, scaler kwargs, config, world size, versions, size and sha256 of every part); ``checkpoints/latest``
-names the newest. A checkpoint is complete or invisible: written to ``.tmp-step_*``, renamed, then ``latest`` moves.
-A resume across precisions never crashes: the scaler is handled here (Accelerate raises on a missing or empty
-scaler.pt, drops the scale silently, and lets scaler.pt replace the run's GradScalerKwargs), each decision a notice.
+"""Checkpoints around ``accelerator.save_state``/``load_state``: complete or invisible, verified, rotated, resumable
+across precisions. ``checkpoints/step_NNNNNNN/`` is Accelerate's layout plus ``amp_state_<process>.pt`` and
+``meta.json``; ``checkpoints/latest`` names the newest. The scaler is loaded here, each decision a notice.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import torch
 
 CHECKPOINTS, LATEST, META, SCALER = "checkpoints", "latest", "meta.json", "scaler.pt"
 STATE = "amp_state_{}.pt"  # the session's state, one file per process
-LEGACY_STATE = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")  # where checkpoints before amp_state kept it
 NAME_RE = re.compile(r"^step_(\d{7,})$")
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0", "pytorch_model")
 SOFT_PARTS = re.compile(r"^random_states_\d+\.pkl$")  # losing one costs bit-exactness only: a notice, not a refusal
@@ -38,17 +32,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, a lost mount): one line naming the path and the cause."""
-
-
-def version(dist: str) -> str | None:
-    """The installed version of ``dist`` (for meta.json), or None."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -230,18 +213,9 @@ def _writing(tmp: Path) -> Any:
         raise CheckpointWriteError(f"{tmp}: cannot write the checkpoint ({why})") from e
 
 
-class _Sink:
-    """Takes one registered object's state out of a checkpoint written before the amp_state files existed."""
-
-    state: Any = None
-    def state_dict(self) -> dict[str, Any]: return {}
-    def load_state_dict(self, state: Any) -> None: self.state = state
-
-
 class CheckpointManager:
-    """Saves and loads the checkpoints of one session: ``meta()`` gives a save's JSON metadata, ``state()`` this
-    process's session state (``amp_state_<process>.pt``, handed back by :meth:`load`); ``hooks.call("on_save" /
-    "on_load")`` lets the features change what is saved and restored (bf16-true: the float32 master weights)."""
+    """The checkpoints of one session: ``meta()`` gives a save's meta.json, ``state()`` this process's session state;
+    the features' ``on_save``/``on_load`` change what is saved and restored (bf16-true: the float32 masters)."""
 
     def __init__(self, hooks: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
                  state: Callable[[], dict[str, Any]]):
@@ -300,12 +274,10 @@ class CheckpointManager:
     def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
                rescale_schedulers: bool = False, log: Path | None = None, also: tuple[str, ...] = ()
                ) -> tuple[Any, dict | None, list[str], Any]:
-        """Load the checkpoint ``policy`` names (``check(meta)`` may add notices or refuse it): ``(path, meta, notices,
-        this process's session state)``. An earlier run in out_dir moves aside for a fresh start or a checkpoint from
-        elsewhere (``also``: names it wrote besides rundir.RUN_FILES); ``log`` records past the checkpoint are dropped.
-        The scaler, for every pair of precisions: scale and growth tracker from an fp16 checkpoint into an fp16 run,
-        this run's knobs winning (a changed ``init_scale`` starts there). ``rescale_schedulers``: a schedule in optimizer steps goes on from the same step when the number
-        of processes changed (a prepared scheduler steps once per process per optimizer step)."""
+        """Load the checkpoint ``policy`` names: ``(path, meta, notices, this process's session state)``. An earlier
+        run moves aside for a fresh start or a checkpoint from elsewhere (``also``: names it wrote besides RUN_FILES);
+        ``log`` records past the checkpoint are dropped. ``rescale_schedulers``: a prepared scheduler steps once per
+        process per optimizer step, so its position scales with the number of processes."""
         from .rundir import move_aside
 
         acc, out_dir = self.accelerator, self.root.parent
@@ -318,9 +290,6 @@ class CheckpointManager:
             acc.wait_for_everyone()
         if path is None:
             return None, None, notices, None
-        # checkpoints written before the amp_state files kept the session's state as the first registered objects
-        legacy = [] if meta.get("amp_state") or not meta else [_Sink() for name in LEGACY_STATE if (path / name).is_file()]
-        acc._custom_objects[:0] = legacy
         try:
             with self.hooks.scaler_hidden():
                 acc.load_state(str(path))
@@ -328,8 +297,6 @@ class CheckpointManager:
             detail = " ".join(ln.strip() for ln in str(e).strip().splitlines())  # torch puts the key names below
             raise CheckpointError(f"{path}: cannot be loaded into this run ({type(e).__name__}: {detail[:400]})"
                                   ) from None
-        finally:
-            del acc._custom_objects[: len(legacy)]
         self.hooks.call("on_load", path, list(acc._models))
         notices.append(f"resume: loaded {path}" + (f" (step {meta['step']})" if "step" in meta else ""))
         saved, now = meta.get("world_size"), acc.num_processes
@@ -345,9 +312,6 @@ class CheckpointManager:
         step = meta.get("step")
         if log is not None and acc.is_main_process and isinstance(step, int) and (n := trim_log(log, step)):
             notices.append(f"resume: dropped {n} {log.name} records logged after step {step}")
-        if legacy:
-            return path, meta, notices, {"progress": legacy[0].state, "monitor": getattr(legacy[-1], "state", None)
-                                         if len(legacy) > 1 else None}
         for index in dict.fromkeys((acc.process_index, 0)):  # this process's, or the main's (fewer processes then)
             file = path / STATE.format(index)
             if file.is_file():

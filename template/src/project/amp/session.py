@@ -12,10 +12,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import accelerate
 import torch
 
 from . import __version__, precision
-from .checkpoint import CheckpointManager, version
+from .checkpoint import CheckpointManager
 from .console import Trackers, TrainConsole, run_ids, status, summary_table
 from .distributed import any_rank, gather_rows, settle
 from .hooks import Hooks, plain_module
@@ -28,16 +29,10 @@ METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
 
 class AmpSession:
-    """The AMP lifecycle around one Accelerator; see ``amp/__init__.py`` for the contract with a loop.
-
-    ``settings``: an :class:`~settings.AmpSettings`, or a precision name (``"fp16"``, ``args.mixed_precision``; None
-    is ``auto``); keywords named like its fields (``checkpoint_every=20``) replace them, every other keyword goes to
-    ``Accelerator(...)``. ``max_steps``: the step budget (``batches``/``epochs`` end there; a resume at or past it
-    trains nothing). ``config``: your run's configuration, kept in every checkpoint and given to the trackers.
-    ``probe``: how ``auto`` times your model (``debug/autopick.py``; False: the hardware rule, without the hint).
-
-    A loop reads :attr:`step`, :attr:`epoch`, and the attributes ``accelerator``, ``scale`` (as of the last log tick),
-    ``stop`` (None, or the :class:`~monitor.Stop`) and ``resolution`` (the precision asked for, in effect, and why).
+    """The AMP lifecycle around one Accelerator (``amp/__init__.py`` states the contract with a loop). ``settings``: an
+    :class:`~settings.AmpSettings` or a precision name (None is ``auto``); keywords named like its fields replace them,
+    every other keyword goes to ``Accelerator(...)``. ``max_steps``: the step budget; ``config``: kept in every
+    checkpoint and given to the trackers; ``probe``: how ``auto`` times your model (``debug/autopick.py``).
     """
 
     def __init__(self, settings: AmpSettings | str | None = None, out_dir: str | os.PathLike[str] = "runs/amp", *,
@@ -77,8 +72,7 @@ class AmpSession:
     # ------------------------------------------------------------------ prepare, track, resume
 
     def prepare(self, *objects: Any) -> Any:
-        """``accelerator.prepare(...)`` with the settings' ``fp32_modules`` kept in float32 first; the session then
-        knows the optimizer and scheduler and can checkpoint. Returns what prepare returns."""
+        """``accelerator.prepare(...)``, the settings' ``fp32_modules`` kept in float32 first; returns its result."""
         acc = self.accelerator
         models = [o for o in objects if isinstance(o, torch.nn.Module)]
         for model in models if self.settings.fp32_modules else ():
@@ -99,18 +93,16 @@ class AmpSession:
         return prepared
 
     def track(self, obj: Any, name: str | None = None) -> Any:
-        """Keep ``obj`` (a dict, updated in place on resume, or anything with ``state_dict``/``load_state_dict``) in every
-        checkpoint and restore it on resume, e.g. ``state = amp.track({"best_val_loss": float("inf")})``; ``name``
-        defaults to the order of the calls: call in the same order on every run, before or after :meth:`resume`."""
+        """Keep ``obj`` (a dict, or anything with ``state_dict``/``load_state_dict``) in every checkpoint and restore it
+        on resume; ``name`` defaults to the order of the calls (the same on every run, before or after ``resume``)."""
         return self.tracked.add(obj, name)
 
     def resume(self, policy: str | os.PathLike[str] = "auto", *, check: Any = None,
                rescale_schedule: bool = False) -> list[str]:
-        """Resume from ``policy`` (``"auto"``: the newest complete checkpoint in out_dir; ``"none"``; a path): model,
-        optimizer, scheduler, scaler (across precisions), RNG, step, epoch, data position, AMP statistics and what
-        :meth:`track` keeps. ``check(meta)`` may return notices or raise to refuse the checkpoint; ``rescale_schedule``:
-        a schedule written in optimizer steps goes on from the same step when the number of processes changed. A fresh
-        start moves an earlier run's files in out_dir aside. Prints and returns the notices."""
+        """Resume from ``policy`` (``"auto"``: the newest complete checkpoint in out_dir; ``"none"``; a path), or start
+        fresh, moving an earlier run's files aside. ``check(meta)`` may return notices or raise to refuse a checkpoint;
+        ``rescale_schedule``: keep a schedule in optimizer steps at the same step when the number of processes changed.
+        Prints and returns the notices."""
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
         res = self.resolution
@@ -151,8 +143,7 @@ class AmpSession:
             sys.exit(self.stop.exit_code)
 
     def epochs(self, start: int, stop: int | None = None) -> Iterator[int]:
-        """The epochs left: ``amp.epochs(n)`` is ``range(n)`` and ``amp.epochs(1, n + 1)`` is ``range(1, n + 1)``, both
-        from the resumed epoch on; none once the step budget is spent."""
+        """``range(start, stop)`` (or ``range(start)``) from the resumed epoch on; none once the step budget is used."""
         first, end = (0, start) if stop is None else (start, stop)
         while first + self.epoch < end and not self._done():
             self._end_if_stopped()
@@ -163,9 +154,8 @@ class AmpSession:
                 self.progress.epoch, self.progress.batch_in_epoch = index + 1, 0
 
     def batches(self, source: Iterable[Any]) -> Iterator[Any]:
-        """One epoch of ``source`` from the saved position: a DataLoader (its sampler skips what a resumed run trained
-        on) or any iterable with the same batches in the same order on every run (a ``range`` of offsets, a list, a new
-        generator each epoch). Ends once the step budget is spent; an epoch without a batch is a :class:`LoopError`."""
+        """One epoch of ``source`` (a DataLoader, or any iterable with the same batches in the same order on every run)
+        from the saved position; it ends once the step budget is spent. An epoch without a batch is a LoopError."""
         self._end_if_stopped()
         p, n, fresh = self.progress, 0, self.progress.batch_in_epoch == 0
         for batch in epoch(source, p, self.accelerator, self._last_iter) if not self._done() else ():
@@ -185,10 +175,9 @@ class AmpSession:
 
     def after_step(self, loss: Any = None, grad_norm: Any = None, *, samples: int | None = None,
                    tokens: int | None = None, **values: Any) -> bool:
-        """After each ``optimizer.step()`` (each micro-batch under ``accelerator.accumulate``); True once the run stopped
-        (``amp.stop``; its state saved): end the loop. ``loss``, ``grad_norm`` and your own ``values`` (``acc=acc``)
-        stay on the device until a log tick (every ``log_every`` steps: console, metrics.jsonl and trackers as
-        ``train/NAME``, the guard); ``samples``/``tokens``: this process's counts where the batches do not say them."""
+        """After each ``optimizer.step()`` (each micro-batch under ``accumulate``); True once the run stopped, its state
+        saved. ``loss``, ``grad_norm`` and your ``values`` stay on the device until a log tick (no sync per step);
+        ``samples``/``tokens``: this process's counts where the batches do not say them."""
         self._end_if_stopped()
         if self.ckpt is None:
             raise LoopError("call amp.prepare(model, optimizer, ...) before the first amp.after_step")
@@ -212,9 +201,8 @@ class AmpSession:
         return self.stop is not None
 
     def poll_stop(self, activity: str | None = None) -> bool:
-        """Between optimizer steps (a long evaluation): show ``activity`` (``"eval 3/20"``) in the live panel and return
-        True once a stop signal arrived, after saving the state as :meth:`after_step` would. With several processes
-        this is a collective: call it on every process at the same points (e.g. each eval batch)."""
+        """Between optimizer steps (an evaluation): show ``activity`` (``"eval 3/20"``); True once a stop signal
+        arrived, the state saved. With several processes a collective: call it on every process at the same points."""
         self.console.activity(activity)
         if self.stop is None and any_rank(self.accelerator, self._signal.signame is not None):
             self._stop("signal", self._signal.signame or "a stop signal on another process")
@@ -264,7 +252,7 @@ class AmpSession:
         meta = {"step": self.step, "epoch": self.epoch, "template_version": __version__,
                 "precision": {"requested": res.requested, "effective": res.effective, "reason": res.reason},
                 "scaler_kwargs": self.settings.scaler_kwargs if res.uses_scaler else None, "torch": torch.__version__,
-                "accelerate": version("accelerate"), "config": self.config, "trackers": run_ids(self.accelerator),
+                "accelerate": accelerate.__version__, "config": self.config, "trackers": run_ids(self.accelerator),
                 **self.monitor.meta(self.stop, res.effective)}
         for part in self.hooks.call("meta"):
             meta.update(part)
@@ -285,9 +273,8 @@ class AmpSession:
         return path
 
     def unwrap(self, model: torch.nn.Module, full_precision: bool = False) -> torch.nn.Module:
-        """Your model as a plain ``nn.Module`` sharing the prepared one's parameters (no DDP or compile wrapper, no
-        autocast forward, which a whole-module ``torch.save`` cannot store); ``full_precision``: a float32 copy (under
-        bf16-true, of the master weights), for evaluation with autocast off."""
+        """Your model as a plain ``nn.Module`` sharing the prepared one's parameters (no wrapper or autocast forward,
+        which a whole-module ``torch.save`` cannot store); ``full_precision``: a float32 copy (bf16-true: masters)."""
         plain = plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
         master = self.hooks.get("master")
         return master.float_copy(plain) if full_precision and master is not None else plain
@@ -306,9 +293,8 @@ class AmpSession:
         return out
 
     def close(self, completed: bool = True) -> int:
-        """End the run: the final checkpoint and AMP summary (when ``completed`` and not stopped early), then restore
-        the signal handlers, leave the console, release the lock and ``end_training()``. Safe to call twice. Returns
-        the exit status the run asks for: 0, or the stop's (``amp.stop``: 3 after the collapse guard)."""
+        """End the run: the final checkpoint and AMP summary (when ``completed`` and not stopped), then the signal
+        handlers, console, lock and ``end_training()``. Safe to call twice. Returns the exit status, 0 or the stop's."""
         if not self._closed:
             self._closed = True
             try:
