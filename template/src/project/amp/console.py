@@ -1,11 +1,6 @@
-"""What a run shows: a rich Live panel on a terminal, one plain line per log interval elsewhere (CI, ``| tee``), and
-``metrics.jsonl`` and the trackers.
-
-A :class:`Status` (a misspelt field is a TypeError) becomes a table (:func:`render`, testable as text) or a line
-(:func:`plain_line`); only the main process enables a console, whose ``log`` prints above the panel.
-:class:`JsonlTracker` makes ``accelerator.log`` the one sink for every tracker; a resumed run continues its tracker
-runs (W&B's run id, MLflow's, TensorBoard's ``purge_step``: events logged after the checkpoint are dropped, as
-metrics.jsonl drops them).
+"""What a run shows: a :class:`Status` rendered as a rich Live panel on a terminal (:func:`render`, testable as text)
+or one plain line per log interval elsewhere (:func:`plain_line`: CI, ``| tee``); ``metrics.jsonl`` and the trackers,
+with ``accelerator.log`` the one sink for all of them.
 """
 
 from __future__ import annotations
@@ -93,9 +88,7 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def fmt_scale(scale: float | None) -> str:
-    if scale is None:
-        return "-"
-    return str(int(scale)) if 1 <= scale < 1e9 and scale == int(scale) else f"{scale:.3g}"
+    return "-" if scale is None else str(int(scale)) if 1 <= scale < 1e9 and scale == int(scale) else f"{scale:.3g}"
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -236,7 +229,8 @@ class TrainConsole:
 
 
 class JsonlTracker(GeneralTracker):
-    """One JSON object per ``accelerator.log`` call: ``{"step": N, "train/loss": ...}`` (main process only)."""
+    """One JSON object per ``accelerator.log`` call: ``{"step": N, "train/loss": ...}`` (main process only). The
+    configuration goes into every checkpoint's meta.json instead."""
 
     name = "jsonl"
     requires_logging_directory = False
@@ -247,9 +241,6 @@ class JsonlTracker(GeneralTracker):
         self.path = Path(path)
 
     tracker = property(lambda self: self.path)
-
-    def store_init_configuration(self, values: dict) -> None:
-        """The configuration goes into every checkpoint's meta.json instead."""
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,10 +261,8 @@ def run_ids(accelerator: Any) -> dict[str, str]:
 
 
 class Trackers:
-    """The run's trackers: ``metrics.jsonl`` first, then the settings' ``trackers`` and the loop's own ``log_with``
-    (names or tracker objects, as Accelerate takes them). :meth:`start` runs ``init_trackers`` once, continuing a
-    resumed run's tracker runs. ``config`` (nested sections are fine) becomes the trackers' hyperparameters as flat
-    ``section.key`` values. The run's name: the settings' ``run_name``, else the name of out_dir."""
+    """The run's trackers: ``metrics.jsonl``, the settings' ``trackers`` and the loop's own ``log_with`` (names or
+    tracker objects); ``config`` becomes their hyperparameters as flat ``section.key`` values."""
 
     def __init__(self, metrics: Path, settings: Any, log_with: Any = None, config: dict[str, Any] | None = None):
         user = [*settings.trackers, *([log_with] if isinstance(log_with, str) else log_with or [])]
@@ -285,8 +274,8 @@ class Trackers:
         self.started = False
 
     def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int = 0) -> None:
-        """``init_trackers`` once, with the user's kwargs; after a resume (``meta``: the checkpoint's, at ``step``)
-        W&B and MLflow continue the saved runs, and TensorBoard hides the events a killed run logged after it."""
+        """``init_trackers`` once; after a resume (``meta``: the checkpoint's, at ``step``) W&B and MLflow continue the
+        saved runs, and TensorBoard hides the events a killed run logged after it."""
         if self.started or accelerator.trackers:  # the loop's own init_trackers came first: its set-up stands
             self.started = True
             return

@@ -1,17 +1,12 @@
 """Processes: agreement across them (one small collective, at log ticks only), Accelerate's state between two runs
-in one process, and a clean end for runs of several processes.
-
-:func:`run_main` is opt-in: a script whose ``__main__`` block calls ``run_main(main)`` ends its process with
-``os._exit`` after a run of several processes, once its exit handlers have run. DDP keeps gloo's worker threads
-alive past ``end_training()``; one that releases a finished collective while Python finalizes can abort a process
-whose run succeeded (SIGABRT, "terminate called without an active exception"). ``benchmarks/exit_probe.py``
-measures how often (it varies with the load and the torch release). Nothing is patched: without the call, the
-interpreter ends as usual.
+in one process, and a clean end for runs of several processes (:func:`settle`; :func:`run_main`, opt-in: nothing is
+patched without the call).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -44,9 +39,7 @@ def gather_rows(accelerator: Any, values: list[Any]) -> list[list[float]]:
 
 def exit_status(code: Any) -> int:
     """The process exit status for ``sys.exit(code)``: None is 0, an int is itself, anything else 1."""
-    if code is None:
-        return 0
-    return code if isinstance(code, int) else 1
+    return 0 if code is None else code if isinstance(code, int) else 1
 
 
 PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|communicator was aborted)|timed out|"
@@ -54,8 +47,7 @@ PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|co
 
 
 def peer_lost(e: BaseException) -> str | None:
-    """One line for an error that says another process of the run died or stopped answering (gloo's "Connection
-    reset by peer", NCCL's errors), else None."""
+    """One line for an error that says another process of the run died or stopped answering, else None."""
     several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     m = PEER.search(str(e)) if several and isinstance(e, RuntimeError) else None
     return None if m is None else (f"another process of this run died or stopped answering ({m.group(0)}), so rank "
@@ -80,10 +72,8 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
         line = peer_lost(e)  # a peer's death: one line, not the collective's traceback
         print(f"error: {line}", file=sys.stderr) if line else traceback.print_exc()
         code = 1
-    try:  # a Ctrl-C from here on ends the process at once, without a traceback from an exit handler
-        signal.signal(signal.SIGINT, _end_now)
-    except ValueError:  # not the main thread
-        pass
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, _end_now)  # a Ctrl-C from here on ends at once, with no exit handler's traceback
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         atexit._run_exitfuncs()
         logging.shutdown()
@@ -94,11 +84,9 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
 
 
 def settle(seconds: float = 0.2) -> None:
-    """After ``end_training()`` with several processes: DDP keeps gloo's worker threads alive, and one that releases
-    a finished collective's Python tensor once the interpreter has begun to finalize aborts the process (SIGABRT,
-    "terminate called without an active exception") although the run succeeded. A collection and a short pause
-    let them release it first (``benchmarks/exit_probe.py`` measures it); :func:`run_main` (``os._exit``) remains
-    the certain end for scripts that opt in."""
+    """After ``end_training()`` with several processes: gloo's worker threads, which DDP keeps alive, release their
+    finished collectives before the interpreter finalizes (one released later aborts a run that succeeded: SIGABRT,
+    "terminate called without an active exception"); :func:`run_main` (``os._exit``) is the certain end."""
     import gc
     import time
 
@@ -107,9 +95,8 @@ def settle(seconds: float = 0.2) -> None:
 
 
 def reset_accelerate(partial: bool = False) -> None:
-    """Forget Accelerate's process-wide singletons (its state and gradient state; with ``partial`` its device and
-    process state too): a second ``AmpSession`` in this process (a guard fallback, a test) then builds its
-    Accelerator afresh."""
+    """Forget Accelerate's process-wide state (with ``partial``, its device and process state too), so that a second
+    ``AmpSession`` in this process (a guard fallback, a test) builds its Accelerator afresh."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=partial)

@@ -1,22 +1,11 @@
-"""The one place that wraps anything of yours; the session's features watch the loop through it.
-
-:class:`Hooks` wraps, once each and only the objects the session was given: ``accelerator.backward`` and
-``unscale_gradients`` (and ``init_trackers``, run once), each prepared optimizer's ``step`` (gradients as the backward left them), the optimizer's own
-``step``/``zero_grad`` and the model's ``forward`` where a feature needs them (bf16-true), and ``accelerator.scaler``
-(fp16 on a CPU; hidden while a checkpoint is written). Each wrapper calls the features that define its hook, in the
-order of :data:`FEATURES`; a feature is one module and one line there. The hooks, all optional:
-
-- ``before_prepare(models, optimizers)`` / ``after_prepare(...)``: around ``accelerator.prepare``;
-- ``before_forward(args, kwargs) -> (args, kwargs)`` / ``after_forward(out) -> out``: the model's forward;
-- ``after_backward()``; ``before_unscale()`` (``clip_grad_norm_`` comes here first);
-- ``before_step(opt)`` / ``after_outer_step(opt)``: a prepared optimizer's step, where gradients sync;
-- ``before_inner_step(opt)`` / ``after_inner_step(opt)`` / ``after_zero_grad(opt, set_to_none)``: the optimizer's own;
-- ``on_batch(batch)``, ``at_step(loss)``: a batch from ``amp.batches``; an optimizer step ``amp.after_step`` counted;
-- ``shared() -> [values]``, ``at_tick(rows) -> (metrics, lines)``: a log tick's one collective, and its result;
-- ``state_dict``/``load_state_dict`` (every checkpoint), ``meta()`` (meta.json), ``summary()``, ``on_save(weights)``
-  and ``on_load(path, models)`` (what a checkpoint holds).
-
-Those in ``debug/`` are optional: a copy of the kernel without that folder runs without them.
+"""The one place that wraps anything of yours (``accelerator.backward``, ``unscale_gradients``, ``init_trackers`` and
+``scaler``, the prepared optimizers' ``step``, and where a feature needs them the optimizer's own ``step``/``zero_grad``
+and the model's ``forward``), once each. Each wrapper calls the features that define its hook, in the order of
+:data:`FEATURES`; a feature is one module and one line there, and those in ``debug/`` may be left out. The hooks, all
+optional: ``before_prepare``/``after_prepare``, ``before_forward``/``after_forward``, ``after_backward``,
+``before_unscale``, ``before_step``/``after_outer_step``, ``before_inner_step``/``after_inner_step``,
+``after_zero_grad``, ``on_batch``, ``at_step``, ``shared``/``at_tick``, ``state_dict``/``load_state_dict``, ``meta``,
+``summary``, ``on_save(weights)`` and ``on_load(path, models)``.
 """
 
 from __future__ import annotations
@@ -34,8 +23,8 @@ FEATURES = ("debug.loopcheck.LoopChecks", "debug.loopcheck.SameData", "debug.loo
 
 
 class Feature:
-    """Base of the session's features: a feature defines the hooks it needs (the module docstring lists them; none
-    is required), and :meth:`make` decides whether it applies to the run."""
+    """Base of the session's features: it defines the hooks it needs (the module docstring lists them); :meth:`make`
+    decides whether it applies to the run."""
 
     name = "feature"
     # wrapped only where a feature defines them: the optimizer's own step and zero_grad, the model's forward
@@ -75,6 +64,7 @@ class Hooks:
             accelerator.scaler, accelerator.native_amp = scaler, True  # prepare() wrap the forward in autocast
         self.features = [f for spec in FEATURES if (cls := _load(spec)) and (f := cls.make(self)) is not None]
         backward, unscale = accelerator.backward, accelerator.unscale_gradients
+        start_trackers = accelerator.init_trackers
 
         def amp_backward(loss: Any, **kwargs: Any) -> Any:
             out = backward(loss, **kwargs)
@@ -93,7 +83,6 @@ class Hooks:
                 return
             start_trackers(*args, **kwargs)
 
-        start_trackers = accelerator.init_trackers
         accelerator.backward, accelerator.unscale_gradients = amp_backward, amp_unscale
         accelerator.init_trackers = init_trackers
 
@@ -162,8 +151,7 @@ class Hooks:
             model.forward = amp_forward
 
     def watch_optimizers(self) -> None:
-        """Wrap the step of every optimizer the accelerator prepared and that is not wrapped yet (also those a loop
-        prepared with ``accelerator.prepare`` directly)."""
+        """Wrap the step of every optimizer the accelerator prepared (by the loop's own prepare too), once."""
         for opt in (o for o in self.accelerator._optimizers if not getattr(o, "_amp_watched", False)):
             @functools.wraps(opt.step)
             def outer_step(*args: Any, __opt: Any = opt, __step: Any = opt.step, **kwargs: Any) -> Any:
@@ -181,8 +169,7 @@ class Hooks:
     def scaler_hidden(self, hide: bool = True) -> Iterator[None]:
         """The accelerator without its scaler for a moment (a checkpoint handles scaler.pt itself)."""
         acc, scaler = self.accelerator, self.accelerator.scaler
-        if hide:
-            acc.scaler = None
+        acc.scaler = None if hide else scaler
         try:
             yield
         finally:
