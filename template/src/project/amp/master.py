@@ -1,11 +1,6 @@
-"""``bf16-true``: weights, activations and gradients in bf16 without autocast, float32 master weights in the optimizer.
-
-Pure bf16 loses small updates: an AdamW step under half a weight's bf16 spacing (``lr`` 1e-4 on 0.5 is 1/20 of it)
-rounds away, step after step (``benchmarks/lost_updates.py``). Float32 masters keep every update, work with any
-``torch.optim`` optimizer, and stay deterministic (a resume is bitwise exact; stochastic rounding draws random
-numbers), for 4 bytes a parameter. Before ``prepare`` the model becomes bf16 (``keep_in_fp32`` modules stay float32);
-its forward takes bf16 and returns float32; around the optimizer's own step the gradients go into the float32
-masters and the result is rounded back; a checkpoint holds the masters, so a resume across precisions loses nothing.
+"""``bf16-true``: weights, activations and gradients in bf16 without autocast, float32 master weights in the optimizer
+(pure bf16 rounds small updates away). The forward takes bf16 and returns float32; around the optimizer's own step the
+gradients go into the masters and the result is rounded back; a checkpoint holds the masters.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Loss-scale and overflow statistics, the collapse guard's policy, and throughput.
-
-No device value is read per step: each step's loss, grad norm, the scaler's (scale, growth tracker) and the loop's
-own values are copied into one small device tensor, and :meth:`AmpMonitor.flush` reads them all at a log tick. A
-step was skipped when the scaler backed off (growth tracker 0, the scale did not grow): read off the scaler itself,
-it stays right where Accelerate's ``optimizer_step_was_skipped`` is not (fused optimizers, accumulation).
-:func:`decide` is the guard's whole policy, a pure function: ``ok``, ``warn`` (once per kind of problem), ``stop``
-or ``fallback``; the session saves and ends the run for the last two, a :class:`Stop` (a value, not an exception).
+"""Loss-scale and overflow statistics, the collapse guard's policy (:func:`decide`, a pure function), and throughput.
+No device value is read per step: each step's values go into one small device tensor, read at a log tick. A step was
+skipped when the scaler backed off (read off the scaler: right with fused optimizers and accumulation).
 """
 
 from __future__ import annotations
@@ -28,9 +23,8 @@ def value_key(name: str) -> str:
 
 
 class AmpMonitor:
-    """Per-run AMP statistics: steps, skipped steps, skips and non-finite losses in a row, the loss scale's
-    min/max/mean/history, overflow events, precision switches. ``state_dict``/``load_state_dict`` carry them over a
-    resume. ``scale_fn``: for engines that own their loss scale (DeepSpeed), read at flush only."""
+    """Per-run AMP statistics, carried over a resume by ``state_dict``/``load_state_dict``. ``scale_fn``: for engines
+    that own their loss scale (DeepSpeed), read at flush only."""
 
     _STATE = ("steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses",
               "consecutive_nonfinite", "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "history",
@@ -229,8 +223,7 @@ class AmpMonitor:
         self.value_names = list(state.get("value_names", self.value_names))
 
     def tick(self, accelerator: Any, guard: Any) -> tuple[dict[str, float], Problem | None]:
-        """A log tick: the interval's metrics (with the learning rate of the first scheduler or optimizer) and what
-        the guard should know."""
+        """A log tick: the interval's metrics (with the first scheduler's or optimizer's lr) and the guard's problem."""
         m = self.flush()
         sched, opt = next(iter(accelerator._schedulers), None), next(iter(accelerator._optimizers), None)
         if sched is not None or opt is not None:
@@ -253,8 +246,7 @@ class AmpMonitor:
         return [f"precision switch: {asked['from']} -> {asked['to']} at step {asked['step']} ({asked['reason']})"]
 
     def sync_scale(self) -> None:
-        """After a resume: the scaler's scale in effect now (the checkpoint's, or a fresh scaler's after a resume across
-        precisions) is the reference for the next step's skip test. Reads once."""
+        """After a resume: the scale in effect now (restored or fresh) is the next step's skip reference. Reads once."""
         s = self.scaler
         self.prev_scale = None if s is None else float(s._scale.item() if s._scale is not None else s._init_scale)
         if self.scaler is None and self.scale_fn is None:

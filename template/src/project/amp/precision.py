@@ -1,10 +1,6 @@
-"""Pick the precision for this device, say why, and set Accelerate up to really run it.
-
-``auto`` is bf16 where the device runs it natively (a CUDA GPU with bf16, a CPU with AMX-BF16 or AVX512-BF16), fp16
-on other CUDA GPUs, else fp32 (``debug/autopick.py`` times it on your model where the rule is not certain); the
-reason is always said. fp16 on a CPU: Accelerate runs it as fp32, ignoring GradScalerKwargs; the session gives it a
-real ``GradScaler("cpu")`` (:func:`cpu_fp16_scaler`) before ``prepare``, which captures it: one set afterwards
-never unscales, and the updates come out ``init_scale`` times too large without an error.
+"""Pick the precision for this device, say why, and set Accelerate up to really run it: ``auto`` is bf16 where the
+device runs it natively, fp16 on other CUDA GPUs, else fp32 (``debug/autopick.py`` times it where the rule is not
+certain); fp16 on a CPU gets a real ``GradScaler("cpu")``, where Accelerate alone runs fp32. Also fp32 regions.
 """
 
 from __future__ import annotations
@@ -24,9 +20,6 @@ import torch
 
 from .hooks import Feature
 from .settings import PRECISIONS, env_flag, normalise_precision
-
-# our names -> Accelerate's mixed_precision values (bf16-true: no autocast, the weights themselves are bf16)
-ACCELERATE_NAME = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "bf16-true": "no"}
 
 
 class PrecisionError(ValueError):
@@ -48,8 +41,8 @@ class Resolution:
 
     @property
     def mixed_precision(self) -> str:
-        """The value for ``Accelerator(mixed_precision=...)``."""
-        return ACCELERATE_NAME[self.effective]
+        """The value for ``Accelerator(mixed_precision=...)`` (bf16-true: no autocast, the weights are bf16)."""
+        return {"fp32": "no", "bf16-true": "no"}.get(self.effective, self.effective)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -119,12 +112,8 @@ def has_accelerator() -> bool:
 
 def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
     """Resolve ``auto|fp32|bf16|fp16|bf16-true`` (``no`` = fp32, None = auto) for ``device`` and give the reason.
-
-    ``launcher``: what ``accelerate launch`` asked for (``ACCELERATE_MIXED_PRECISION``, from ``--mixed_precision``
-    or the user's ``accelerate config``). ``auto`` follows a launcher's fp16/bf16; an explicit precision that differs
-    from it wins, and the reason says both. The launcher's ``no`` is also what it passes when nothing was asked, so
-    ``auto`` still picks by hardware then.
-    """
+    ``launcher`` (``ACCELERATE_MIXED_PRECISION``): ``auto`` follows its fp16/bf16, an explicit precision wins over it,
+    and its ``no`` (also what it passes when nothing was asked) leaves ``auto`` to the hardware."""
     req = normalise_precision(requested) or "auto"
     if req not in PRECISIONS:
         raise PrecisionError(f"precision must be one of {'|'.join(PRECISIONS)} (or no), got {requested!r}")

@@ -1,7 +1,5 @@
-"""The run's folder and how a run ends: one run per ``out_dir`` (``.lock``: PID, host; a stale one is taken over), a
-fresh start that moves an earlier run to ``previous-runs/<UTC time>/`` instead of mixing or deleting, and the stop
-signals (SIGTERM, SIGINT, SIGHUP) that ask it to save and end. A scheduler signals the whole process group:
-:func:`shield_workers` keeps the data-loader workers alive until the main process has saved.
+"""The run's folder and how a run ends: one run per ``out_dir`` (``.lock``), a fresh start that moves an earlier run
+aside instead of mixing or deleting, and the stop signals (SIGTERM, SIGINT, SIGHUP) that ask it to save and end.
 """
 
 from __future__ import annotations
@@ -33,15 +31,14 @@ class OutputDirError(RuntimeError):
 
 
 class RunDir:
-    """``out_dir`` for one run: :meth:`acquire` takes its lock, :meth:`release` gives it back and removes the folders
-    that acquiring created when the run left nothing in them (a refused run leaves no empty out_dir behind)."""
+    """``out_dir`` for one run, locked; a refused run leaves no empty out_dir behind."""
 
     def __init__(self, out_dir: str | os.PathLike[str]):
         self.path, self.held, self._created = Path(out_dir), False, []
 
     def acquire(self, accelerator: Any = None) -> None:
-        """Take ``out_dir/.lock``: RunLockedError when a live run holds it, OutputDirError when it cannot be used.
-        With ``accelerator``: on its main process, every process learning the outcome (none waits on the others)."""
+        """Take ``out_dir/.lock`` (RunLockedError, OutputDirError); with ``accelerator``, on its main process, every
+        process learning the outcome."""
         if accelerator is not None:
             from .distributed import any_rank
 
@@ -142,8 +139,7 @@ def _alive(pid: int) -> bool:
 
 def move_aside(out_dir: Path, why: str, also: tuple[str, ...] = ()) -> list[str]:
     """Move what an earlier run wrote in ``out_dir`` (:data:`RUN_FILES` and ``also``, e.g. a tracker's folder) to
-    ``out_dir/previous-runs/<UTC time>/``, leaving anything else there alone; returns the notice (none when nothing
-    moved)."""
+    ``out_dir/previous-runs/<UTC time>/``, leaving anything else alone; returns the notice, if any."""
     out_dir = Path(out_dir)
     old = [out_dir / n for n in dict.fromkeys((*RUN_FILES, *also)) if n and (out_dir / n).exists()]
     if not old:
@@ -198,8 +194,7 @@ class StopSignal:
 
 
 class _WorkerInit:
-    """A DataLoader ``worker_init_fn`` that ignores the stop signals, then runs the loader's own (picklable, for the
-    spawn start method)."""
+    """A ``worker_init_fn`` that ignores the stop signals, then runs the loader's own (picklable, for spawn)."""
 
     def __init__(self, inner: Any):
         self.inner = inner
@@ -212,8 +207,8 @@ class _WorkerInit:
 
 
 def shield_workers(loader: Any) -> None:
-    """Make the worker processes of ``loader`` (a DataLoader, prepared or not) ignore stop signals. Idempotent; a
-    no-op for anything that is not a DataLoader."""
+    """Make the workers of ``loader`` (a DataLoader, prepared or not) ignore stop signals, which a scheduler sends the
+    whole process group, so that the main process can save. Idempotent; a no-op for anything else."""
     from torch.utils.data import DataLoader
 
     if isinstance(loader, DataLoader) and not isinstance(loader.worker_init_fn, _WorkerInit):
