@@ -4,7 +4,9 @@ aside instead of mixing or deleting, and the stop signals (SIGTERM, SIGINT, SIGH
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import os
 import signal
@@ -37,8 +39,7 @@ class RunDir:
         self.path, self.held, self._created = Path(out_dir), False, []
 
     def acquire(self, accelerator: Any = None) -> None:
-        """Take ``out_dir/.lock`` (RunLockedError, OutputDirError); with ``accelerator``, on its main process, every
-        process learning the outcome."""
+        """Take ``out_dir/.lock``; with ``accelerator``: on its main process, every process learning the outcome."""
         if accelerator is not None:
             from .distributed import any_rank
 
@@ -74,25 +75,20 @@ class RunDir:
         """Remove the lock if this process holds it, then the folders :meth:`acquire` created if they are empty."""
         if self.held:
             lock, self.held = self.path / LOCK, False
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 if json.loads(lock.read_text()).get("pid") == os.getpid():
                     lock.unlink()
-            except (OSError, ValueError, AttributeError):
-                pass
         self._remove_created()
 
     def _remove_created(self) -> None:
-        for folder in self._created:
-            try:
-                folder.rmdir()  # only when empty
-            except OSError:
-                break
+        with contextlib.suppress(OSError):  # rmdir only when empty: the first folder that is not ends it
+            for folder in self._created:
+                folder.rmdir()
         self._created = []
 
 
 def _acquire(path: Path) -> bool:
-    """Create ``path`` exclusively with our PID and host; replace it when its process is gone (same host). False when
-    this process holds it already (a run restarted in the same process)."""
+    """Create ``path`` with our PID and host, replacing a stale one; False when this process holds it already."""
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for _ in range(3):
@@ -138,8 +134,7 @@ def _alive(pid: int) -> bool:
 
 
 def move_aside(out_dir: Path, why: str, also: tuple[str, ...] = ()) -> list[str]:
-    """Move what an earlier run wrote in ``out_dir`` (:data:`RUN_FILES` and ``also``, e.g. a tracker's folder) to
-    ``out_dir/previous-runs/<UTC time>/``, leaving anything else alone; returns the notice, if any."""
+    """Move an earlier run's files (:data:`RUN_FILES`, ``also``) to ``previous-runs/<UTC time>/``; the notice."""
     out_dir = Path(out_dir)
     old = [out_dir / n for n in dict.fromkeys((*RUN_FILES, *also)) if n and (out_dir / n).exists()]
     if not old:
@@ -151,27 +146,19 @@ def move_aside(out_dir: Path, why: str, also: tuple[str, ...] = ()) -> list[str]
     return [f"{why}: the earlier run's files in {out_dir} ({', '.join(p.name for p in old)}) were moved to {dest}"]
 
 
-# ----------------------------------------------------------------------------
-# Stop signals
-
-
 class StopSignal:
-    """Notes a stop signal for the run to honour at its next step, instead of dying mid-step. A second one ends the
-    process at once, whatever the loop does: Ctrl-C raises KeyboardInterrupt, then any further signal kills; a second
-    SIGTERM or SIGHUP kills, unless it comes within :data:`ECHO_S` of the first (a launcher's copy of the scheduler's).
-    :meth:`restore` puts the previous handlers back (at the run's end, so a Ctrl-C after an in-process run is not
-    swallowed)."""
+    """Notes a stop signal for the run to honour at its next step. A second one ends the process at once: Ctrl-C
+    raises KeyboardInterrupt, then any signal kills; a second SIGTERM or SIGHUP kills unless within :data:`ECHO_S` of
+    the first (a launcher's copy). :meth:`restore` puts the previous handlers back at the run's end."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signame: str | None = None
         self._at = 0.0
         self._previous: dict[int, Any] = {}
-        for sig in signals:
-            try:
+        with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
+            for sig in signals:
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup: left ignored
                     self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                break
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signame is None:
@@ -193,26 +180,21 @@ class StopSignal:
         self._previous.clear()
 
 
-class _WorkerInit:
-    """A ``worker_init_fn`` that ignores the stop signals, then runs the loader's own (picklable, for spawn)."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        if self.inner is not None:
-            self.inner(worker_id)
+def _worker_init(inner: Any, worker_id: int) -> None:
+    """A ``worker_init_fn`` (as a picklable partial) that ignores the stop signals, then runs the loader's own."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if inner is not None:
+        inner(worker_id)
 
 
 def shield_workers(loader: Any) -> None:
     """Make the workers of ``loader`` (a DataLoader, prepared or not) ignore stop signals, which a scheduler sends the
-    whole process group, so that the main process can save. Idempotent; a no-op for anything else."""
+    whole process group; idempotent."""
     from torch.utils.data import DataLoader
 
-    if isinstance(loader, DataLoader) and not isinstance(loader.worker_init_fn, _WorkerInit):
-        loader.worker_init_fn = _WorkerInit(loader.worker_init_fn)
+    if isinstance(loader, DataLoader) and getattr(loader.worker_init_fn, "func", None) is not _worker_init:
+        loader.worker_init_fn = functools.partial(_worker_init, loader.worker_init_fn)
         base = getattr(loader, "base_dataloader", None)  # Accelerate's DataLoaderDispatcher keeps the original
         if base is not None and base is not loader:
             shield_workers(base)
