@@ -1,7 +1,5 @@
-"""Every setting of an AMP session in one frozen object, importable without torch (a bad value is reported at once):
-``AmpSession(AmpSettings("fp16", scaler=ScalerSettings(init_scale=1024.0)), "runs/exp")``. A project's ``amp`` config
-section *is* this class: each field's comment is its ``--help``. A bad value is one :class:`SettingsError` line
-starting with the setting's dotted name. The precision names, their aliases and GradScaler's defaults live here.
+"""Every setting of an AMP session in one frozen object, importable without torch; a bad value is one
+:class:`SettingsError` line naming it. A project's ``amp`` config section *is* this class (a field's comment: its help).
 """
 
 from __future__ import annotations
@@ -16,9 +14,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-true")
 ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "bf16_true": "bf16-true"}
 AUDIT_MODES = ("off", "warn", "strict")
 GUARD_ACTIONS = ("warn", "stop", "fallback")
-# torch.amp.GradScaler's own defaults: the settings' defaults are these, not a copy
-SCALER_DEFAULTS: dict[str, Any] = {"init_scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                   "growth_interval": 2000}
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the scale is a float32
 
 
@@ -30,10 +25,10 @@ class SettingsError(ValueError):
 class ScalerSettings:
     """GradScaler knobs, passed to Accelerate as GradScalerKwargs (fp16 only)."""
 
-    init_scale: float = SCALER_DEFAULTS["init_scale"]  # 2**16, PyTorch's default; at most 3.4e38 (a float32)
-    growth_factor: float = SCALER_DEFAULTS["growth_factor"]  # scale *= growth_factor after growth_interval clean steps
-    backoff_factor: float = SCALER_DEFAULTS["backoff_factor"]  # scale *= backoff_factor on an overflow (step skipped)
-    growth_interval: int = SCALER_DEFAULTS["growth_interval"]  # clean steps before the scale grows
+    init_scale: float = 65536.0  # 2**16, PyTorch's default; at most 3.4e38 (a float32)
+    growth_factor: float = 2.0  # scale *= growth_factor after growth_interval clean steps
+    backoff_factor: float = 0.5  # scale *= backoff_factor on an overflow (step skipped)
+    growth_interval: int = 2000  # clean steps before the scale grows
 
 
 @dataclass(frozen=True)
@@ -142,12 +137,9 @@ def check_scaler(init_scale: Any, growth_factor: Any, backoff_factor: Any, growt
             "backoff_factor": float(backoff_factor), "growth_interval": growth_interval}
 
 
-TRUTHY = ("1", "true", "yes", "y", "on")
-
-
 def env_flag(name: str) -> bool:
     """True when the environment variable ``name`` says 1, true, yes, y or on (any case)."""
-    return os.environ.get(name, "").strip().lower() in TRUTHY
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "y", "on")
 
 
 def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
