@@ -1,6 +1,5 @@
-"""Checkpoints around ``accelerator.save_state``/``load_state``: complete or invisible, verified, rotated, resumable
-across precisions. ``checkpoints/step_NNNNNNN/`` is Accelerate's layout plus ``amp_state_<process>.pt`` and
-``meta.json``; ``checkpoints/latest`` names the newest. The scaler is loaded here, each decision a notice.
+"""Checkpoints around ``accelerator.save_state``/``load_state`` (plus ``meta.json`` and ``amp_state_<process>.pt``):
+complete or invisible, verified, rotated, and resumable across precisions, each scaler decision a notice.
 """
 
 from __future__ import annotations
@@ -56,8 +55,7 @@ _VERIFIED: dict[str, tuple[Any, list[str]]] = {}  # path -> (stat of its files, 
 
 
 def check_complete(path: Path) -> list[str]:
-    """Raise CheckpointError unless ``path`` is a complete checkpoint whose parts verify against meta.json (size and
-    sha256). Returns notices for parts that only cost bit-exactness (an RNG state that does not verify)."""
+    """Raise CheckpointError unless ``path`` is complete and its parts verify; notices for bad RNG states only."""
     path = Path(path)
     try:
         stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
@@ -115,8 +113,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
-    """The checkpoint for ``none``, ``auto`` (the newest complete one) or a path, and notices: a bad path raises
-    CheckpointError, ``auto`` skips a bad one saying why; a checkpoint folder that could not take a save is refused."""
+    """The checkpoint for ``none``, ``auto`` (the newest complete one, skipping bad ones with a notice) or a path (a
+    bad one raises CheckpointError), and the notices."""
     root = Path(out_dir) / CHECKPOINTS
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file; it must be the folder of the checkpoints: move it away")
@@ -144,8 +142,7 @@ def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str
 
 
 def trim_log(path: str | Path, step: int) -> int:
-    """Drop JSON-lines records past ``step`` (logged after the checkpoint a run resumes from, or half written when
-    the process was killed); returns how many."""
+    """Drop JSON-lines records past ``step`` and half-written ones; returns how many."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -214,8 +211,8 @@ def _writing(tmp: Path) -> Any:
 
 
 class CheckpointManager:
-    """The checkpoints of one session: ``meta()`` gives a save's meta.json, ``state()`` this process's session state;
-    the features' ``on_save``/``on_load`` change what is saved and restored (bf16-true: the float32 masters)."""
+    """The checkpoints of one session: ``meta()`` gives a save's meta.json, ``state()`` this process's session state,
+    and the features' ``on_save``/``on_load`` change what is saved and restored."""
 
     def __init__(self, hooks: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
                  state: Callable[[], dict[str, Any]]):
@@ -254,7 +251,6 @@ class CheckpointManager:
     def _seal(self, tmp: Path, final: Path) -> None:
         """Hash every part, mark complete, rename into place, then move ``latest`` and rotate."""
         meta = json.loads((tmp / META).read_text())
-        # size and hash of every part, checked on resume: a truncated or damaged file is found before loading
         meta["files"] = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
         saved = [p for p in list_checkpoints(self.root.parent) if _order(p)[0] != UNREADABLE]
         meta["seq"], meta["complete"] = 1 + max((_order(p)[0] for p in saved), default=0), True
@@ -269,15 +265,11 @@ class CheckpointManager:
         for old in [*saved[: max(0, len(saved) - self.keep)], *self.root.glob(".tmp-step_*")]:
             shutil.rmtree(old, ignore_errors=True)
 
-    # ------------------------------------------------------------------ loading
-
     def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
                rescale_schedulers: bool = False, log: Path | None = None, also: tuple[str, ...] = ()
                ) -> tuple[Any, dict | None, list[str], Any]:
-        """Load the checkpoint ``policy`` names: ``(path, meta, notices, this process's session state)``. An earlier
-        run moves aside for a fresh start or a checkpoint from elsewhere (``also``: names it wrote besides RUN_FILES);
-        ``log`` records past the checkpoint are dropped. ``rescale_schedulers``: a prepared scheduler steps once per
-        process per optimizer step, so its position scales with the number of processes."""
+        """``(path, meta, notices, this process's session state)`` of the checkpoint ``policy`` names; a fresh
+        start or one from elsewhere moves an earlier run aside (``also``: its files besides RUN_FILES)."""
         from .rundir import move_aside
 
         acc, out_dir = self.accelerator, self.root.parent

@@ -1,6 +1,5 @@
-"""What a run shows: a :class:`Status` rendered as a rich Live panel on a terminal (:func:`render`, testable as text)
-or one plain line per log interval elsewhere (:func:`plain_line`: CI, ``| tee``); ``metrics.jsonl`` and the trackers,
-with ``accelerator.log`` the one sink for all of them.
+"""What a run shows: a :class:`Status` as a rich Live panel on a terminal (:func:`render`) or one plain line per log
+interval elsewhere (:func:`plain_line`); ``metrics.jsonl`` and the trackers, all fed by ``accelerator.log``.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.tracking import GeneralTracker
 from rich.console import Console
 from rich.live import Live
@@ -56,8 +56,6 @@ class Status:
 def status(m: dict[str, float], mon: Any, progress: Any, total: int | None, precision: str, world_size: int,
            device: Any) -> Status:
     """The panel's :class:`Status` at a log tick: the tick's metrics ``m``, the monitor's statistics, the position."""
-    import torch
-
     step_time = m.get("perf/step_time_s")
     return Status(
         step=progress.step, total_steps=total or 0, epoch=progress.epoch, precision=precision,
@@ -224,13 +222,8 @@ class TrainConsole:
             (self._live.console if self._live is not None else self.console).print(table)
 
 
-# ----------------------------------------------------------------------------
-# metrics.jsonl and the trackers
-
-
 class JsonlTracker(GeneralTracker):
-    """One JSON object per ``accelerator.log`` call: ``{"step": N, "train/loss": ...}`` (main process only). The
-    configuration goes into every checkpoint's meta.json instead."""
+    """One JSON object per ``accelerator.log`` call, main process only (the config goes into meta.json instead)."""
 
     name = "jsonl"
     requires_logging_directory = False
@@ -261,8 +254,7 @@ def run_ids(accelerator: Any) -> dict[str, str]:
 
 
 class Trackers:
-    """The run's trackers: ``metrics.jsonl``, the settings' ``trackers`` and the loop's own ``log_with`` (names or
-    tracker objects); ``config`` becomes their hyperparameters as flat ``section.key`` values."""
+    """``metrics.jsonl``, the settings' ``trackers`` and the loop's ``log_with``; ``config`` as flat hyperparameters."""
 
     def __init__(self, metrics: Path, settings: Any, log_with: Any = None, config: dict[str, Any] | None = None):
         user = [*settings.trackers, *([log_with] if isinstance(log_with, str) else log_with or [])]
@@ -274,8 +266,7 @@ class Trackers:
         self.started = False
 
     def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int = 0) -> None:
-        """``init_trackers`` once; after a resume (``meta``: the checkpoint's, at ``step``) W&B and MLflow continue the
-        saved runs, and TensorBoard hides the events a killed run logged after it."""
+        """``init_trackers`` once; after a resume W&B and MLflow continue their runs, TensorBoard drops later events."""
         if self.started or accelerator.trackers:  # the loop's own init_trackers came first: its set-up stands
             self.started = True
             return

@@ -1,17 +1,18 @@
-"""Processes: agreement across them (one small collective, at log ticks only), Accelerate's state between two runs
-in one process, and a clean end for runs of several processes (:func:`settle`; :func:`run_main`, opt-in: nothing is
-patched without the call).
+"""Processes: agreement across them (one small collective, at log ticks only), Accelerate's state between two runs in
+one process, and a clean end for runs of several processes (:func:`settle`; :func:`run_main`, opt-in).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import re
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -59,9 +60,8 @@ def _end_now(signum: int, frame: Any) -> None:
 
 
 def run_main(main: Callable[[], Any]) -> NoReturn:
-    """``if __name__ == "__main__": run_main(main)``: end with ``main()``'s exit status (its return value, a
-    SystemExit's code, 1 after an uncaught exception's traceback or a peer's death in one line, 130 for Ctrl-C); with
-    several processes (``WORLD_SIZE`` > 1) through ``os._exit`` once exit handlers ran (gloo can abort finalization)."""
+    """``if __name__ == "__main__": run_main(main)``: end with ``main()``'s exit status (1 after an uncaught exception,
+    130 for Ctrl-C); with several processes by ``os._exit`` once exit handlers ran (gloo can abort finalization)."""
     try:
         code = exit_status(main())
     except SystemExit as e:
@@ -84,19 +84,14 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
 
 
 def settle(seconds: float = 0.2) -> None:
-    """After ``end_training()`` with several processes: gloo's worker threads, which DDP keeps alive, release their
-    finished collectives before the interpreter finalizes (one released later aborts a run that succeeded: SIGABRT,
-    "terminate called without an active exception"); :func:`run_main` (``os._exit``) is the certain end."""
-    import gc
-    import time
-
+    """After ``end_training()`` with several processes: DDP's gloo threads release their finished collectives before
+    the interpreter finalizes, which would abort a run that succeeded (SIGABRT); :func:`run_main` is the certain end."""
     gc.collect()
     time.sleep(seconds)
 
 
 def reset_accelerate(partial: bool = False) -> None:
-    """Forget Accelerate's process-wide state (with ``partial``, its device and process state too), so that a second
-    ``AmpSession`` in this process (a guard fallback, a test) builds its Accelerator afresh."""
+    """Forget Accelerate's process-wide state (``partial``: its device and process state too) for a new session."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=partial)

@@ -11,6 +11,7 @@ optional: ``before_prepare``/``after_prepare``, ``before_forward``/``after_forwa
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 from collections.abc import Callable, Iterator
@@ -18,13 +19,11 @@ from typing import Any
 
 # Registration order is calling order: bf16-true's masters are rounded into the model before the meters look.
 FEATURES = ("debug.loopcheck.LoopChecks", "debug.loopcheck.SameData", "debug.loopcheck.RandomAhead",
-            "precision.FusedSkipFix",
-            "master.MasterWeights", "debug.audit.Audit", "debug.meters.Meters")
+            "precision.FusedSkipFix", "master.MasterWeights", "debug.audit.Audit", "debug.meters.Meters")
 
 
 class Feature:
-    """Base of the session's features: it defines the hooks it needs (the module docstring lists them); :meth:`make`
-    decides whether it applies to the run."""
+    """Base of the session's features: the hooks it needs (none required); :meth:`make` says if it applies."""
 
     name = "feature"
     # wrapped only where a feature defines them: the optimizer's own step and zero_grad, the model's forward
@@ -53,8 +52,7 @@ def _load(spec: str) -> type | None:
 
 
 class Hooks:
-    """The wrappers and the features of one session. ``say(line, style=None)`` prints a line of the session;
-    ``tick_due()`` says whether the optimizer step being computed ends at a log tick (the session sets it)."""
+    """The wrappers and the features of one session; ``say(line, style=None)`` prints a line of the session."""
 
     def __init__(self, accelerator: Any, settings: Any, resolution: Any, say: Callable[..., None], scaler: Any = None):
         self.accelerator, self.settings, self.resolution, self.say = accelerator, settings, resolution, say
@@ -99,8 +97,7 @@ class Hooks:
         return [f.shared() if hasattr(f, "shared") else [] for f in self.features]
 
     def at_tick(self, shared: list[list[Any]], rows: list[list[float]], first: int) -> dict[str, float]:
-        """The tick's metrics from the features, given every process's row of the collective (the features' values
-        from column ``first`` on, in the order of :meth:`shared`); their warnings are printed."""
+        """The features' metrics from each process's row of the collective (from column ``first``); warnings printed."""
         metrics: dict[str, float] = {}
         for f, values in zip(self.features, shared, strict=True):
             m, lines = f.at_tick([r[first:first + len(values)] for r in rows]) if hasattr(f, "at_tick") else ({}, [])
@@ -110,11 +107,9 @@ class Hooks:
                 self.say(line, style="yellow")
         return metrics
 
-    # ------------------------------------------------------------------ the wrappers
-
     def before_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
-        """Before ``accelerator.prepare``: the features' casts, then the optimizer's own step and zero_grad and the
-        model's forward wrapped where a feature needs them (Accelerate keeps the step it finds at prepare)."""
+        """The features' casts, then the optimizer's own step and zero_grad and the model's forward wrapped where a
+        feature needs them: Accelerate keeps the step it finds at prepare."""
         self.call("before_prepare", models, optimizers)
         defined = {h for f in self.features for h in ("before_inner_step", "before_forward", "after_forward")
                    if getattr(f, h, None)}
@@ -179,8 +174,6 @@ class Hooks:
 def plain_module(module: Any) -> Any:
     """A copy of ``module`` and its children that shares their parameters and buffers, without the forward methods
     set on instances (Accelerate's autocast wrapper, bf16-true's, fp32 regions): it pickles as the model class."""
-    import copy
-
     clone = copy.copy(module)
     for key in ("forward", "_original_forward", "_amp_fp32"):
         clone.__dict__.pop(key, None)

@@ -1,6 +1,5 @@
 """``bf16-true``: weights, activations and gradients in bf16 without autocast, float32 master weights in the optimizer
-(pure bf16 rounds small updates away). The forward takes bf16 and returns float32; around the optimizer's own step the
-gradients go into the masters and the result is rounded back; a checkpoint holds the masters.
+(pure bf16 rounds small updates away); a checkpoint holds the masters, so a resume in any precision loses nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import load_state_dict
 
 from .hooks import Feature
 from .precision import PrecisionError, cast_floats
@@ -100,14 +100,11 @@ class MasterWeights(Feature):
             for p, m in self.pairs if pairs is None else pairs:
                 p.copy_(m)  # round to nearest
 
-    # ------------------------------------------------------------------ checkpoints, evaluation
-
     def _by_storage(self) -> dict[int, torch.nn.Parameter]:
         return {p.data_ptr(): m for p, m in self.pairs}
 
     def on_save(self, weights: list[dict[str, Any]]) -> None:
-        """In Accelerate's save-state hook: the float32 masters replace the bf16 weights, and bf16 buffers are saved as
-        float32 (exactly), so a checkpoint is float32 whichever precision wrote it."""
+        """In the save-state hook: the masters replace the bf16 weights, bf16 buffers go float32 (exactly)."""
         masters = self._by_storage()
         for state in weights:
             for key, value in list(state.items()):
@@ -115,10 +112,7 @@ class MasterWeights(Feature):
                     state[key] = masters[value.data_ptr()].detach() if value.data_ptr() in masters else value.float()
 
     def on_load(self, path: str | Path, models: list[torch.nn.Module]) -> None:
-        """After ``accelerator.load_state(path)``: the masters from the checkpoint's weights (float32 when saved by any
-        precision of this core), and the model rounded from them."""
-        from accelerate.utils import load_state_dict
-
+        """After ``load_state``: the masters from the checkpoint's (float32) weights, the model rounded from them."""
         masters = self._by_storage()
         for i, model in enumerate(models):
             suffix = "" if i == 0 else f"_{i}"

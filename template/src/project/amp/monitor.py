@@ -1,6 +1,5 @@
-"""Loss-scale and overflow statistics, the collapse guard's policy (:func:`decide`, a pure function), and throughput.
-No device value is read per step: each step's values go into one small device tensor, read at a log tick. A step was
-skipped when the scaler backed off (read off the scaler: right with fused optimizers and accumulation).
+"""Loss-scale and overflow statistics, read at log ticks only (one device read an interval), the collapse guard's pure
+policy (:func:`decide`), and throughput. A skipped step is read off the scaler: right with fused optimizers.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ def value_key(name: str) -> str:
 
 
 class AmpMonitor:
-    """Per-run AMP statistics, carried over a resume by ``state_dict``/``load_state_dict``. ``scale_fn``: for engines
-    that own their loss scale (DeepSpeed), read at flush only."""
+    """Per-run AMP statistics, kept over a resume; ``scale_fn``: a loss scale an engine owns (DeepSpeed)."""
 
     _STATE = ("steps", "skipped", "consecutive_skips", "max_consecutive_skips", "nonfinite_losses",
               "consecutive_nonfinite", "scale", "scale_min", "scale_max", "scale_sum", "scale_count", "history",
@@ -51,11 +49,8 @@ class AmpMonitor:
         self._micro_norm: Any = None
         self._pending: list[tuple[int, tuple[str, ...], list[Any], torch.Tensor | None]] = []
 
-    # ------------------------------------------------------------------ per step (no sync)
-
     def add(self, loss: Any, grad_norm: Any = None, values: dict[str, Any] | None = None) -> None:
-        """One micro-batch (or the whole step without accumulation): its loss and the loop's values are averaged over
-        the optimizer step's micro-batches, its grad norm kept (the last given). No device read."""
+        """One micro-batch: its loss and values are averaged over the step's micro-batches. No device read."""
         for name, value in (("loss", loss), *(values or {}).items()):
             if value is not None:
                 value = value.detach() if isinstance(value, torch.Tensor) else float(value)
@@ -72,8 +67,7 @@ class AmpMonitor:
         self._micro, self._micro_norm = {}, None
 
     def record(self, step: int, loss: Any, grad_norm: Any = None, values: dict[str, Any] | None = None) -> None:
-        """Note one optimizer step (after ``optimizer.step()``, gradients synced). ``values``: the loop's own, averaged
-        over the log interval and reported as ``train/NAME`` (or under their own ``split/``)."""
+        """Note one optimizer step, gradients synced (no device read); ``values``: the loop's own."""
         names = tuple(values or ())
         with_scale = self.scaler is not None and getattr(self.scaler, "_scale", None) is not None
         scale = [self.scaler._scale, self.scaler._growth_tracker] if with_scale else [None, None]
@@ -86,8 +80,6 @@ class AmpMonitor:
             device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
             packed = torch.stack([t.detach().reshape(()).to(device, torch.float32, non_blocking=True) for t in tensors])
         self._pending.append((step, names, [f if not isinstance(f, torch.Tensor) else ... for f in fields], packed))
-
-    # ------------------------------------------------------------------ at log ticks (one sync)
 
     def _drain(self) -> None:
         read = {}  # one cat and one read per device (normally one): the only sync of the interval
@@ -195,8 +187,6 @@ class AmpMonitor:
                           f"  steps {self.steps}, skipped {self.skipped}, non-finite losses {self.nonfinite_losses}",
                           f"  scale history (step:scale): {hist}", "  what to try:", *(f"   - {t}" for t in tips)])
 
-    # ------------------------------------------------------------------ summary and persistence
-
     def summary(self) -> dict[str, Any]:
         """The run's AMP statistics (also written to amp_summary.json)."""
         self._drain()
@@ -215,9 +205,8 @@ class AmpMonitor:
                 "trend": list(self.trend), "value_names": list(self.value_names)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in self._STATE:
-            if k in state:
-                setattr(self, k, state[k])
+        for k in (k for k in self._STATE if k in state):
+            setattr(self, k, state[k])
         self.recent_skips.extend(state.get("recent_skips", []))
         self.trend.extend(state.get("trend", []))
         self.value_names = list(state.get("value_names", self.value_names))
@@ -237,8 +226,7 @@ class AmpMonitor:
                                                         else {})}
 
     def switched(self, meta: dict[str, Any], path: Any, precision: str) -> list[str]:
-        """A checkpoint the guard saved asking for a fallback (``meta["guard_stop"]``), resumed in that precision: the
-        switch is recorded (checkpoints and the summary carry it); the notice, or none."""
+        """Record the fallback a guard checkpoint asked for (``meta["guard_stop"]``) once resumed in it."""
         asked = meta.get("guard_stop") if isinstance(meta.get("guard_stop"), dict) else {}
         if asked.get("to") != precision:
             return []
@@ -251,10 +239,6 @@ class AmpMonitor:
         self.prev_scale = None if s is None else float(s._scale.item() if s._scale is not None else s._init_scale)
         if self.scaler is None and self.scale_fn is None:
             self.scale = None  # resumed from an fp16 checkpoint into a run without loss scaling: history, not "now"
-
-
-# ----------------------------------------------------------------------------
-# The collapse guard's policy, and a stop
 
 
 @dataclass(frozen=True)
@@ -280,9 +264,8 @@ def fallback_target(precision: str, native_bf16: bool) -> str | None:
 
 
 def decide(guard: Any, problem: Problem | None, *, precision: str, native_bf16: bool, warned: str | None) -> Decision:
-    """The guard's decision at a log tick (``warned``: the kind already warned about). A fallback with nowhere to go
-    (fp32) stops. A loss non-finite without loss scaling stops even under ``warn``: each such step already wrote NaN
-    into the weights, and going on would end in a run that exits 0 with a ruined model."""
+    """The guard's decision at a log tick (``warned``: the kind warned about already); a fallback to nowhere stops. A
+    non-finite loss without loss scaling stops even under ``warn``: it already wrote NaN into the weights."""
     if problem is None:
         return Decision("ok")
     if guard.action == "warn" and not (problem.kind == "nonfinite_loss" and precision != "fp16"):
@@ -293,8 +276,7 @@ def decide(guard: Any, problem: Problem | None, *, precision: str, native_bf16: 
 
 @dataclass(frozen=True)
 class Stop:
-    """Why and where a run stopped early, its state saved: a stop signal (exit status 0) or the collapse guard (3),
-    which may ask to continue in another precision (``to``) from the checkpoint at ``path``."""
+    """Why and where a run stopped, its state saved: a signal (exit 0) or the guard (3, maybe asking for ``to``)."""
 
     reason: str  # "signal" | "guard"
     step: int

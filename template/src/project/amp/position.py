@@ -1,9 +1,5 @@
-"""Where a run is in its data, the loop's own state (``amp.track``), and the iteration that resumes exactly.
-
-:func:`epoch` yields one epoch from the position: a DataLoader's sampler skips what a resumed run trained on; any
-other iterable has its first items drawn and dropped (the same items in the same order on every run, please). A
-DataLoader draws its workers' seeds (and, without ``generator=``, its order) from the global RNG as an epoch begins:
-the RNG state of that moment is kept and replayed, so a resumed run draws the same seeds and random stream.
+"""Where a run is in its data, the loop's own state (``amp.track``), and the iteration that resumes exactly: batches
+already trained on are skipped, and the global RNG state as an epoch began (workers' seeds, order) is replayed.
 """
 
 from __future__ import annotations
@@ -38,8 +34,7 @@ class Progress:
     _INTS = ("step", "epoch", "batch_in_epoch", "samples_seen", "tokens_seen")
 
     def count(self, batch: Any = None, samples: int | None = None, tokens: int | None = None) -> None:
-        """A batch drawn (its samples and tokens count toward its optimizer step), or the counts the loop gives for
-        a micro-batch (``after_step(samples=, tokens=)``: summed over the micro-batches of a step)."""
+        """A batch drawn, or the counts the loop gives for a micro-batch (summed over a step's micro-batches)."""
         c = self._counted
         if batch is not None:
             self.batch_in_epoch += 1
@@ -64,8 +59,7 @@ class Progress:
 
 
 class Tracked:
-    """The loop's own state kept in every checkpoint (``amp.track``): dicts (updated in place on resume) and objects
-    with ``state_dict()``/``load_state_dict()``, by name; a name not tracked yet at resume gets its state later."""
+    """The loop's own state in every checkpoint (``amp.track``), by name; a name tracked after resume gets it then."""
 
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
@@ -102,9 +96,7 @@ class Tracked:
 
 
 def count(batch: Any) -> tuple[int, int]:
-    """(samples, tokens) of a batch: the leading size of its first tensor; tokens for integer (B, T) inputs. A batch
-    without a tensor (an offset from a ``range``) counts nothing: ``after_step(samples=, tokens=)`` says what this
-    cannot know, such as a (T, B) layout."""
+    """(samples, tokens) of a batch: the leading size of its first tensor; tokens for integer (B, T) inputs."""
     first = first_tensor(batch)
     if first is None or first.dim() == 0:
         return 0, 0
@@ -124,8 +116,7 @@ _END = object()
 
 
 def epoch(source: Iterable[Any], p: Progress, accelerator: Any, last: list[Any]) -> Iterator[Any]:
-    """One epoch of batches of ``source`` from the position ``p`` (see the module docstring); ``last`` keeps the last
-    iterator given (alive, so that no new iterator can reuse its id)."""
+    """One epoch of ``source`` from ``p``; ``last`` keeps the last iterator alive (no new one can reuse its id)."""
     if not isinstance(source, Iterable):
         raise LoopError(f"amp.batches() needs an iterable of batches (a DataLoader, a range, a list, a generator), "
                         f"got {type(source).__name__}")

@@ -1,6 +1,5 @@
-"""Pick the precision for this device, say why, and set Accelerate up to really run it: ``auto`` is bf16 where the
-device runs it natively, fp16 on other CUDA GPUs, else fp32 (``debug/autopick.py`` times it where the rule is not
-certain); fp16 on a CPU gets a real ``GradScaler("cpu")``, where Accelerate alone runs fp32. Also fp32 regions.
+"""Pick the precision for this device, say why, and set Accelerate up to really run it (fp16 on a CPU gets a real
+``GradScaler("cpu")``, where Accelerate alone runs fp32); fp32 regions.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs
 
 from .hooks import Feature
 from .settings import PRECISIONS, env_flag, normalise_precision
@@ -56,10 +57,6 @@ class Resolution:
     def line(self) -> str:
         """One line for the start banner, e.g. ``precision: requested auto -> bf16 (CPU supports AMX-BF16)``."""
         return f"precision: requested {self.requested} -> {self.effective} ({self.reason})"
-
-
-# ----------------------------------------------------------------------------
-# What the hardware runs natively
 
 
 def _cpuinfo(field: str) -> str | None:
@@ -134,8 +131,8 @@ def resolve(requested: str | None, device: torch.device | str, launcher: str | N
 
 
 def launcher_choice() -> str:
-    """What ``AmpSession(None)`` runs: ``fp32`` where the launcher's command line (the parent process) says
-    ``--mixed_precision no``, else ``auto`` (a ``no`` that Accelerate passes when nothing was asked is not a choice)."""
+    """``fp32`` where the launcher's command line says ``--mixed_precision no``, else ``auto`` (Accelerate passes
+    ``no`` also when nothing was asked)."""
     try:
         args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # not Linux: the launcher's no cannot be told from its default
@@ -168,8 +165,7 @@ def _resolve(req: str, device: Any) -> Resolution:
         feature = cpu_bf16_feature()
         if req == "auto" and feature == "AMX-BF16":
             return Resolution(req, "bf16", f"CPU supports {feature}", kind)
-        if req == "auto" and feature:  # a Zen 4 EPYC, 2 threads: bf16 1.26x fp32 on the default model, 1.6x at 384,
-            # slower on a d_model-64 model (the casts dominate): a project times it on its model (debug/autopick.py)
+        if req == "auto" and feature:  # slower than fp32 on tiny models: debug/autopick.py times it on the model
             return Resolution(req, "bf16", "CPU supports AVX512-BF16: native bf16, faster than fp32 from models the "
                               "size of the default example up", kind)
         if req == "auto":
@@ -193,17 +189,9 @@ def _resolve(req: str, device: Any) -> Resolution:
     return Resolution(req, req, asked, kind)
 
 
-# ----------------------------------------------------------------------------
-# Accelerator set-up
-
-
 def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[Any, Resolution, Any]:
-    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` here: resolved (timed for ``auto`` with a
-    ``probe``: ``debug/autopick.py``), a GradScalerKwargs for fp16, TF32 where asked. ``kwargs`` go to
-    ``Accelerator(...)``; a GradScalerKwargs among their handlers gives the (returned) settings its knobs."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs
-
+    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` here (``auto`` timed with a ``probe``); a
+    GradScalerKwargs among the ``kwargs`` handlers gives the returned settings its knobs."""
     handlers = list(kwargs.pop("kwargs_handlers", None) or [])
     theirs = next((h for h in handlers if isinstance(h, GradScalerKwargs)), None)
     if theirs is not None:  # the loop's own GradScalerKwargs: its knobs are the settings'
@@ -234,16 +222,14 @@ def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[An
 
 def accelerator_kwargs(resolution: Resolution, scaler: dict[str, Any] | None = None) -> dict[str, Any]:
     """``mixed_precision`` and, for fp16, a GradScalerKwargs handler (none under DeepSpeed, which owns its scale)."""
-    from accelerate.utils import GradScalerKwargs
-
     with_scaler = resolution.uses_scaler and scaler and not env_flag("ACCELERATE_USE_DEEPSPEED")
     return {"mixed_precision": resolution.mixed_precision,
             "kwargs_handlers": [GradScalerKwargs(**scaler)] if with_scaler else []}
 
 
 def cpu_fp16_scaler(accelerator: Any, scaler: dict[str, Any] | None = None) -> Any:
-    """A real ``GradScaler("cpu")`` for a CPU fp16 accelerator (Accelerate builds none there and runs fp32), else
-    None. The session installs it before ``prepare`` (``hooks.Hooks``)."""
+    """A real ``GradScaler("cpu")`` for a CPU fp16 accelerator (Accelerate runs fp32 there), else None;
+    installed before ``prepare``, which captures it (one set afterwards never unscales)."""
     if accelerator.device.type != "cpu" or accelerator.mixed_precision != "fp16":
         return None
     if accelerator._models or accelerator._optimizers:
@@ -270,9 +256,8 @@ def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
 
 
 class FusedSkipFix(Feature):
-    """``step_was_skipped`` (and the scheduler's hold on skipped steps) right for fused optimizers: those take the
-    scaler's inf check into their kernel, so Accelerate sees the step called and says "not skipped" on an overflow
-    (accelerate #4242). The skip is read off the scale (it backs off exactly then): one small device read a step."""
+    """``step_was_skipped`` right for fused optimizers, which take the scaler's inf check into their kernel (accelerate
+    issue 4242): read off the scale, which backs off exactly then (one small device read a step)."""
 
     name = "fused_skip"
 
@@ -292,14 +277,9 @@ class FusedSkipFix(Feature):
             optimizer._is_overflow = bool((self.hooks.accelerator.scaler._scale < before).item())
 
 
-# ----------------------------------------------------------------------------
-# fp32 regions: parts of the model that must not run in low precision
-
-
 @contextlib.contextmanager
 def fp32_region(device_type: str | None = None) -> Iterator[None]:
-    """Run the enclosed code with autocast off (cast low-precision inputs with ``.float()`` inside); without
-    ``device_type``, whichever autocast is in effect (CPU bf16, CUDA fp16, ...)."""
+    """Autocast off (``device_type``'s, or whichever is in effect) for the enclosed code."""
     def on(kind: str) -> bool:
         try:
             return bool(torch.is_autocast_enabled(kind))
@@ -313,8 +293,7 @@ def fp32_region(device_type: str | None = None) -> Iterator[None]:
 
 
 def cast_floats(x: Any, dtype: torch.dtype) -> Any:
-    """``x`` with every floating-point tensor in it (nested in lists, tuples, dicts, HF ModelOutputs) cast to
-    ``dtype``; integer tensors and everything else as they are."""
+    """``x`` with every floating-point tensor in it (lists, tuples, dicts, ModelOutputs) cast to ``dtype``."""
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
@@ -330,9 +309,8 @@ def cast_floats(x: Any, dtype: torch.dtype) -> Any:
 
 
 def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
-    """Run the submodules whose names match ``patterns`` (fnmatch: ``lm_head``, ``*.norm``) with autocast off and float32
-    inputs (float32 outputs under bf16 and fp16 autocast). Returns the names; a pattern that matches nothing raises
-    ValueError naming it. Before ``prepare`` (the session's does it for the settings' ``fp32_modules``)."""
+    """Run the submodules matching ``patterns`` (fnmatch) with autocast off and float32 inputs, before ``prepare``;
+    returns their names (a pattern that matches nothing: ValueError)."""
     modules = {n: m for n, m in model.named_modules() if n}
     matched: list[str] = []
     for pat in patterns:

@@ -30,10 +30,8 @@ METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
 class AmpSession:
     """The AMP lifecycle around one Accelerator (``amp/__init__.py`` states the contract with a loop). ``settings``: an
-    :class:`~settings.AmpSettings` or a precision name (None is ``auto``); keywords named like its fields replace them,
-    every other keyword goes to ``Accelerator(...)``. ``max_steps``: the step budget; ``config``: kept in every
-    checkpoint and given to the trackers; ``probe``: how ``auto`` times your model (``debug/autopick.py``).
-    """
+    :class:`~settings.AmpSettings` or a precision name; keywords named like its fields replace them, the rest go to
+    ``Accelerator(...)``. ``max_steps``: the step budget; ``config``: kept in checkpoints and given to the trackers."""
 
     def __init__(self, settings: AmpSettings | str | None = None, out_dir: str | os.PathLike[str] = "runs/amp", *,
                  max_steps: int | None = None, config: dict[str, Any] | None = None, probe: Any = None,
@@ -48,7 +46,6 @@ class AmpSession:
                                                                         **kw)
         self.accelerator = acc
         self.console = TrainConsole(max_steps, live=settings.live, enabled=acc.is_main_process)
-        # fp16 on a CPU: a real CPU GradScaler before prepare, or Accelerate runs it as fp32
         self.hooks = Hooks(acc, self.settings, self.resolution, self.console.log,
                            scaler=precision.cpu_fp16_scaler(acc, self.settings.scaler_kwargs))
         # whether the optimizer step being computed now ends at a log tick
@@ -68,8 +65,6 @@ class AmpSession:
 
     step = property(lambda self: self.progress.step, doc="Optimizer steps done (restored on resume).")
     epoch = property(lambda self: self.progress.epoch, doc="The epoch in progress, from 0 (restored on resume).")
-
-    # ------------------------------------------------------------------ prepare, track, resume
 
     def prepare(self, *objects: Any) -> Any:
         """``accelerator.prepare(...)``, the settings' ``fp32_modules`` kept in float32 first; returns its result."""
@@ -93,16 +88,13 @@ class AmpSession:
         return prepared
 
     def track(self, obj: Any, name: str | None = None) -> Any:
-        """Keep ``obj`` (a dict, or anything with ``state_dict``/``load_state_dict``) in every checkpoint and restore it
-        on resume; ``name`` defaults to the order of the calls (the same on every run, before or after ``resume``)."""
+        """Keep ``obj`` (a dict, or with ``state_dict``) in every checkpoint; ``name``: by call order by default."""
         return self.tracked.add(obj, name)
 
     def resume(self, policy: str | os.PathLike[str] = "auto", *, check: Any = None,
                rescale_schedule: bool = False) -> list[str]:
-        """Resume from ``policy`` (``"auto"``: the newest complete checkpoint in out_dir; ``"none"``; a path), or start
-        fresh, moving an earlier run's files aside. ``check(meta)`` may return notices or raise to refuse a checkpoint;
-        ``rescale_schedule``: keep a schedule in optimizer steps at the same step when the number of processes changed.
-        Prints and returns the notices."""
+        """Resume from ``policy`` (``"auto"``: the newest complete checkpoint; ``"none"``; a path), or start fresh,
+        moving an earlier run aside; ``check(meta)`` may add notices or refuse. Prints and returns the notices."""
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
         res = self.resolution
@@ -131,8 +123,6 @@ class AmpSession:
         self.clock = Clock(step=self.step, samples=self.progress.samples_seen, tokens=self.progress.tokens_seen)
         return notices
 
-    # ------------------------------------------------------------------ data
-
     def _done(self) -> bool:
         return self.max_steps is not None and self.step >= self.max_steps
 
@@ -154,8 +144,7 @@ class AmpSession:
                 self.progress.epoch, self.progress.batch_in_epoch = index + 1, 0
 
     def batches(self, source: Iterable[Any]) -> Iterator[Any]:
-        """One epoch of ``source`` (a DataLoader, or any iterable with the same batches in the same order on every run)
-        from the saved position; it ends once the step budget is spent. An epoch without a batch is a LoopError."""
+        """One epoch of ``source`` (the same batches in the same order on every run) from the saved position."""
         self._end_if_stopped()
         p, n, fresh = self.progress, 0, self.progress.batch_in_epoch == 0
         for batch in epoch(source, p, self.accelerator, self._last_iter) if not self._done() else ():
@@ -171,13 +160,10 @@ class AmpSession:
         if not self._done():
             p.epoch, p.batch_in_epoch = p.epoch + 1, 0
 
-    # ------------------------------------------------------------------ each step
-
     def after_step(self, loss: Any = None, grad_norm: Any = None, *, samples: int | None = None,
                    tokens: int | None = None, **values: Any) -> bool:
-        """After each ``optimizer.step()`` (each micro-batch under ``accumulate``); True once the run stopped, its state
-        saved. ``loss``, ``grad_norm`` and your ``values`` stay on the device until a log tick (no sync per step);
-        ``samples``/``tokens``: this process's counts where the batches do not say them."""
+        """After each ``optimizer.step()`` (each micro-batch under ``accumulate``); True once the run stopped, its
+        state saved. The values stay on the device until a log tick; ``samples``/``tokens``: where batches lack them."""
         self._end_if_stopped()
         if self.ckpt is None:
             raise LoopError("call amp.prepare(model, optimizer, ...) before the first amp.after_step")
@@ -201,16 +187,15 @@ class AmpSession:
         return self.stop is not None
 
     def poll_stop(self, activity: str | None = None) -> bool:
-        """Between optimizer steps (an evaluation): show ``activity`` (``"eval 3/20"``); True once a stop signal
-        arrived, the state saved. With several processes a collective: call it on every process at the same points."""
+        """Between steps (an evaluation): show ``activity``; True once a stop signal arrived, the state saved. A
+        collective with several processes: call it on every process at the same points."""
         self.console.activity(activity)
         if self.stop is None and any_rank(self.accelerator, self._signal.signame is not None):
             self._stop("signal", self._signal.signame or "a stop signal on another process")
         return self.stop is not None
 
     def _tick(self) -> bool:
-        """Read the interval's values (one sync), agree across processes (one collective), log, show, judge. Returns
-        whether a stop signal arrived on any process."""
+        """Read the interval (one sync), agree across processes (one collective), log, judge; True on a stop signal."""
         acc, g = self.accelerator, self.settings.guard
         m, problem = self.monitor.tick(acc, g)
         shared, loss = self.hooks.shared(), m.get("train/loss")
@@ -245,8 +230,6 @@ class AmpSession:
         then = f"; it asks to continue in {to} from there" if to else " (amp.resume continues from it)"
         self.console.log(f"stopped {who} at step {self.step}; state saved to {path}{then}")
 
-    # ------------------------------------------------------------------ checkpoints, the model, the end
-
     def _meta(self) -> dict[str, Any]:
         res = self.resolution
         meta = {"step": self.step, "epoch": self.epoch, "template_version": __version__,
@@ -273,8 +256,8 @@ class AmpSession:
         return path
 
     def unwrap(self, model: torch.nn.Module, full_precision: bool = False) -> torch.nn.Module:
-        """Your model as a plain ``nn.Module`` sharing the prepared one's parameters (no wrapper or autocast forward,
-        which a whole-module ``torch.save`` cannot store); ``full_precision``: a float32 copy (bf16-true: masters)."""
+        """Your model as a plain module sharing the prepared one's parameters, which a whole-module ``torch.save``
+        can store; ``full_precision``: a float32 copy (bf16-true: of the masters)."""
         plain = plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
         master = self.hooks.get("master")
         return master.float_copy(plain) if full_precision and master is not None else plain
@@ -293,8 +276,7 @@ class AmpSession:
         return out
 
     def close(self, completed: bool = True) -> int:
-        """End the run: the final checkpoint and AMP summary (when ``completed`` and not stopped), then the signal
-        handlers, console, lock and ``end_training()``. Safe to call twice. Returns the exit status, 0 or the stop's."""
+        """End the run: the final checkpoint and summary if ``completed``; safe twice. Returns the exit status."""
         if not self._closed:
             self._closed = True
             try:
