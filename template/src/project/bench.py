@@ -4,17 +4,7 @@
     python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 train.batch_size=64 [the example's model.* keys]
     python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
 
-Each precision runs in a fresh process (``--worker PREC``), so none inherits another's allocator, autocast cache
-or Accelerate state. The worker builds the run with steps.py's builders inside an AmpSession (fp16 takes the real
-GradScaler path, on a CPU too), warms up, times ``--repeats`` blocks of ``--steps`` training steps (steps.py),
-synchronising the device only at the end of each block, and prints one JSON line that this process reads.
-
-The table has the median step time (with min-max), samples/s, tokens/s, peak memory (CUDA: ``max_memory_allocated``;
-CPU: the worker's peak RSS, interpreter included), skipped steps, the last loss, and speed-up and memory against
-fp32 (always measured: the reference). It says what ``amp.precision=auto`` picks here and whether the measurement
-agrees, and marks a precision this device only emulates instead of passing its number off as real. fp32 runs with
-TF32 off; tf32 (CUDA, Ampere+) is fp32 with TF32 matmuls. Results go to ``out_dir/bench.json`` or ``--json``.
-Bad input is one line and exit code 2.
+One fresh process per precision (``--worker PREC``); the table: amptpl's docs, doctor.md. Bad input: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -36,27 +26,25 @@ from .amp.console import fmt_duration
 from .amp.settings import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
 from .configparse import UsageError, UsageParser
-from .steps import PACKAGE, auto_probe, build_model, build_optimizer, child_env, forever, train_step
+from .steps import PACKAGE, auto_probe, build_model, build_optimizer, build_run, child_env, scratch_session, train_step
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "tf32")
 ROW_PREFIX = '{"bench_row": '  # the one stdout line of a worker that the parent reads
-# how much slower than fp32 a CPU without fast kernels may run these, at worst (for the estimate line only:
-# it varies from ~2x to these with the CPU, the torch build and the model)
+# at worst, how much slower than fp32 a CPU without fast kernels runs these (the estimate line's; often nearer 2x)
 SLOWDOWN = {"fp16": 30.0, "bf16": 10.0, "bf16-true": 10.0}
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
-    """Bench options and the project config (``--config`` files and ``key=value`` overrides, as train.py reads them);
-    the options' ``config_args`` hand those on to the workers."""
-    p = UsageParser(prog=f"python -m {PACKAGE}.bench", description=__doc__.split("\n\n")[0],
-                    epilog=f"key=value and --config FILE set the config as for training (python -m {PACKAGE}.train --help)")
+    """Bench options and the config as train.py reads it; ``opts.config_args`` hands the config's arguments on."""
+    p = UsageParser(prog=f"python -m {PACKAGE}.bench", description=__doc__.split("\n\n")[0], epilog="key=value and "
+                    f"--config FILE set the config as for training (python -m {PACKAGE}.train --help)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported (default 3)")
     p.add_argument("--precisions", help="comma-separated: fp32,bf16,fp16,bf16-true,tf32 (default all but tf32; tf32 "
                    "too on CUDA)")
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="a YAML config file; may repeat")
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="where to write the results (default out_dir/bench.json)")
+    p.add_argument("--json", metavar="FILE", help="where to write the results (default out_dir/bench.json)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the step times and speed-ups (needs matplotlib)")
     p.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)  # auto's measurement: comma-separated candidates
@@ -86,10 +74,6 @@ def _precisions(text: str) -> list[str]:
     return ["fp32"] + [n for i, n in enumerate(names) if n != "fp32" and n not in names[:i]]
 
 
-# ----------------------------------------------------------------------------
-# what a device runs natively: said in the table instead of a misleading number
-
-
 def device_note(prec: str, device: Any) -> str:
     """Empty when ``prec`` runs natively on ``device``; else why its number is not a real speed (or ``n/a``)."""
     import torch
@@ -98,9 +82,8 @@ def device_note(prec: str, device: Any) -> str:
 
     kind = torch.device(device).type
     if prec == "tf32":
-        if kind != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
-            return "n/a: TF32 needs an Ampere+ CUDA GPU"
-        return ""
+        ampere = kind == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return "" if ampere else "n/a: TF32 needs an Ampere+ CUDA GPU"
     if kind == "cpu" and prec in ("bf16", "bf16-true") and precision.cpu_bf16_feature() is None:
         return "emulated (no AVX512-BF16/AMX): slow by design"
     if kind == "cpu" and prec == "fp16":
@@ -108,10 +91,6 @@ def device_note(prec: str, device: Any) -> str:
     if kind == "cuda" and prec in ("bf16", "bf16-true") and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "emulated (no native bf16 on this GPU): slow by design"
     return ""
-
-
-# ----------------------------------------------------------------------------
-# the worker: one precision in a fresh process
 
 
 def _sync(device: Any) -> None:
@@ -138,83 +117,55 @@ def _peak_memory(device: Any) -> tuple[float | None, str]:
 
 
 def measure(prec: str, cfg: Config, opts: argparse.Namespace) -> dict[str, Any]:
-    """Build everything through steps.py's builders in an AmpSession, warm up, time the blocks; one row."""
+    """One precision's row: steps.py's scratch run, warmed up, then the timed blocks."""
     import torch
-    from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    from .amp import AmpSession, precision
+    from .amp import precision
 
-    total = opts.warmup + opts.steps * opts.repeats
-    settings = replace(cfg.amp, precision="fp32" if prec == "tf32" else prec, guard=replace(cfg.amp.guard, action="warn"),
-                       log_every=total + 1, checkpoint_every=0, keep=1, live=False, audit="off", meters=False)
-    with tempfile.TemporaryDirectory(prefix="bench-") as out_dir, AmpSession(
-        settings, out_dir, probe=False, gradient_accumulation_steps=cfg.train.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-    ) as amp:
+    with scratch_session(cfg, "fp32" if prec == "tf32" else prec) as amp:
         device = amp.accelerator.device
         auto = precision.resolve("auto", device)
-        row: dict[str, Any] = {"precision": prec, "effective": amp.resolution.effective, "device": str(device),
-                               "note": device_note(prec, device), "auto": {"pick": auto.effective, "reason": auto.reason}}
+        row = {"precision": prec, "effective": amp.resolution.effective, "device": str(device),
+               "note": device_note(prec, device), "auto": {"pick": auto.effective, "reason": auto.reason}}
         if row["note"].startswith("n/a"):
             return {**row, "status": "n/a"}
         # fp32 is TF32-free; tf32 is fp32 with TF32 on; bf16/fp16 keep amp.tf32 for their fp32 parts, as in training
         precision.set_tf32(prec == "tf32" or (prec not in ("fp32", "tf32") and cfg.amp.tf32), cfg.amp.cudnn_benchmark)
-        set_seed(cfg.seed)
-        train_loader, _, _ = example.build_data(cfg, amp.accelerator)
-        model = example.build_model(cfg)
-        optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
-        model, optimizer, train_loader, scheduler = amp.prepare(model, optimizer, train_loader, scheduler)
-        amp.resume("none")
+        model, optimizer, scheduler, batches = build_run(cfg, amp)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        batches = forever(amp, train_loader)
-        model.train()
+        loss, times, samples, tokens = None, [], [], []
         try:
-            row.update(_timed(amp, model, optimizer, scheduler, batches, cfg, opts, device))
+            for _ in range(opts.warmup):
+                loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
+            _sync(device)
+            for _ in range(opts.repeats):  # the device is synchronised only at the end of each block
+                seen, t0 = amp.summary(), time.perf_counter()
+                for _ in range(opts.steps):
+                    loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
+                _sync(device)
+                dt, now = time.perf_counter() - t0, amp.summary()
+                times.append(dt / opts.steps)
+                samples.append((now["samples_seen"] - seen["samples_seen"]) / dt)
+                tokens.append((now["tokens_seen"] - seen["tokens_seen"]) / dt)
         except torch.cuda.OutOfMemoryError:
             return {**row, "status": "oom", "note": "out of memory"}
+        row.update(step_time_s=statistics.median(times), step_time_min_s=min(times), step_time_max_s=max(times),
+                   step_times_s=times, samples_per_s=statistics.median(samples), tokens_per_s=statistics.median(tokens),
+                   loss=float(loss) if loss is not None else None)
         summary = amp.summary()  # the skipped-step count: one read, after the timing
         row.update(status="ok", skipped_steps=summary["amp/skipped_steps"], steps=amp.step, scale=summary["amp/scale"])
         row["peak_mem_mib"], row["peak_mem_kind"] = _peak_memory(device)
-        amp.close(completed=False)  # no final checkpoint or summary: nothing of a benchmark is kept
     return row
 
 
-def _timed(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config, opts: argparse.Namespace,
-           device: Any) -> dict[str, Any]:
-    """Warm-up steps, then the timed blocks of the training loop's own step; a sync only at the end of each block."""
-    loss = None
-    for _ in range(opts.warmup):
-        loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
-    _sync(device)
-    times, samples, tokens = [], [], []
-    for _ in range(opts.repeats):
-        seen = amp.summary()
-        t0 = time.perf_counter()
-        for _ in range(opts.steps):
-            loss = train_step(amp, model, optimizer, scheduler, batches, cfg)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        now = amp.summary()
-        times.append(dt / opts.steps)
-        samples.append((now["samples_seen"] - seen["samples_seen"]) / dt)
-        tokens.append((now["tokens_seen"] - seen["tokens_seen"]) / dt)
-    return {"step_time_s": statistics.median(times), "step_time_min_s": min(times), "step_time_max_s": max(times),
-            "step_times_s": times, "samples_per_s": statistics.median(samples),
-            "tokens_per_s": statistics.median(tokens), "loss": float(loss) if loss is not None else None}
-
-
-# ----------------------------------------------------------------------------
-# auto's measurement (steps.auto_probe runs this in a child): a few steps of each candidate, interleaved
-
 PROBE_PREFIX = '{"probe": '
-PROBE_WARMUP, PROBE_ROUNDS, PROBE_STEPS = 1, 3, 2  # per candidate: 1 + 3 x 2 optimizer steps
+PROBE_WARMUP, PROBE_ROUNDS, PROBE_STEPS = 1, 3, 2  # auto's measurement, per candidate: 1 + 3 x 2 optimizer steps
 
 
 def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
-    """The child: the data, model and optimizer of steps.py; each candidate's steps under its autocast (fp16 with a
-    GradScaler, bf16-true with its master weights through the core's hooks), interleaved round by round so that a
-    busy moment of the machine hits every candidate alike."""
+    """auto's measurement, in the child of steps.run_probe: a few steps of each candidate under its autocast (fp16 with
+    a scaler, bf16-true with the core's masters), interleaved so that a busy moment hits every candidate alike."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import send_to_device, set_seed
@@ -258,9 +209,8 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for prec in candidates:
-        for _ in range(PROBE_WARMUP):
-            step(prec)
+    for prec in candidates * PROBE_WARMUP:
+        step(prec)
     times: dict[str, list[float]] = {p: [] for p in candidates}
     for r in range(PROBE_ROUNDS):
         for prec in candidates[r % len(candidates):] + candidates[: r % len(candidates)]:
@@ -278,17 +228,12 @@ def worker_main(opts: argparse.Namespace, cfg: Config) -> int:
     from .amp import LoopError, RunLockedError
 
     try:
-        row = measure(opts.worker, replace(cfg, resume="none"), opts)
+        row = measure(opts.worker, cfg, opts)
     except (ConfigError, example.DataError, RunLockedError, LoopError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.flush()
     print(ROW_PREFIX + json.dumps(row) + "}", flush=True)
     return 0
-
-
-# ----------------------------------------------------------------------------
-# the parent: one worker per precision, then the table
 
 
 def _device_type() -> str:
@@ -319,17 +264,13 @@ def run_worker(prec: str, opts: argparse.Namespace) -> dict[str, Any]:
 
 def _estimate(prec: str, rows: list[dict[str, Any]], opts: argparse.Namespace, device_type: str) -> str | None:
     """One line before a precision this CPU runs slowly, with the time it may take."""
-    if device_type != "cpu":
-        return None
-    note = device_note(prec, "cpu")
-    if not note or prec not in SLOWDOWN:
+    note = device_note(prec, "cpu") if device_type == "cpu" and prec in SLOWDOWN else ""
+    if not note:
         return None
     ref = next((r for r in rows if r["precision"] == "fp32" and r.get("status") == "ok"), None)
     steps = opts.warmup + opts.steps * opts.repeats
-    guess = ""
-    if ref is not None:
-        guess = (f"; it may run up to ~{SLOWDOWN[prec]:.0f}x slower than fp32: up to about "
-                 f"{fmt_duration(ref['step_time_s'] * SLOWDOWN[prec] * steps)} for {steps} steps")
+    guess = "" if ref is None else (f"; it may run up to ~{SLOWDOWN[prec]:.0f}x slower than fp32: up to about "
+                                    f"{fmt_duration(ref['step_time_s'] * SLOWDOWN[prec] * steps)} for {steps} steps")
     return f"{prec}: {note}{guess} (fewer --steps/--repeats, or leave it out of --precisions, to save time)"
 
 
@@ -344,8 +285,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, Any]:
-    """What ``amp.precision=auto`` picks here, the fastest measured precision, whether they agree (within autopick's
-    NOISE), and what ``auto`` runs when it times this model (autopick's decision on these rows)."""
+    """``auto``'s pick here, the fastest measured, whether they agree (within NOISE), and what timed ``auto`` runs."""
     from .amp.debug.autopick import NOISE, decide
     from .amp.precision import Resolution
 
@@ -388,17 +328,14 @@ def _timings(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict
             if r.get("status") == "ok" and r["precision"] in allowed and not r.get("note")}
 
 
-# ----------------------------------------------------------------------------
-# output: the table, bench.json, the plot
-
-
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+def _cell(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
 
 
 def table(rows: list[dict[str, Any]], title: str) -> Any:
     """The rich table: one row per precision, the ratios against fp32 beside its numbers; notes go below it."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title, box=box.SIMPLE_HEAD, caption_justify="left")
@@ -415,21 +352,13 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
             t.add_row(name, r.get("status", "-"), *["-"] * 7)
             continue
         ms = f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}-{1e3 * r['step_time_max_s']:.1f})"
-        mem = "-" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:,.0f}"
-        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        t.add_row(name, ms, f"{r['samples_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-", mem, loss,
-                  f"{r['skipped_steps']}/{r['steps']}", _x(r["speedup_vs_fp32"]), _x(r["memory_vs_fp32"]))
-    if notes:
-        t.caption = "\n".join(f"* {n}" for n in notes)
+        t.add_row(name, ms, f"{r['samples_per_s']:,.1f}", _cell(r["tokens_per_s"] or None, ",.0f"),
+                  _cell(r.get("peak_mem_mib"), ",.0f"), _cell(r.get("loss"), ".4f"),
+                  f"{r['skipped_steps']}/{r['steps']}", _cell(r["speedup_vs_fp32"], ".2f", "x"),
+                  _cell(r["memory_vs_fp32"], ".2f", "x"))
+    if notes:  # a worker's error line may hold [brackets]: text, not markup
+        t.caption = "\n".join(f"* {escape(n)}" for n in notes)
     return t
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically: a temporary file, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
@@ -441,11 +370,10 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
     ok = [r for r in rows if r.get("status") == "ok"]
     names = [r["precision"] for r in ok]
-    med = [1e3 * r["step_time_s"] for r in ok]
     err = [[1e3 * (r["step_time_s"] - r["step_time_min_s"]) for r in ok],
            [1e3 * (r["step_time_max_s"] - r["step_time_s"]) for r in ok]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.bar(names, med, yerr=err, capsize=4, color="#4c72b0")
+    a.bar(names, [1e3 * r["step_time_s"] for r in ok], yerr=err, capsize=4, color="#4c72b0")
     a.set_ylabel("ms per optimizer step (median, min-max)")
     b.bar(names, [r["speedup_vs_fp32"] or 0 for r in ok], color="#55a868")
     b.axhline(1.0, color="grey", lw=0.8)
@@ -494,7 +422,7 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
     out = Console(highlight=False, soft_wrap=True)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(highlight=False, soft_wrap=True, width=120)  # a log file or pipe: the whole table
-    json_path = Path(opts.json_path) if opts.json_path else Path(cfg.out_dir) / "bench.json"
+    json_path = Path(opts.json) if opts.json else Path(cfg.out_dir) / "bench.json"
     _check_outputs(opts.plot, json_path)
     device_type = _device_type()
     if opts.precisions is None:
@@ -511,16 +439,14 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
         line = _estimate(prec, rows, opts, device_type)
         if line:
             out.print(line, style="yellow", markup=False)
-        out.print(f"[{i}/{len(opts.precisions)}] {prec} ...", markup=False)
-        t0 = time.perf_counter()
+        tag, t0 = f"[{i}/{len(opts.precisions)}] {prec}", time.perf_counter()
+        out.print(f"{tag} ...", markup=False)
         rows.append(run_worker(prec, opts))
-        out.print(f"[{i}/{len(opts.precisions)}] {prec}: {rows[-1]['status']} in {fmt_duration(time.perf_counter() - t0)}",
-                  markup=False)
+        out.print(f"{tag}: {rows[-1]['status']} in {fmt_duration(time.perf_counter() - t0)}", markup=False)
     add_ratios(rows)
     v = verdict(rows, cfg.amp.auto.candidates)
     device = next((r["device"] for r in rows if "device" in r), device_type)
     _remember(cfg, device_type, rows)
-    title = f"{PACKAGE} on {device}: {setup}"
     out.print(table(rows, f"bench: {PACKAGE} on {device}"))
     out.print(v["text"], markup=False)
     if device_type == "cpu":
@@ -530,10 +456,13 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
               "settings": {"steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
                            "precisions": opts.precisions, "args": opts.config_args},
               "config": to_dict(cfg), "auto": v, "rows": rows}
-    write_json(json_path, report)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")  # written whole, then renamed into place
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, json_path)
     out.print(f"wrote {json_path}", markup=False)
     if opts.plot:
-        plot(Path(opts.plot), rows, title)
+        plot(Path(opts.plot), rows, f"{PACKAGE} on {device}: {setup}")
         out.print(f"wrote {opts.plot}", markup=False)
     return 1 if any(r.get("status") == "failed" for r in rows) else 0
 

@@ -4,58 +4,45 @@
     python -m PACKAGE.locate runs/default/checkpoints/step_0000250 --step 262
     python -m PACKAGE.locate runs/default --max-steps 500   # replay at most this many steps (default 200)
 
-A resume is bitwise exact, so the replay computes the same values as the run did: the checkpoint is loaded into
-the model, optimizer, scaler, RNG and data position with train.py's own builders (one process), and each step runs
-train.py's step with hooks on every module (amp/debug/locate.py): forward outputs, the gradients each module's backward
-produced, and its parameters' gradients, checked against the precision's limit (65504 for fp16) as the backward
-sees them, times the loss scale. It stops at the first step with a value past the limit or non-finite (or at
-``--step N``) and prints that module and phase, the per-module headroom table, and the ``amp.fp32_modules`` line
-that keeps the module in float32. Without ``--step`` the checkpoint is the newest one saved before the first
-skipped step that ``metrics.jsonl`` records. ``amp.guard.locate=true`` runs it when the collapse guard trips.
-Nothing is written to the run's out_dir. Bad input is one line and exit code 2.
+The replay and its report: amptpl's docs, debugger.md. Nothing is written to out_dir; bad input: one line, exit 2.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from . import example
 from .config import Config, ConfigError, from_dict
 from .configparse import UsageError, UsageParser
-from .steps import PACKAGE, build_optimizer, forever, train_step
+from .steps import PACKAGE, build_run, scratch_session, train_step
 
 
 def first_skip_interval(out_dir: Path) -> tuple[int, int] | None:
     """(last log tick without a skipped step, the tick that first counts one) from metrics.jsonl, or None."""
-    path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    before = 0
-    for line in path.read_text(errors="replace").splitlines():
+    path, before = out_dir / "metrics.jsonl", 0
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             r = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(r, dict) or "amp/skipped_steps" not in r:
-            continue
-        if r["amp/skipped_steps"] > 0:
-            return before, int(r.get("step", before))
-        before = int(r.get("step", before))
+        if isinstance(r, dict) and "amp/skipped_steps" in r:
+            if r["amp/skipped_steps"] > 0:
+                return before, int(r.get("step", before))
+            before = int(r.get("step", before))
     return None
 
 
 def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
-    """The checkpoint to replay from (None: the run's start, which is as exact), the checkpoint whose config and
-    precision the replay takes, and why."""
+    """(the checkpoint to replay from, None for the run's start; the one whose config and precision it takes; why)."""
     from .amp.checkpoint import CHECKPOINTS, META, check_complete, list_checkpoints, read_meta
 
     if (path / META).is_file():
         check_complete(path)
+        at = int(read_meta(path).get("step", 0))
+        if step is not None and step <= at:
+            raise UsageError(f"--step {step}: {path} is at step {at}, not before it (give a later step)")
         return path, path, "as given"
     if not (path / CHECKPOINTS).is_dir():
         raise UsageError(f"{path}: neither a checkpoint (no {META}) nor an out_dir with {CHECKPOINTS}/")
@@ -68,6 +55,7 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
             continue
     if not done:
         raise UsageError(f"{path / CHECKPOINTS}: no complete checkpoint to replay from")
+    newest, oldest = max(done)[1], min(done)[1]
     if step is not None:
         before = [d for d in done if d[0] < step]
         if not before:
@@ -75,24 +63,17 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
         return max(before)[1], max(before)[1], f"the newest before step {step}"
     skips = first_skip_interval(path)
     if skips is None:
-        return max(done)[1], max(done)[1], "the newest (metrics.jsonl records no skipped step)"
-    before = [d for d in done if d[0] <= skips[0]]
+        return newest, newest, "the newest (metrics.jsonl records no skipped step)"
+    before, between = [d for d in done if d[0] <= skips[0]], f"between steps {skips[0]} and {skips[1]}"
     if not before and skips[0] == 0:
-        return None, max(done)[1], "the run's start: its first skipped step came before any checkpoint"
+        return None, newest, "the run's start: its first skipped step came before any checkpoint"
     if not before:
-        return min(done)[1], min(done)[1], (f"the oldest kept (the first skipped step came between steps {skips[0]}"
-                                            f" and {skips[1]}, before it)")
-    return max(before)[1], max(before)[1], (f"the newest before the first skipped step (between steps {skips[0]} "
-                                            f"and {skips[1]})")
+        return oldest, oldest, f"the oldest kept (the first skipped step came {between}, before it)"
+    return max(before)[1], max(before)[1], f"the newest before the first skipped step ({between})"
 
 
-def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
-           say: Callable[[str], None] = print) -> int:
-    """Resume ``ckpt`` (None: start afresh from the seed) in a scratch out_dir with the config and precision of
-    ``source`` and step with the locator on; prints the report. Returns 0."""
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    from .amp import AmpSession
+def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int) -> int:
+    """Resume ``ckpt`` (None: the seed) with ``source``'s config and precision, step with the locator on, print it."""
     from .amp.checkpoint import read_meta
     from .amp.debug.locate import OverflowLocator, limit_for
 
@@ -105,21 +86,10 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
     prec = switches[0]["from"] if switches and ckpt is None else (meta.get("precision") or {}).get("effective")
     start = int(read_meta(ckpt).get("step", 0)) if ckpt is not None else 0
     end = start + max_steps if step is None else step
-    settings = replace(cfg.amp, precision=prec, guard=replace(cfg.amp.guard, action="warn"), log_every=10**9, keep=1,
-                       checkpoint_every=0, live=False, audit="off", meters=False, trackers=[])
-    with tempfile.TemporaryDirectory(prefix="locate-") as scratch, AmpSession(
-        settings, scratch, probe=False, gradient_accumulation_steps=cfg.train.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-    ) as amp:
-        set_seed(cfg.seed)
-        loader, _, _ = example.build_data(cfg, amp.accelerator)
-        model = example.build_model(cfg)
-        optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
-        model, optimizer, loader, scheduler = amp.prepare(model, optimizer, loader, scheduler)
-        amp.resume(str(ckpt) if ckpt is not None else "none")
-        say(f"locate: replaying {ckpt or 'the run from its start'} (step {start}, {prec}) to step {end} at the "
-            f"latest; limit {limit_for(prec):g}")
-        batches = forever(amp, loader)
+    with scratch_session(cfg, prec) as amp:
+        model, optimizer, scheduler, batches = build_run(cfg, amp, str(ckpt) if ckpt is not None else "none")
+        print(f"locate: replaying {ckpt or 'the run from its start'} (step {start}, {prec}) to step {end} at the "
+              f"latest; limit {limit_for(prec):g}")
         scaler = amp.accelerator.scaler
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         with OverflowLocator(model, limit_for(prec), scale) as loc:
@@ -128,10 +98,9 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int,
                 loc.next_step(amp.step + 1)
                 train_step(amp, model, optimizer, scheduler, batches, cfg)
                 found = loc.finding()
-            say(loc.report(fix=lambda module: f"amp.fp32_modules=[{module}]"))
+            print(loc.report(fix=lambda module: f"amp.fp32_modules=[{module}]"))
         if found is None:
-            say(f"no overflow in steps {start + 1}-{amp.step}")
-        amp.close(completed=False)
+            print(f"no overflow in steps {start + 1}-{amp.step}")
     return 0
 
 
@@ -157,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a checkpoint that does not verify or load: one line; anything else is a bug
         from .amp.checkpoint import CheckpointError
 
-        if isinstance(e, CheckpointError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,13 +4,7 @@
     python -m PACKAGE.numerics runs/default --batches 8            # the newest checkpoint of a run (or a checkpoint)
     python -m PACKAGE.numerics --precisions fp16 --tolerance 8 [key=value ...]
 
-From one state (a checkpoint's float32 weights, or the model the config builds from its seed) the same K training
-batches run in float32 and under each precision's autocast (amp/numerics.py). Per module it prints the relative RMS
-error of its output and of its output's gradient in units of the dtype's rounding error, worst first, and flags the
-modules above ``--tolerance``; then it keeps the worst in float32 (``amp.fp32_modules``), measures again, and adds
-the next while one is still above, and prints the ``amp.fp32_modules=[...]`` line it arrived at with the errors and
-the K-step training-loss gap to float32 before and after. The same state and batches give the same report. Bad
-input is one line and exit code 2.
+What it measures and prints: amptpl's docs, debugger.md. Bad input is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ from pathlib import Path
 from . import example
 from .config import Config, ConfigError, from_dict, parse_args, to_dict
 from .configparse import UsageError, UsageParser, set_key
-from .steps import PACKAGE
+from .steps import PACKAGE, build_model, build_optimizer
 
 
 def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None, str]:
@@ -82,12 +76,10 @@ def report(cfg: Config, weights: dict | None, source: str, precisions: list[str]
     """Measure, suggest, measure again; print it all."""
     import itertools
 
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from .amp.debug import numerics
-    from .steps import build_model, build_optimizer
 
     set_seed(cfg.seed)
     accelerator = Accelerator(cpu=True)
@@ -98,10 +90,6 @@ def report(cfg: Config, weights: dict | None, source: str, precisions: list[str]
     if weights is not None:
         model.load_state_dict(weights)
     build = numerics.copy_of(model)
-
-    def optimizer(m: torch.nn.Module):
-        return build_optimizer(cfg, m, 1)[0]
-
     print(f"numerics: {source}; {len(batches)} training batches; float32 against "
           f"{', '.join(precisions)} autocast on the CPU; tolerance {tolerance:g} rounding units")
     for prec in precisions:
@@ -112,8 +100,8 @@ def report(cfg: Config, weights: dict | None, source: str, precisions: list[str]
         if not first.flagged:
             print(f"no module above {tolerance:g} units: nothing to keep in float32 for {prec}")
             continue
-        gap0 = numerics.loss_gap(build, optimizer, batches, example.loss, prec)
-        gap1 = numerics.loss_gap(build, optimizer, batches, example.loss, prec, fp32_modules=last.fp32_modules)
+        gap0, gap1 = (numerics.loss_gap(build, lambda m: build_optimizer(cfg, m, 1)[0], batches, example.loss, prec,
+                                        fp32_modules=kept) for kept in ((), last.fp32_modules))
         worst0 = first.errors[0]
         after = {e.name: e for e in last.errors}
         still = [e.name for e in last.errors if e.worst > tolerance and e.name not in last.fp32_modules]

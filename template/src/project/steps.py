@@ -1,24 +1,25 @@
-"""The training step and what it needs, shared by train.py, bench.py and the debugger's commands (locate, numerics).
-
-The model (with ``amp.fp32_modules`` kept in float32), AdamW and its schedule, one optimizer step, the held-out
-evaluation, and ``auto``'s probe (which times this same step in a child process, ``python -m PACKAGE.bench
---probe``). train.py, bench.py and locate.py import this module; it imports none of them.
+"""The training step and what it needs: the model, AdamW and its schedule, the session and the run built on it, one
+optimizer step, the evaluation, and ``auto``'s probe (this step timed in a child, ``python -m PACKAGE.bench --probe``).
+train.py, bench.py and the debugger's commands (locate, numerics) import this module; it imports none of them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from . import example
-from .config import Config
+from .config import Config, to_yaml
 
 PACKAGE = __package__ or "project"
 # what a child process of a launched run must not inherit: it is a single process of its own
@@ -27,8 +28,7 @@ RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 
 
 def build_model(cfg: Config) -> Any:
-    """The example's model, with ``amp.fp32_modules`` kept in float32 (the session does it too, idempotently: this
-    is for the tools that build a model without one)."""
+    """The example's model with ``amp.fp32_modules`` kept in float32, for the tools that build one without a session."""
     from .amp import precision
 
     model = example.build_model(cfg)
@@ -38,11 +38,8 @@ def build_model(cfg: Config) -> Any:
 
 
 def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, Any]:
-    """AdamW and a warm-up + cosine schedule written in optimizer steps.
-
-    A prepared scheduler steps once per process per optimizer step (Accelerate's convention), and not at all on a
-    step the GradScaler skipped, so the schedule divides its counter by the number of processes.
-    """
+    """AdamW and a warm-up + cosine schedule in optimizer steps: a prepared scheduler steps once per process per step
+    (Accelerate's convention; not on a step the GradScaler skipped), so its counter is divided by the processes."""
     import torch
 
     t = cfg.train
@@ -69,16 +66,14 @@ def param_groups(model: Any, weight_decay: float) -> list[dict]:
 
 
 def forever(amp: Any, loader: Any):
-    """Batches across epochs from the resumed position on, until the run stops or its step budget is spent (an epoch
-    without a batch is the session's one-line LoopError, not a spin)."""
+    """Batches across epochs until the run stops or spends its step budget (an empty epoch: the session's LoopError)."""
     while amp.stop is None and not (amp.max_steps is not None and amp.step >= amp.max_steps):
         yield from amp.batches(loader)
 
 
 def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: Any, cfg: Config) -> Any:
-    """One optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step -> schedule.
-    Returns the last micro-batch's loss (a tensor: no device read); after it, ``amp.stop`` says whether the run
-    stopped (a stop signal or the guard, the state saved)."""
+    """One optimizer step: accumulate -> forward (autocast) -> fp32 loss -> backward -> clip -> step -> schedule;
+    the last micro-batch's loss (a tensor: no device read). ``amp.stop`` then says whether the run stopped."""
     accelerator, t = amp.accelerator, cfg.train
     loss = None
     for _ in range(t.grad_accum):
@@ -100,12 +95,8 @@ def train_step(amp: Any, model: Any, optimizer: Any, scheduler: Any, batches: An
 
 def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches: int,
              poll: Any = None, autocast: Any = None) -> dict[str, float]:
-    """Held-out metrics (``val/...``) from the example's per-batch sums; the forward runs under ``autocast()``
-    (default: ``accelerator.autocast``, the training precision), the loss in float32.
-
-    ``poll("eval i/n")`` shows the progress and says whether a stop signal arrived (``amp.poll_stop``): then the
-    eval ends within a batch, with nothing returned.
-    """
+    """Held-out metrics (``val/...``) from the example's per-batch sums, the forward under ``autocast()`` (default: the
+    training precision's). ``poll("eval i/n")`` shows progress; when it says a stop arrived, the eval returns {}."""
     import torch
 
     t0 = time.perf_counter()
@@ -130,13 +121,42 @@ def evaluate(model: Any, loader: Any, accelerator: Any, metric: Any, max_batches
         return {}
     sums = torch.stack(rows).tolist() if rows else []  # one transfer for the whole eval
     metric.add_batch(**{name: [r[j] for r in sums] for j, name in enumerate(example.EVAL_FIELDS)})
-    out = {f"val/{k}": v for k, v in metric.compute().items()}
-    out["val/time_s"] = time.perf_counter() - t0
-    return out
+    return {**{f"val/{k}": v for k, v in metric.compute().items()}, "val/time_s": time.perf_counter() - t0}
 
 
-# ----------------------------------------------------------------------------
-# work in a child process: auto's probe (bench.py --probe), the guard's locate (locate.py)
+def session_for(cfg: Config, settings: Any, out_dir: str, **kwargs: Any) -> Any:
+    """An AmpSession for ``cfg`` with ``settings``: its gradient accumulation and the seeded data order of a resume."""
+    from accelerate.utils import DataLoaderConfiguration
+
+    from .amp import AmpSession
+
+    return AmpSession(settings, out_dir, gradient_accumulation_steps=cfg.train.grad_accum,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+                      **kwargs)
+
+
+@contextmanager
+def scratch_session(cfg: Config, precision: str | None) -> Iterator[Any]:
+    """bench's and locate's: ``cfg`` in ``precision`` in a temporary out_dir; the guard only warns, nothing is kept."""
+    settings = replace(cfg.amp, precision=precision, guard=replace(cfg.amp.guard, action="warn"), log_every=10**9,
+                       keep=1, checkpoint_every=0, live=False, audit="off", meters=False, trackers=[])
+    with tempfile.TemporaryDirectory(prefix="scratch-") as tmp, session_for(cfg, settings, tmp, probe=False) as amp:
+        yield amp
+        amp.close(completed=False)
+
+
+def build_run(cfg: Config, amp: Any, resume: str = "none") -> tuple[Any, Any, Any, Any]:
+    """(model, optimizer, scheduler, batches): the seeded data, model and optimizer, prepared, ``resume`` loaded."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    loader, _, _ = example.build_data(cfg, amp.accelerator)
+    model = example.build_model(cfg)
+    optimizer, scheduler = build_optimizer(cfg, model, amp.accelerator.num_processes)
+    model, optimizer, loader, scheduler = amp.prepare(model, optimizer, loader, scheduler)
+    amp.resume(resume)
+    model.train()
+    return model, optimizer, scheduler, forever(amp, loader)
 
 
 def child_env(drop: tuple[str, ...] = RANK_ENV) -> dict[str, str]:
@@ -162,10 +182,6 @@ def auto_probe(cfg: Config) -> Any:
 def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
     """Seconds per optimizer step for each candidate, timed in a fresh process: the run's model, optimizer, RNG,
     data position and allocator never see it. Under a launcher the child is a single process of its own."""
-    import json
-
-    from .config import to_yaml
-
     with tempfile.TemporaryDirectory(prefix="auto-") as folder:
         config = Path(folder) / "config.yaml"
         config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))
@@ -179,7 +195,6 @@ def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
 
 
 def locate_after_guard(cfg: Config) -> None:
-    """``amp.guard.locate``: when the collapse guard tripped, ``python -m PACKAGE.locate OUT_DIR`` in a process of its
-    own (the training process still holds Accelerate's state)."""
+    """``amp.guard.locate``: ``python -m PACKAGE.locate OUT_DIR`` in a fresh process (this one holds Accelerate's)."""
     if cfg.amp.guard.locate:
         subprocess.run([sys.executable, "-m", f"{PACKAGE}.locate", cfg.out_dir], env=child_env(), check=False)
