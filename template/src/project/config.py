@@ -1,23 +1,18 @@
-"""The config tree: every section, every default, every check.
-
-The loop's sections (``train``, ``eval``) are defined here, ``amp`` is the AMP core's own settings object
-(``amp/settings.py``: precision, scaler, guard, log and checkpoint cadence, console, trackers); ``data`` and ``model``
-belong to the example (``example/config.py``). A YAML file (``--config FILE``) and dotted ``key=value``
-arguments only override the defaults, in that order (``configparse.py`` reads them). An unknown key, a wrong
-type or a value out of range raises :class:`ConfigError` with one line that names the key.
+"""The config tree: every section, every default, every check (``configparse.py`` reads YAML and key=value into it).
 
     cfg = parse_args(["--config", "configs/fp16.yaml", "train.max_steps=200"])
 
-A new key is one field below with its default and a trailing ``# comment`` (its ``--help`` text and the
-README's key table), plus a line in :func:`validate` if it has a range. This module imports only the standard
-library and yaml, so a bad key is reported before torch loads.
+A new key is one field with its default and a trailing ``# comment`` (its ``--help`` text and README row), plus a
+line in :func:`validate` if it has a range. No torch here: a bad key is reported before torch loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import configparse
@@ -25,9 +20,6 @@ from .amp.settings import AmpSettings, SettingsError, flat, normalise_precision
 from .configparse import ConfigError, ConfigExit, load_yaml, set_key, to_dict, to_yaml
 from .example import config as example_config
 from .example.config import DataConfig, ModelConfig
-
-# ----------------------------------------------------------------------------
-# The config tree
 
 
 @dataclass
@@ -83,16 +75,10 @@ GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min
               "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[the module that `python -m "
               f"{__package__}.locate OUT_DIR` names], a lower train.lr")
 
-# Keys a checkpoint cannot be resumed under when they change: the weights would not load, or the run would
-# silently become another experiment (another seed; the example names its own: another model, other data). An
-# entry names a key or a whole section. Any other change is applied on resume, with a notice (resume_changes).
+# Keys (or whole sections) a checkpoint cannot be resumed under when they change: the weights would not load, or the
+# run would silently become another experiment (the example names its own). Any other change applies, with a notice.
 RESUME_INCOMPATIBLE = ("seed", *example_config.RESUME_INCOMPATIBLE)
-# Keys expected to differ between the first run and a resume: not worth a notice.
-RESUME_IGNORED = ("resume",)
-
-
-# ----------------------------------------------------------------------------
-# Validation: ranges and choices
+RESUME_IGNORED = ("resume",)  # expected to differ between the first run and a resume: not worth a notice
 
 
 def validate(cfg: Config) -> Config:
@@ -126,10 +112,6 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------
-# Entry points
-
-
 COMMAND = f"python -m {__package__ or 'PACKAGE'}.train"
 
 
@@ -141,11 +123,6 @@ def parse_args(argv: list[str], notices: list[str] | None = None) -> Config:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a config from :func:`to_dict` output (unknown keys are errors)."""
     return configparse.from_dict(data, Config, validate)
-
-
-def help_text() -> str:
-    """``--help``: every key by section with type, default and the comment written next to it."""
-    return configparse.help_text(Config, COMMAND)
 
 
 README_START, README_END = "<!-- config keys: start -->", "<!-- config keys: end -->"
@@ -165,28 +142,16 @@ def _matches(key: str, names: tuple[str, ...]) -> bool:
     return any(key == n or key.startswith(n + ".") for n in names)
 
 
-def resume_changes(
-    saved: dict[str, Any], cfg: Config
-) -> tuple[list[tuple[str, object, object]], list[tuple[str, object, object]]]:
-    """Compare a checkpoint's saved config (``meta.json["config"]``) with this run's config.
-
-    Returns ``(incompatible, compatible)``, each a list of ``(dotted key, saved value, current value)`` for the
-    keys that differ: incompatible ones are in :data:`RESUME_INCOMPATIBLE`, every other key is compatible,
-    except :data:`RESUME_IGNORED`. A key only one side has (a checkpoint from an older or newer config) is
-    skipped.
-    """
-    old = dict(configparse._flatten(saved))
-    incompatible: list[tuple[str, object, object]] = []
-    compatible: list[tuple[str, object, object]] = []
+def resume_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(incompatible, compatible): the ``(key, saved, current)`` that differ between a checkpoint's config and ``cfg``,
+    by :data:`RESUME_INCOMPATIBLE`; :data:`RESUME_IGNORED` and keys only one side has are skipped."""
+    old, incompatible, compatible = dict(configparse._flatten(saved)), [], []
     for key, new in configparse._flatten(to_dict(cfg)):
         if key not in old or _matches(key, RESUME_IGNORED) or old[key] == new:
             continue
         (incompatible if _matches(key, RESUME_INCOMPATIBLE) else compatible).append((key, old[key], new))
     return incompatible, compatible
 
-
-# ----------------------------------------------------------------------------
-# Checks at run time: trackers installed, a checkpoint of the same experiment
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
                    "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
@@ -197,8 +162,8 @@ def check_trackers(names: list[str], kwargs: dict) -> None:
     """A tracker that is not installed is one line saying how to install it (Accelerate would only warn)."""
     for name in kwargs:
         if name not in names or not isinstance(kwargs[name], dict):
-            raise ConfigError(f"amp.tracker_kwargs: {name!r} must be one of amp.trackers ({', '.join(names) or 'none'}) "
-                              "and hold a mapping, e.g. {wandb: {entity: me}}")
+            raise ConfigError(f"amp.tracker_kwargs: {name!r} must be one of amp.trackers "
+                              f"({', '.join(names) or 'none'}) and hold a mapping, e.g. {{wandb: {{entity: me}}}}")
     for name in names:
         module = TRACKER_MODULES.get(name)
         if module is None:
@@ -219,25 +184,19 @@ def resume_check(cfg: Config) -> Any:
             diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in incompatible)
             raise ConfigError(f"resume: {cfg.out_dir} holds a checkpoint of another experiment ({diffs}); "
                               "start fresh with resume=none (the old run is moved aside) or use another out_dir")
-        if changed:
-            return ["resume: settings changed since the checkpoint: "
-                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)]
-        return []
+        return ["resume: settings changed since the checkpoint: "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)] if changed else []
 
     return check
 
 
 __all__ = ["TRACKER_MODULES", "Config", "ConfigError", "ConfigExit", "check_trackers", "resume_check",
-           "RESUME_INCOMPATIBLE", "RESUME_IGNORED", "COMMAND", "all_keys", "flat", "from_dict", "help_text", "load_yaml",
+           "RESUME_INCOMPATIBLE", "RESUME_IGNORED", "COMMAND", "all_keys", "flat", "from_dict", "load_yaml",
            "parse_args", "resume_changes", "set_key", "to_dict", "to_yaml", "validate"]
 
 
 def _readme_main(argv: list[str]) -> int:
-    """``python -m PACKAGE.config [--check|--write] [README.md]``: print the key table, or check or rewrite the one
-    between the README's markers, so the README cannot drift from this file."""
-    import sys
-    from pathlib import Path
-
+    """``python -m PACKAGE.config [--check|--write] [README.md]``: print, check or rewrite the README's key table."""
     mode = argv[0] if argv and argv[0] in ("--check", "--write") else None
     if mode is None:
         print(readme_table())
@@ -249,18 +208,15 @@ def _readme_main(argv: list[str]) -> int:
         return 2
     head, rest = text.split(README_START, 1)
     new = f"{head}{README_START}\n{readme_table()}\n{README_END}{rest.split(README_END, 1)[1]}"
-    if mode == "--check":
-        if new != text:
-            print(f"error: {path}: the key table differs from config.py; run python -m {__package__}.config "
-                  f"--write {path}", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new, encoding="utf-8")
-    print(f"wrote the key table of {path}")
+    if mode == "--check" and new != text:
+        print(f"error: {path}: the key table differs from config.py; run python -m {__package__}.config "
+              f"--write {path}", file=sys.stderr)
+        return 1
+    if mode == "--write":
+        path.write_text(new, encoding="utf-8")
+        print(f"wrote the key table of {path}")
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(_readme_main(sys.argv[1:]))

@@ -1,13 +1,8 @@
-"""Reading a dataclass config tree from YAML files and ``key=value`` arguments, and its ``--help``.
+"""Reading a dataclass config tree (``config.py``) from YAML files and ``key=value`` arguments, and its ``--help``.
 
-``config.py`` holds the tree (every default and every check); this module only reads text into it, so it knows
-nothing about any key. Defaults < ``--config FILE.yaml`` (in order) < ``key=value`` (in order). An unknown key,
-a wrong type or a value out of range is one :class:`ConfigError` line naming the key; ``--help`` and
-``--print-config`` raise :class:`ConfigExit` with the text to print. Standard library and yaml only: a bad key
-is reported before torch loads. :class:`UsageParser` is the argparse of the project's other commands.
-
-The trailing ``# comment`` of each field and each class docstring, read from the source of the module that
-defines the class, are its ``--help`` text.
+It knows no key: defaults < ``--config FILE.yaml`` < ``key=value``, each in order; a bad key or value is one
+:class:`ConfigError` line; each field's trailing ``# comment`` and each class docstring are its ``--help`` text.
+Standard library and yaml only, so a bad key is reported before torch loads.
 """
 
 from __future__ import annotations
@@ -32,9 +27,7 @@ class ConfigError(ValueError):
 class ConfigExit(Exception):
     """Not an error: ``--help`` or ``--print-config`` asked for ``text`` to be printed instead of a run."""
 
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
+    text = property(lambda self: self.args[0])
 
 
 class UsageError(ValueError):
@@ -48,14 +41,9 @@ class UsageParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-# ----------------------------------------------------------------------------
-# Overriding: typed assignment by dotted key
-
-
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
-        tp, "a list of strings" if typing.get_origin(tp) is list else str(tp)
-    )
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    return names.get(tp, "a list of strings" if typing.get_origin(tp) is list else str(tp))
 
 
 _NO = object()  # _read's "this value is not of the field's type"
@@ -88,15 +76,10 @@ def _read(tp: Any, value: Any) -> Any:
 
 
 def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
-    """Check ``value`` against the field type ``tp``; ints are accepted where floats are expected.
-
-    ``text``: the value is command-line text; string fields keep it verbatim, others read it as YAML.
-    """
-    shown = value
-    if text:
-        if tp is str:
-            return value
-        value = parse_value(value)
+    """``value`` checked as the field type ``tp``; ``text``: command-line text (YAML, but verbatim for a string)."""
+    if text and tp is str:
+        return value
+    shown, value = value, (parse_value(value) if text else value)
     out = _read(tp, value)
     if out is _NO:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -112,39 +95,33 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def set_key(cfg: Any, key: str, value: Any, text: bool = False) -> None:
-    """Set a dotted key (``amp.scaler.init_scale``) on ``cfg`` with type checking.
-
-    ``text=True`` for command-line values: they are read like YAML, except string fields keep them as typed.
-    """
+    """Set a dotted key (``amp.scaler.init_scale``) on ``cfg``, type-checked; ``text``: as for :func:`_coerce`."""
     node: Any = cfg
     parts = key.split(".")
     for i, part in enumerate(parts):
         types_ = _field_types(type(node))
         if part not in types_:
-            where = ".".join(parts[:i]) or "the top level"
-            allowed = ", ".join(types_)
+            where, allowed = ".".join(parts[:i]) or "the top level", ", ".join(types_)
             raise ConfigError(f"{key}: unknown key{_did_you_mean(key, type(cfg))} (allowed under {where}: {allowed})")
         tp = types_[part]
         if tp is dict or typing.get_origin(tp) is dict:
             _set_mapping(node, part, parts[i + 1 :], key, value, text)
             return
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
-                if text or not isinstance(value, dict):
-                    raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.{next(iter(_field_types(tp)))}=...")
-                for sub, subval in value.items():
-                    set_key(cfg, f"{key}.{sub}", subval)
-            else:  # object.__setattr__: frozen sections too (the tree is built before anyone reads it)
-                object.__setattr__(node, part, _coerce(key, tp, value, text))
-        else:
+        if i < len(parts) - 1:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
             node = getattr(node, part)
+        elif dataclasses.is_dataclass(tp):
+            if text or not isinstance(value, dict):
+                raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.{next(iter(_field_types(tp)))}=...")
+            for sub, subval in value.items():
+                set_key(cfg, f"{key}.{sub}", subval)
+        else:  # object.__setattr__: frozen sections too (the tree is built before anyone reads it)
+            object.__setattr__(node, part, _coerce(key, tp, value, text))
 
 
 def _set_mapping(node: Any, part: str, rest: list[str], key: str, value: Any, text: bool) -> None:
-    """A mapping-valued key: set whole (``amp.tracker_kwargs={wandb: {entity: me}}``) or one entry by its dotted path
-    (``amp.tracker_kwargs.wandb.entity=me``)."""
+    """A mapping-valued key, set whole (``amp.tracker_kwargs={wandb: {entity: me}}``) or by entry (``...wandb.x=y``)."""
     value = parse_value(value) if text else value
     if not rest:
         if not isinstance(value, dict):
@@ -168,32 +145,27 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _did_you_mean(key: str, root: type) -> str:
-    """The key meant: a synonym the root class lists (``SYNONYMS``: ``learning_rate`` -> ``train.lr``, a moved key),
-    else the closest spelling."""
+    """The key meant: a synonym in the root's ``SYNONYMS`` (``learning_rate`` -> ``train.lr``), else the closest."""
     import difflib
 
     synonyms = getattr(root, "SYNONYMS", {})
-    last = key.rsplit(".", 1)[-1]
-    meant = synonyms.get(key) or synonyms.get(last)
+    meant = synonyms.get(key) or synonyms.get(key.rsplit(".", 1)[-1])
     close = [meant] if meant else difflib.get_close_matches(key, all_keys(root), n=1)
     return f", did you mean {close[0]}?" if close else ""
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(data, dict):
-        out: list[tuple[str, Any]] = []
-        for k, v in data.items():
-            out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-        return out
-    return []
+    out: list[tuple[str, Any]] = []
+    for k, v in data.items() if isinstance(data, dict) else ():
+        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
 
 
 MAX_YAML_VALUES = 100_000  # a config holds hundreds; anchors that expand past this are a "billion laughs" file
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping and documents whose anchors expand past
-    MAX_YAML_VALUES values (either is one ConfigError line, not a silent last-wins or a hang)."""
+    """Safe YAML; a key given twice in a mapping or anchors past MAX_YAML_VALUES are one ConfigError line."""
 
     def construct_document(self, node: yaml.Node) -> Any:
         sizes: dict[int, int] = {}
@@ -202,12 +174,10 @@ class _Loader(yaml.SafeLoader):
             if id(n) not in sizes:
                 sizes[id(n)] = 0  # a recursive alias: counted as nothing more
                 if isinstance(n, yaml.MappingNode):
-                    total = 1 + sum(size(k) + size(v) for k, v in n.value)
-                elif isinstance(n, yaml.SequenceNode):
-                    total = 1 + sum(size(v) for v in n.value)
+                    children = [c for pair in n.value for c in pair]
                 else:
-                    total = 1
-                sizes[id(n)] = min(total, MAX_YAML_VALUES + 1)
+                    children = n.value if isinstance(n, yaml.SequenceNode) else []
+                sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_VALUES + 1)
             return sizes[id(n)]
 
         if size(node) > MAX_YAML_VALUES:
@@ -250,14 +220,12 @@ def load_yaml(cfg: Any, path: str | Path) -> list[str]:
         raise ConfigError(f"--config: {p} is not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {p} must hold a mapping of keys, got {type(data).__name__}")
-    keys = []
-    for key, value in _flatten(data):
-        try:
+    try:
+        for key, value in _flatten(data):
             set_key(cfg, key, value)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        keys.append(key)
-    return keys
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return [key for key, _ in _flatten(data)]
 
 
 def parse_value(text: str) -> Any:
@@ -274,18 +242,11 @@ def usage(command: str) -> str:
 
 def parse_args(argv: list[str], root: type, validate: Callable[[Any], Any], command: str,
                notices: list[str] | None = None) -> Any:
-    """Build the config from defaults, then ``--config`` files, then ``key=value`` arguments.
-
-    ``-h``/``--help`` raises :class:`ConfigExit` with :func:`help_text`; ``--print-config`` raises it with the
-    resolved, validated config as YAML. Bad input raises :class:`ConfigError`. ``notices`` receives one line
-    naming the keys a file set and the command line changed.
-    """
+    """The config from defaults, ``--config`` files, then ``key=value`` arguments; ``--help`` and ``--print-config``
+    raise :class:`ConfigExit` with the text. ``notices`` gets a line naming the file's keys the command line changed."""
     if "-h" in argv or "--help" in argv:
         raise ConfigExit(help_text(root, command))
-    cfg = root()
-    files: list[str] = []
-    overrides: list[tuple[str, str]] = []
-    print_config = False
+    cfg, files, overrides, print_config = root(), [], [], False
     it = iter(argv)
     for arg in it:
         if arg in ("--config", "-c") or arg.startswith("--config="):
@@ -300,9 +261,7 @@ def parse_args(argv: list[str], root: type, validate: Callable[[Any], Any], comm
             overrides.append((key.strip(), value))
         else:
             raise ConfigError(f"{arg}: not a key=value override or --config FILE ({usage(command)})")
-    from_files: dict[str, str] = {}
-    for path in files:
-        from_files.update(dict.fromkeys(load_yaml(cfg, path), path))
+    from_files = {key: path for path in files for key in load_yaml(cfg, path)}
     before = flat(to_dict(cfg))
     for key, value in overrides:
         set_key(cfg, key, value, text=True)
@@ -323,8 +282,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], root: type, validate: Callable[[Any], Any]) -> Any:
-    """Rebuild a config from :func:`to_dict` output (unknown keys are errors; keys the root class lists as ``MOVED``
-    are read under their new name, so a checkpoint of an earlier release still reads)."""
+    """Rebuild a config from :func:`to_dict` output; a key in the root's ``MOVED`` (an older release's) is renamed."""
     cfg = root()
     moved = getattr(root, "MOVED", {})
     for key, value in _flatten(data):
@@ -338,31 +296,26 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-# ----------------------------------------------------------------------------
-# --help: every key with its type, default and the comment written next to it above
-
-
-def _source_docs(modules: set[str]) -> dict[str, tuple[str, dict[str, str]]]:
-    """``{class name: (docstring, {field: trailing comment})}``, read from the source of ``modules``."""
+def _source_docs(module: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """``{class name: (docstring, {field: trailing comment})}``, read from the source of ``module``."""
     import ast
     import inspect
     import io
     import sys
     import tokenize
 
+    try:
+        source = inspect.getsource(sys.modules[module])
+    except (OSError, TypeError):  # no source shipped (e.g. only .pyc): help without comments
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     docs: dict[str, tuple[str, dict[str, str]]] = {}
-    for module in sorted(modules):
-        try:
-            source = inspect.getsource(sys.modules[module])
-        except (OSError, TypeError):  # no source shipped (e.g. only .pyc): help without comments
-            continue
-        comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-        for node in ast.parse(source).body:
-            if isinstance(node, ast.ClassDef):
-                fields = {stmt.target.id: comments.get(stmt.end_lineno or stmt.lineno, "") for stmt in node.body
-                          if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
-                docs[node.name] = (" ".join((ast.get_docstring(node) or "").split()), fields)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            fields = {stmt.target.id: comments.get(stmt.end_lineno or stmt.lineno, "") for stmt in node.body
+                      if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+            docs[node.name] = (" ".join((ast.get_docstring(node) or "").split()), fields)
     return docs
 
 
@@ -372,37 +325,22 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ",".join(map(str, value)) + "]"
-    if value == "":
-        return '""'
-    return str(value)
-
-
-def _type_label(tp: Any) -> str:
-    return "list[str]" if typing.get_origin(tp) is list else getattr(tp, "__name__", str(tp))
-
-
-def _classes(cls: type) -> set[type]:
-    out = {cls}
-    for tp in _field_types(cls).values():
-        if dataclasses.is_dataclass(tp):
-            out |= _classes(tp)
-    return out
+    return '""' if value == "" else str(value)
 
 
 def sections(root: type) -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
-    """``[(section, its docstring, [(dotted key, type, default as typed, comment), ...]), ...]`` in declaration
-    order: what ``--help`` and the README's key table show."""
-    docs = _source_docs({c.__module__ for c in _classes(root)})
+    """``[(section, docstring, [(key, type, default as typed, comment), ...]), ...]``: what --help and README show."""
     out: list[tuple[str, str, list[tuple[str, str, str, str]]]] = []
 
     def walk(cls: type, obj: Any, prefix: str) -> None:
-        doc, comments = docs.get(cls.__name__, ("", {}))
+        doc, comments = _source_docs(cls.__module__).get(cls.__name__, ("", {}))
         rows, subs = [], []
         for name, tp in _field_types(cls).items():
             if dataclasses.is_dataclass(tp):
                 subs.append((tp, getattr(obj, name), f"{prefix}{name}."))
             else:
-                rows.append((f"{prefix}{name}", _type_label(tp), _show(getattr(obj, name)), comments.get(name, "")))
+                label = "list[str]" if typing.get_origin(tp) is list else getattr(tp, "__name__", str(tp))
+                rows.append((f"{prefix}{name}", label, _show(getattr(obj, name)), comments.get(name, "")))
         out.append((prefix.rstrip(".") or "top level", doc, rows))
         for sub in subs:
             walk(*sub)
@@ -413,12 +351,11 @@ def sections(root: type) -> list[tuple[str, str, list[tuple[str, str, str, str]]
 
 def markdown_table(root: type) -> str:
     """Every key as a Markdown table (key, type, default, meaning), one row per key, section by section."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
+    bar = str.maketrans({"|": "\\|"})  # a bare | would end the cell
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for _, _, rows in sections(root):
-        lines += [f"| `{key}` | {tp} | `{cell(default)}` | {cell(comment)} |" for key, tp, default, comment in rows]
+        lines += [f"| `{key}` | {tp} | `{default.translate(bar)}` | {comment.translate(bar)} |"
+                  for key, tp, default, comment in rows]
     return "\n".join(lines)
 
 
@@ -428,8 +365,7 @@ def help_text(root: type, command: str) -> str:
     all_rows = [row for _, _, rows in sections_ for row in rows]
     wk, wt, wd = (max(len(row[i]) for row in all_rows) for i in range(3))
     lines = [
-        usage(command),
-        "",
+        usage(command), "",
         "Train with the config below. Precedence: defaults < --config FILE.yaml (files apply in the order given)",
         "< key=value arguments (in order), so the command line wins. Values are read like YAML: 1e-3 is a number,",
         "true/false a boolean, [a,b] or a,b a list; string keys keep the text as typed. Sections nest in a YAML",
@@ -437,8 +373,7 @@ def help_text(root: type, command: str) -> str:
         "",
         "  --config FILE.yaml, -c FILE.yaml   apply a YAML file of keys (e.g. configs/fp16.yaml); may repeat",
         "  --print-config                     print the resolved config as YAML (usable as --config) and exit",
-        "  -h, --help                         show this help and exit",
-    ]
+        "  -h, --help                         show this help and exit"]
     for title, doc, rows in sections_:
         lines += ["", f"{title}: {doc}" if doc else f"{title}:"]
         for key, tp, default, comment in rows:
