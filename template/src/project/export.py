@@ -3,10 +3,8 @@
     python -m PACKAGE.export runs/default/checkpoints/step_0000500     # -> runs/default/final/
     python -m PACKAGE.export runs/default --out my-model               # the run's newest complete checkpoint
 
-The exported directory needs neither this project's config nor the optimizer state: the example's model class
-(``example.model_class()``, e.g. ``ByteLM``) rebuilds the model with ``from_pretrained(dir)`` from ``config.json``
-(the constructor arguments). What is specific to the model comes from ``example/``; this file is the same for any.
-A bad checkpoint gets one line ``error: ...`` naming the path, and exit code 2.
+The export loads with ``example.model_class().from_pretrained(dir)`` (e.g. ``ByteLM``), without this project's
+config or the optimizer state; this file is the same for any example. A bad checkpoint is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from safetensors.torch import load_file
 
 from . import example
 from .amp.checkpoint import CHECKPOINTS, CheckpointError, check_complete, find_resume, read_meta, replace_dir
+from .faults import write_status
 
 PACKAGE = __package__  # the package name also when run as `python -m PACKAGE.export` (__name__ is __main__)
 WEIGHTS = "model.safetensors"
@@ -44,16 +43,9 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-# ----------------------------------------------------------------------------
-# Reading a checkpoint
-
-
 def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
-    """A checkpoint directory as given, or the newest complete checkpoint of a run directory (``out_dir``).
-
-    ``notices`` receives what training's ``resume=auto`` would say, such as a newer checkpoint skipped because a
-    part of it differs from what was saved.
-    """
+    """A checkpoint directory as given, or the newest complete checkpoint of a run directory (``out_dir``);
+    ``notices`` receives what ``resume=auto`` would say (a newer checkpoint skipped, and why)."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: no such checkpoint or run directory")
@@ -61,9 +53,7 @@ def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
         return path
     if not (path / CHECKPOINTS).is_dir():
         raise ExportError(f"{path}: neither a checkpoint (no meta.json) nor a run directory (no {CHECKPOINTS}/)")
-    # the same rule as resume=auto: the newest complete checkpoint (`latest` names it, or lags it by one
-    # save when a run died between the rename and the update of `latest`)
-    found, said = find_resume(path, "auto")
+    found, said = find_resume(path, "auto")  # resume=auto's rule, and what it says
     if notices is not None:
         notices += said
     if found is None:
@@ -72,12 +62,8 @@ def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], Path]:
-    """Build the model of a checkpoint (or of a run's newest one) and load its weights.
-
-    Returns (model in eval mode, meta.json, the checkpoint directory). Raises ExportError with one line
-    naming the path when the checkpoint is missing or incomplete, has no ``model.safetensors``, or holds
-    weights that do not fit the config it records.
-    """
+    """(model in eval mode, meta.json, checkpoint directory) of a checkpoint or a run's newest one; ExportError (one
+    line naming the path) when it is incomplete, has no ``model.safetensors`` or weights that do not fit its config."""
     path = find_checkpoint(path)
     weights = path / WEIGHTS
     try:
@@ -112,10 +98,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise ExportError(f"{weights}: weights do not fit the config in meta.json ({'; '.join(problems[:3])}{more})")
     model.load_state_dict(state)
     return model.to(device).eval(), meta, path
-
-
-# ----------------------------------------------------------------------------
-# Writing the export
 
 
 def _val_loss(meta: dict[str, Any], ckpt: Path) -> float | None:
@@ -174,14 +156,8 @@ A model trained with `{PACKAGE}` (HuggingFace Accelerate, mixed precision).
 
 
 def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write the model of a training checkpoint as ``model.safetensors`` + ``config.json`` + ``README.md``.
-
-    ``ckpt_dir`` is a checkpoint (``out_dir/checkpoints/step_NNNNNNN``) or a run directory (its newest
-    complete checkpoint). ``out_dir`` defaults to ``final/`` beside ``checkpoints/``. A previous export
-    there is replaced; any other non-empty directory is refused. The new export appears whole: it is
-    written beside the destination and renamed into place. Call on the main process only.
-    Returns the export directory; raises ExportError (one line naming the path) on bad input.
-    """
+    """Write the model of a checkpoint or run directory whole (beside ``out_dir``, then renamed) to ``out_dir`` (default
+    ``final/`` beside ``checkpoints/``); only an export is replaced (else ExportError). Main process only."""
     model, meta, ckpt = load_checkpoint(ckpt_dir)
     dest = Path(out_dir) if out_dir is not None else ckpt.resolve().parents[1] / "final"
     if dest.exists() and not dest.is_dir():
@@ -201,8 +177,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
 
 def export_after_training(ckpt: Path) -> int:
-    """Export the last checkpoint of a finished run to ``final/``; 0, or 1 after a warning when it cannot (a full
-    disk, a foreign ``final/``: the run itself is saved and complete, and the warning says how to export later)."""
+    """Export a finished run's last checkpoint to ``final/``: 0, or 1 after a warning that says how to export later."""
     try:
         print(f"model: {export(ckpt)} ({example.TITLE}.from_pretrained, python -m {PACKAGE}.sample)")
         return 0
@@ -216,8 +191,7 @@ def export_after_training(ckpt: Path) -> int:
 
 
 def complete_run(ckpt: Path) -> list[str]:
-    """Write what a run killed after its last checkpoint did not: ``final/`` and ``amp_summary.json`` beside
-    ``checkpoints/``. Returns the paths written (main process only)."""
+    """Write the ``final/`` and ``amp_summary.json`` a run killed after its last checkpoint did not; their paths."""
     from .amp.monitor import AmpMonitor
     from .amp.session import SUMMARY
 
@@ -233,10 +207,6 @@ def complete_run(ckpt: Path) -> list[str]:
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         wrote.append(str(run_dir / SUMMARY))
     return wrote
-
-
-# ----------------------------------------------------------------------------
-# Loading a trained model from anything a run leaves (sample.py and your own scripts)
 
 
 def _resolve(path: Path, notices: list[str] | None = None) -> Path:
@@ -255,8 +225,8 @@ def _resolve(path: Path, notices: list[str] | None = None) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                notices: list[str] | None = None) -> tuple[Any, str]:
-    """The model at ``path`` (export, checkpoint or out_dir) in eval mode, and a line saying which weights.
-    ``notices`` receives why a newer checkpoint was skipped, as training says it."""
+    """The model at ``path`` (export, checkpoint or out_dir) in eval mode and a line saying which weights, for sample.py
+    and your scripts; ``notices`` receives why a newer checkpoint was skipped, as training says it."""
     path = _resolve(Path(path), notices)
     if (path / "config.json").is_file():
         if not (path / WEIGHTS).is_file():
@@ -281,16 +251,11 @@ def device_arg(name: str) -> torch.device:
     return device
 
 
-# ----------------------------------------------------------------------------
-# Command line
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m PACKAGE.export CKPT [--out DIR]``; returns the exit code."""
     parser = ArgParser(prog=f"python -m {PACKAGE}.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ckpt", nargs="?", default=DEFAULT_RUN,
-                        help=f"a checkpoint directory (out_dir/checkpoints/step_NNNNNNN) or a run's out_dir "
-                             f"(default: {DEFAULT_RUN})")
+    parser.add_argument("ckpt", nargs="?", default=DEFAULT_RUN, help="a checkpoint directory (out_dir/checkpoints/"
+                        f"step_NNNNNNN) or a run's out_dir (default: {DEFAULT_RUN})")
     parser.add_argument("--out", default=None, help="export directory (default: final/ beside checkpoints/)")
     args = parser.parse_args(argv)
     notices: list[str] = []
@@ -303,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or foreign folder: 2; a full disk: 1
-        from .faults import write_status
-
         print(f"error: {e.filename or args.out}: cannot write the export ({e.strerror or e})", file=sys.stderr)
         return write_status(e)
     print(f"exported {ckpt} -> {dest}")

@@ -1,8 +1,7 @@
 """Faults of the machine told apart from bugs: a full disk, memory that ran out, a process of the run that died.
 
-:func:`describe` turns such an exception into one line for the user (exit status 1: nothing to fix in the input);
-anything else returns None and stays an error with its traceback. :func:`write_status` tells a write the user's path
-or permissions refused (2: fix the input) from one the machine could not do (1).
+:func:`describe` makes one line of such an exception (exit status 1: nothing to fix in the input), else None (a bug
+keeps its traceback); :func:`write_status` tells a write the user's path or permissions refused (2) from the machine's.
 """
 
 from __future__ import annotations
@@ -32,13 +31,11 @@ def describe(e: BaseException) -> str | None:
     return None
 
 
-# An OSError that the user's path or permissions cause (exit status 2: fix the input), not the machine (1).
 _USER_FIXABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
 
 
 def write_status(e: OSError) -> int:
-    """2 for a write the user's path or permissions refused (a read-only or foreign folder), 1 for the machine's
-    faults (a full disk, an I/O error)."""
+    """2 for a write the user's path or permissions refused (fix the input), 1 for the machine's fault (a full disk)."""
     return 2 if e.errno in _USER_FIXABLE else 1
 
 
@@ -59,8 +56,6 @@ def _peer_line(what: str) -> str:
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):
-        rank = world = None
-    if rank is None:
         return (f"another process of this run died or stopped answering ({what}); its own output says why, "
                 "and the same command resumes from the last complete checkpoint")
     other = f"rank {1 - rank} of 2" if world == 2 else f"another of the {world} ranks"
