@@ -1,6 +1,5 @@
 """Where a run is in its data, the loop's own state (``amp.track``), and the iteration that resumes exactly: batches
-already trained on are skipped, and the global RNG state as an epoch began (workers' seeds, order) is replayed.
-"""
+already trained on are skipped, and the global RNG state as an epoch began (workers' seeds, order) is replayed."""
 
 from __future__ import annotations
 
@@ -132,17 +131,13 @@ def epoch(source: Iterable[Any], p: Progress, accelerator: Any, last: list[Any])
         if hasattr(source, "set_epoch"):
             source.set_epoch(p.epoch)
     resumed = p.batch_in_epoch > 0 and p.epoch_rng is not None
-    now = torch.get_rng_state()
-    if resumed:
-        torch.set_rng_state(p.epoch_rng)
-    else:
-        p.epoch_rng = now
-    try:
+    if not resumed:
+        p.epoch_rng = torch.get_rng_state()
+    with torch.random.fork_rng(devices=[], enabled=resumed):  # puts the run's RNG state back after a replay
+        if resumed:
+            torch.set_rng_state(p.epoch_rng)  # the draws of the epoch's start, as the saved run made them
         it = iter(source)
         first = next(it, _END)  # draws what the epoch's start draws (base seed, shuffle order)
         if skip and first is not _END:
             first = next(itertools.islice(it, skip - 1, None), _END)
-    finally:
-        if resumed:
-            torch.set_rng_state(now)
     return it if first is _END else itertools.chain([first], it)
