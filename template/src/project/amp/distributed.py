@@ -1,6 +1,5 @@
 """Processes: agreement across them (one small collective, at log ticks only), Accelerate's state between two runs in
-one process, and a clean end for runs of several processes (:func:`settle`; :func:`run_main`, opt-in).
-"""
+one process, and a clean end for runs of several processes (:func:`settle`; :func:`run_main`, opt-in)."""
 
 from __future__ import annotations
 
@@ -38,11 +37,6 @@ def gather_rows(accelerator: Any, values: list[Any]) -> list[list[float]]:
     return accelerator.gather(vec).reshape(accelerator.num_processes, -1).tolist()
 
 
-def exit_status(code: Any) -> int:
-    """The process exit status for ``sys.exit(code)``: None is 0, an int is itself, anything else 1."""
-    return 0 if code is None else code if isinstance(code, int) else 1
-
-
 PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|communicator was aborted)|timed out|"
                   r"connection closed", re.I)
 
@@ -60,18 +54,18 @@ def _end_now(signum: int, frame: Any) -> None:
 
 
 def run_main(main: Callable[[], Any]) -> NoReturn:
-    """``if __name__ == "__main__": run_main(main)``: end with ``main()``'s exit status (1 after an uncaught exception,
-    130 for Ctrl-C); with several processes by ``os._exit`` once exit handlers ran (gloo can abort finalization)."""
+    """``run_main(main)`` in ``__main__``: exit with ``main()``'s status; with several processes by ``os._exit``."""
     try:
-        code = exit_status(main())
+        code = main()
     except SystemExit as e:
-        code = exit_status(e.code)
+        code = e.code
     except KeyboardInterrupt:
         code = 130
     except BaseException as e:
         line = peer_lost(e)  # a peer's death: one line, not the collective's traceback
         print(f"error: {line}", file=sys.stderr) if line else traceback.print_exc()
         code = 1
+    code = 0 if code is None else code if isinstance(code, int) else 1  # as sys.exit(code) would end
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGINT, _end_now)  # a Ctrl-C from here on ends at once, with no exit handler's traceback
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -84,8 +78,7 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
 
 
 def settle(seconds: float = 0.2) -> None:
-    """After ``end_training()`` with several processes: DDP's gloo threads release their finished collectives before
-    the interpreter finalizes, which would abort a run that succeeded (SIGABRT); :func:`run_main` is the certain end."""
+    """After ``end_training()`` with several processes: gloo's threads finish before the interpreter ends them."""
     gc.collect()
     time.sleep(seconds)
 
