@@ -27,13 +27,10 @@ from typing import Any
 
 __version__ = "0.1.0"  # the amptpl release this core comes from
 
-# Loaded on first use, so that the torch-free settings import without torch: a project's config reads its defaults
-# from them and reports a bad key before torch loads.
-_EXPORTS = {
-    "AmpSession": "session", "AmpSettings": "settings", "ScalerSettings": "settings", "GuardSettings": "settings",
-    "AutoSettings": "settings", "SettingsError": "settings", "Stop": "monitor", "LoopError": "position",
-    "RunLockedError": "rundir", "OutputDirError": "rundir", "run_main": "distributed",
-}
+# Loaded on first use: the torch-free settings import without torch (a project's config checks keys before it).
+_EXPORTS = {"AmpSession": "session", "AmpSettings": "settings", "ScalerSettings": "settings",
+            "GuardSettings": "settings", "AutoSettings": "settings", "SettingsError": "settings", "Stop": "monitor",
+            "LoopError": "position", "RunLockedError": "rundir", "OutputDirError": "rundir", "run_main": "distributed"}
 _MODULES = ("checkpoint", "console", "distributed", "hooks", "master", "monitor", "position", "precision", "rundir",
             "session", "settings")
 __all__ = [*_EXPORTS, *_MODULES]

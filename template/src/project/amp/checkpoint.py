@@ -1,6 +1,5 @@
 """Checkpoints around ``accelerator.save_state``/``load_state`` (plus ``meta.json`` and ``amp_state_<process>.pt``):
-complete or invisible, verified, rotated, and resumable across precisions, each scaler decision a notice.
-"""
+complete or invisible, verified, rotated, and resumable across precisions, each scaler decision a notice."""
 
 from __future__ import annotations
 
@@ -113,8 +112,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def find_resume(out_dir: str | Path, resume: str) -> tuple[Path | None, list[str]]:
-    """The checkpoint for ``none``, ``auto`` (the newest complete one, skipping bad ones with a notice) or a path (a
-    bad one raises CheckpointError), and the notices."""
+    """The checkpoint for ``none``, ``auto`` (the newest complete one) or a path, and its notices."""
     root = Path(out_dir) / CHECKPOINTS
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file; it must be the folder of the checkpoints: move it away")
@@ -211,8 +209,7 @@ def _writing(tmp: Path) -> Any:
 
 
 class CheckpointManager:
-    """The checkpoints of one session: ``meta()`` gives a save's meta.json, ``state()`` this process's session state,
-    and the features' ``on_save``/``on_load`` change what is saved and restored."""
+    """The checkpoints of one session; the features' ``on_save``/``on_load`` change what is saved and restored."""
 
     def __init__(self, hooks: Any, out_dir: str | Path, keep: int, meta: Callable[[], dict[str, Any]],
                  state: Callable[[], dict[str, Any]]):
@@ -232,8 +229,7 @@ class CheckpointManager:
     def save(self, step: int) -> Path:
         """Save the full training state as ``step_NNNNNNN``; every process must call this."""
         acc = self.accelerator
-        final = self.root / f"step_{step:07d}"
-        tmp = self.root / f".tmp-{final.name}"
+        final, tmp = self.root / f"step_{step:07d}", self.root / f".tmp-step_{step:07d}"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -259,8 +255,7 @@ class CheckpointManager:
         replace_dir(tmp, final)  # the same step again replaces it (e.g. stop right after a periodic save)
         _fsync_dir(self.root)
         _atomic_write(self.root / LATEST, final.name + "\n")
-        # oldest first by save order: a run resumed from an older checkpoint keeps its own new saves; a checkpoint
-        # whose meta.json cannot be read is not this run's to delete
+        # oldest first by save order (a run resumed from an older one keeps its new saves); unreadable: not ours
         saved = [p for p in list_checkpoints(self.root.parent) if _order(p)[0] != UNREADABLE]
         for old in [*saved[: max(0, len(saved) - self.keep)], *self.root.glob(".tmp-step_*")]:
             shutil.rmtree(old, ignore_errors=True)
@@ -268,8 +263,7 @@ class CheckpointManager:
     def resume(self, policy: str, precision: str, scaler_kwargs: dict[str, Any] | None, check: Any = None,
                rescale_schedulers: bool = False, log: Path | None = None, also: tuple[str, ...] = ()
                ) -> tuple[Any, dict | None, list[str], Any]:
-        """``(path, meta, notices, this process's session state)`` of the checkpoint ``policy`` names; a fresh
-        start or one from elsewhere moves an earlier run aside (``also``: its files besides RUN_FILES)."""
+        """``(path, meta, notices, this process's state)`` of the checkpoint ``policy`` names, or of a fresh start."""
         from .rundir import move_aside
 
         acc, out_dir = self.accelerator, self.root.parent

@@ -1,6 +1,5 @@
 """What a run shows: a :class:`Status` as a rich Live panel on a terminal (:func:`render`) or one plain line per log
-interval elsewhere (:func:`plain_line`); ``metrics.jsonl`` and the trackers, all fed by ``accelerator.log``.
-"""
+interval elsewhere (:func:`plain_line`); ``metrics.jsonl`` and the trackers, all fed by ``accelerator.log``."""
 
 from __future__ import annotations
 
@@ -243,14 +242,10 @@ class JsonlTracker(GeneralTracker):
 
 def run_ids(accelerator: Any) -> dict[str, str]:
     """The ids of the tracker runs in progress that can be resumed (saved in checkpoint metadata)."""
-    ids = {}
-    for t in getattr(accelerator, "trackers", []):
-        run_id = (getattr(getattr(t, "run", None), "id", None) if t.name == "wandb" else
-                  getattr(getattr(getattr(t, "active_run", None), "info", None), "run_id", None)
-                  if t.name == "mlflow" else None)
-        if run_id:
-            ids[t.name] = str(run_id)
-    return ids
+    ids = {t.name: (getattr(getattr(t, "run", None), "id", None) if t.name == "wandb" else
+                    getattr(getattr(getattr(t, "active_run", None), "info", None), "run_id", None)
+                    if t.name == "mlflow" else None) for t in getattr(accelerator, "trackers", [])}
+    return {name: str(run_id) for name, run_id in ids.items() if run_id}
 
 
 class Trackers:

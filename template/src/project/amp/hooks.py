@@ -1,12 +1,7 @@
-"""The one place that wraps anything of yours (``accelerator.backward``, ``unscale_gradients``, ``init_trackers`` and
-``scaler``, the prepared optimizers' ``step``, and where a feature needs them the optimizer's own ``step``/``zero_grad``
-and the model's ``forward``), once each. Each wrapper calls the features that define its hook, in the order of
-:data:`FEATURES`; a feature is one module and one line there, and those in ``debug/`` may be left out. The hooks, all
-optional: ``before_prepare``/``after_prepare``, ``before_forward``/``after_forward``, ``after_backward``,
-``before_unscale``, ``before_step``/``after_outer_step``, ``before_inner_step``/``after_inner_step``,
-``after_zero_grad``, ``on_batch``, ``at_step``, ``shared``/``at_tick``, ``state_dict``/``load_state_dict``, ``meta``,
-``summary``, ``on_save(weights)`` and ``on_load(path, models)``.
-"""
+"""The one place that wraps anything of yours, once each: the accelerator's ``backward``, ``unscale_gradients``,
+``init_trackers`` and ``scaler``, the prepared optimizers' ``step`` and, where a feature needs them, the optimizer's own
+``step``/``zero_grad`` and the model's ``forward``. Each wrapper calls the features that define its hook (the names
+passed to :meth:`Hooks.call`, all optional), in the order of :data:`FEATURES`; those in ``debug/`` may be left out."""
 
 from __future__ import annotations
 
@@ -108,8 +103,7 @@ class Hooks:
         return metrics
 
     def before_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
-        """The features' casts, then the optimizer's own step and zero_grad and the model's forward wrapped where a
-        feature needs them: Accelerate keeps the step it finds at prepare."""
+        """The features' casts, then the inner-step and forward wrappers (prepare keeps the step it finds)."""
         self.call("before_prepare", models, optimizers)
         defined = {h for f in self.features for h in ("before_inner_step", "before_forward", "after_forward")
                    if getattr(f, h, None)}
@@ -172,8 +166,7 @@ class Hooks:
 
 
 def plain_module(module: Any) -> Any:
-    """A copy of ``module`` and its children that shares their parameters and buffers, without the forward methods
-    set on instances (Accelerate's autocast wrapper, bf16-true's, fp32 regions): it pickles as the model class."""
+    """A copy of ``module`` sharing its tensors, without the forwards set on instances: it pickles as its class."""
     clone = copy.copy(module)
     for key in ("forward", "_original_forward", "_amp_fp32"):
         clone.__dict__.pop(key, None)

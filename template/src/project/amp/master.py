@@ -1,6 +1,5 @@
 """``bf16-true``: weights, activations and gradients in bf16 without autocast, float32 master weights in the optimizer
-(pure bf16 rounds small updates away); a checkpoint holds the masters, so a resume in any precision loses nothing.
-"""
+(pure bf16 rounds small updates away); a checkpoint holds the masters, so a resume in any precision loses nothing."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Loss-scale and overflow statistics, read at log ticks only (one device read an interval), the collapse guard's pure
-policy (:func:`decide`), and throughput. A skipped step is read off the scaler: right with fused optimizers.
-"""
+policy (:func:`decide`), and throughput. A skipped step is read off the scaler: right with fused optimizers."""
 
 from __future__ import annotations
 
@@ -264,8 +263,7 @@ def fallback_target(precision: str, native_bf16: bool) -> str | None:
 
 
 def decide(guard: Any, problem: Problem | None, *, precision: str, native_bf16: bool, warned: str | None) -> Decision:
-    """The guard's decision at a log tick (``warned``: the kind warned about already); a fallback to nowhere stops. A
-    non-finite loss without loss scaling stops even under ``warn``: it already wrote NaN into the weights."""
+    """The guard's decision at a log tick; a non-finite loss without loss scaling stops even under ``warn``."""
     if problem is None:
         return Decision("ok")
     if guard.action == "warn" and not (problem.kind == "nonfinite_loss" and precision != "fp16"):

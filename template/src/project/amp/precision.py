@@ -1,6 +1,5 @@
 """Pick the precision for this device, say why, and set Accelerate up to really run it (fp16 on a CPU gets a real
-``GradScaler("cpu")``, where Accelerate alone runs fp32); fp32 regions.
-"""
+``GradScaler("cpu")``, where Accelerate alone runs fp32); fp32 regions."""
 
 from __future__ import annotations
 
@@ -89,7 +88,7 @@ def _mps_macos14() -> bool:
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bf16 natively (not emulated), fast or not: where a guard fallback can go."""
-    kind = torch.device(device).type
+    kind = getattr(device, "type", None) or torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if kind == "cpu":
@@ -108,9 +107,8 @@ def has_accelerator() -> bool:
 
 
 def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
-    """Resolve ``auto|fp32|bf16|fp16|bf16-true`` (``no`` = fp32, None = auto) for ``device`` and give the reason.
-    ``launcher`` (``ACCELERATE_MIXED_PRECISION``): ``auto`` follows its fp16/bf16, an explicit precision wins over it,
-    and its ``no`` (also what it passes when nothing was asked) leaves ``auto`` to the hardware."""
+    """Resolve ``auto|fp32|bf16|fp16|bf16-true`` (``no`` = fp32, None = auto) for ``device`` and give the reason;
+    ``auto`` follows a ``launcher`` (``ACCELERATE_MIXED_PRECISION``) that asks for fp16 or bf16."""
     req = normalise_precision(requested) or "auto"
     if req not in PRECISIONS:
         raise PrecisionError(f"precision must be one of {'|'.join(PRECISIONS)} (or no), got {requested!r}")
@@ -131,8 +129,7 @@ def resolve(requested: str | None, device: torch.device | str, launcher: str | N
 
 
 def launcher_choice() -> str:
-    """``fp32`` where the launcher's command line says ``--mixed_precision no``, else ``auto`` (Accelerate passes
-    ``no`` also when nothing was asked)."""
+    """``fp32`` where the launcher's command line says ``--mixed_precision no`` (its default too), else ``auto``."""
     try:
         args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # not Linux: the launcher's no cannot be told from its default
@@ -173,11 +170,9 @@ def _resolve(req: str, device: Any) -> Resolution:
         if req in ("bf16", "bf16-true") and not feature:
             return Resolution(req, req, f"{asked}; CPU lacks AMX/AVX512-BF16, bf16 is emulated and slow", kind)
         return Resolution(req, req, "as requested; CPU autocast with a CPU GradScaler" if req == "fp16" else asked, kind)
-    # CUDA, and xpu, npu, mlu, ...: bf16 where the backend says it is native
-    cuda = kind == "cuda"
+    cuda = kind == "cuda"  # and xpu, npu, mlu, ...: bf16 where the backend says it is native
     name = torch.cuda.get_device_name(device) if cuda else kind
-    bf16_ok = native_bf16(device) if cuda else bool(getattr(getattr(torch, kind, None), "is_bf16_supported",
-                                                              lambda: False)())
+    bf16_ok = native_bf16(device)
     if req == "auto" and bf16_ok:
         return Resolution(req, "bf16", f"{name} {'supports bf16 natively' if cuda else 'reports native bf16'}; no loss "
                           "scaling needed", kind)
@@ -190,8 +185,7 @@ def _resolve(req: str, device: Any) -> Resolution:
 
 
 def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[Any, Resolution, Any]:
-    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` here (``auto`` timed with a ``probe``); a
-    GradScalerKwargs among the ``kwargs`` handlers gives the returned settings its knobs."""
+    """``(Accelerator, Resolution, settings)`` for ``settings.precision`` here; a GradScalerKwargs gives its knobs."""
     handlers = list(kwargs.pop("kwargs_handlers", None) or [])
     theirs = next((h for h in handlers if isinstance(h, GradScalerKwargs)), None)
     if theirs is not None:  # the loop's own GradScalerKwargs: its knobs are the settings'
@@ -199,8 +193,7 @@ def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[An
             raise ValueError("pass the GradScaler settings once: AmpSettings(scaler=...) or a GradScalerKwargs")
         knobs = {k: getattr(theirs, k) for k in vars(settings.scaler)}
         settings = dataclasses.replace(settings, scaler=type(settings.scaler)(**knobs))
-    # the device first: PartialState(cpu=...) before anything builds a PartialState of its own, or a CPU-only
-    # `accelerate launch --multi_gpu` gives N processes that each think they are rank 0 of 1
+    # PartialState(cpu=...) first: else a CPU-only `accelerate launch --multi_gpu` makes N ranks 0 of 1 each
     cpu = bool(kwargs.pop("cpu", False)) or env_flag("ACCELERATE_USE_CPU") or not has_accelerator()
     state = PartialState(cpu=cpu)
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -256,8 +249,7 @@ def set_tf32(enabled: bool, cudnn_benchmark: bool = False) -> None:
 
 
 class FusedSkipFix(Feature):
-    """``step_was_skipped`` right for fused optimizers, which take the scaler's inf check into their kernel (accelerate
-    issue 4242): read off the scale, which backs off exactly then (one small device read a step)."""
+    """``step_was_skipped`` right for fused optimizers (accelerate issue 4242): read off the scale's back-off."""
 
     name = "fused_skip"
 
@@ -309,8 +301,7 @@ def cast_floats(x: Any, dtype: torch.dtype) -> Any:
 
 
 def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
-    """Run the submodules matching ``patterns`` (fnmatch) with autocast off and float32 inputs, before ``prepare``;
-    returns their names (a pattern that matches nothing: ValueError)."""
+    """Run the submodules matching ``patterns`` (fnmatch) with autocast off on float32 inputs; their names."""
     modules = {n: m for n, m in model.named_modules() if n}
     matched: list[str] = []
     for pat in patterns:

@@ -1,6 +1,5 @@
 """The run's folder and how a run ends: one run per ``out_dir`` (``.lock``), a fresh start that moves an earlier run
-aside instead of mixing or deleting, and the stop signals (SIGTERM, SIGINT, SIGHUP) that ask it to save and end.
-"""
+aside instead of mixing or deleting, and the stop signals (SIGTERM, SIGINT, SIGHUP) that ask it to save and end."""
 
 from __future__ import annotations
 
@@ -122,11 +121,10 @@ def _acquire(path: Path) -> bool:
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs: a killed run's process that its parent has not reaped yet (a zombie) does not."""
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # another user's process: it runs
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):  # no /proc (not Linux): it answered, so it runs
@@ -189,8 +187,7 @@ def _worker_init(inner: Any, worker_id: int) -> None:
 
 
 def shield_workers(loader: Any) -> None:
-    """Make the workers of ``loader`` (a DataLoader, prepared or not) ignore stop signals, which a scheduler sends the
-    whole process group; idempotent."""
+    """Make the workers of ``loader`` ignore stop signals, which a scheduler sends the whole process group."""
     from torch.utils.data import DataLoader
 
     if isinstance(loader, DataLoader) and getattr(loader.worker_init_fn, "func", None) is not _worker_init:

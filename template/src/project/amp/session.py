@@ -29,9 +29,8 @@ METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
 
 class AmpSession:
-    """The AMP lifecycle around one Accelerator (``amp/__init__.py`` states the contract with a loop). ``settings``: an
-    :class:`~settings.AmpSettings` or a precision name; keywords named like its fields replace them, the rest go to
-    ``Accelerator(...)``. ``max_steps``: the step budget; ``config``: kept in checkpoints and given to the trackers."""
+    """The AMP lifecycle around one Accelerator (``amp/__init__.py`` states the contract with a loop). ``settings``:
+    an :class:`~settings.AmpSettings` or a precision name, its fields as keywords; other keywords go to Accelerator."""
 
     def __init__(self, settings: AmpSettings | str | None = None, out_dir: str | os.PathLike[str] = "runs/amp", *,
                  max_steps: int | None = None, config: dict[str, Any] | None = None, probe: Any = None,
@@ -93,8 +92,7 @@ class AmpSession:
 
     def resume(self, policy: str | os.PathLike[str] = "auto", *, check: Any = None,
                rescale_schedule: bool = False) -> list[str]:
-        """Resume from ``policy`` (``"auto"``: the newest complete checkpoint; ``"none"``; a path), or start fresh,
-        moving an earlier run aside; ``check(meta)`` may add notices or refuse. Prints and returns the notices."""
+        """Resume from ``policy`` (``auto``, ``none`` or a path) or start fresh; ``check(meta)`` may refuse; notices."""
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
         res = self.resolution
@@ -256,8 +254,7 @@ class AmpSession:
         return path
 
     def unwrap(self, model: torch.nn.Module, full_precision: bool = False) -> torch.nn.Module:
-        """Your model as a plain module sharing the prepared one's parameters, which a whole-module ``torch.save``
-        can store; ``full_precision``: a float32 copy (bf16-true: of the masters)."""
+        """Your model as a plain module sharing the prepared one's tensors; ``full_precision``: a float32 copy."""
         plain = plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
         master = self.hooks.get("master")
         return master.float_copy(plain) if full_precision and master is not None else plain
@@ -290,8 +287,7 @@ class AmpSession:
                         self.console.print_table(summary_table(summary))
                     self.accelerator.wait_for_everyone()
             finally:
-                # an error on its way out of a run of several processes (a dead peer): the launcher soon sends the
-                # survivors SIGTERM, which must find the session's handler, not kill the rank before it says why
+                # a dead peer: the launcher's SIGTERM must find our handler, not kill a rank before it says why
                 several = self.accelerator.num_processes > 1
                 failing = several and sys.exc_info()[0] is not None
                 if not failing:

@@ -1,6 +1,5 @@
 """Every setting of an AMP session in one frozen object, importable without torch; a bad value is one
-:class:`SettingsError` line naming it. A project's ``amp`` config section *is* this class (a field's comment: its help).
-"""
+:class:`SettingsError` line naming it. A project's ``amp`` config section *is* this class (comments: its help)."""
 
 from __future__ import annotations
 
@@ -122,8 +121,7 @@ def normalise_precision(name: Any) -> str | None:
 
 
 def check_scaler(init_scale: Any, growth_factor: Any, backoff_factor: Any, growth_interval: Any) -> dict[str, Any]:
-    """The GradScaler knobs as plain numbers, checked; a bad one raises SettingsError ``"KNOB: must be ..., got X"``:
-    it would not fail loudly in the scaler, but silently misreport skipped steps or never recover."""
+    """The GradScaler knobs as plain numbers; a bad one, which the scaler takes silently, is a SettingsError."""
     for name, value, ok, allowed in (
             ("init_scale", init_scale, lambda v: 0 < v <= FP32_MAX,
              "a finite number > 0 and <= 3.4e38 (the scale is a float32)"),
