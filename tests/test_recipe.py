@@ -87,7 +87,7 @@ def test_add_prints_both_recipes_and_where_each_line_is_explained(tmp_path):
     assert result.exit_code == 0, result.output
     assert printed_diff(result.stdout, recipe.ACCELERATE.heading) == recipe.diff(recipe.ACCELERATE)
     assert printed_diff(result.stdout, recipe.PYTORCH.heading) == recipe.diff(recipe.PYTORCH)
-    assert recipe.POINTER in result.stdout
+    assert recipe.STEP_BASED in result.stdout and recipe.POINTER in result.stdout
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/copying-the-core.md"])

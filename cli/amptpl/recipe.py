@@ -32,6 +32,20 @@ ACCELERATE = Recipe("Integrate with a plain Accelerate loop", "accelerate_exampl
 PYTORCH = Recipe("Or, from a plain PyTorch loop", "pytorch_example.py", "pytorch_example_amp.py")
 RECIPES = (ACCELERATE, PYTORCH)
 
+# A loop written in steps, not epochs: the same calls, none of whose values it needs to read.
+STEP_BASED = """\
+A step-based loop makes the same calls and need not look at what they return (after a stop, with the state
+saved, its next call ends the process with the stop's exit status):
+
+    while amp.step < max_steps:
+        for batch in amp.batches(train_dataloader):
+            ...  # forward, accelerator.backward(loss), optimizer.step(), optimizer.zero_grad()
+            amp.after_step(loss)
+    if not amp.stop:  # work after the loop (a final eval, a save): only for a run that finished
+        ...
+    amp.close()
+"""
+
 POINTER = (
     "Each added line is explained in amp/__init__.py's docstring and in amptpl's docs, "
     "docs/copying-the-core.md (the contract with your loop, and each loop shape)."
@@ -72,4 +86,4 @@ def render() -> str:
         text = diff(recipe)
         n = len(added_lines(text))
         blocks.append(f"{recipe.heading} ({n} line{'s' if n != 1 else ''} added):\n{text}")
-    return "\n".join(blocks) + "\n" + POINTER + "\n"
+    return "\n".join(blocks) + "\n" + STEP_BASED + "\n" + POINTER + "\n"
