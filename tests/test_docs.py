@@ -118,3 +118,50 @@ def test_the_panel_picture_is_drawn_from_a_real_demo_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     svg = out.read_text(encoding="utf-8")
     assert svg.startswith("<svg") and "loss" in svg and "skipped" in svg and "fp16" in svg
+
+
+def _section(page: str, heading: str) -> str:
+    return (DOCS / page).read_text(encoding="utf-8").split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_copied_cores_reference_lists_every_argument_and_setting_with_its_default():
+    """docs/copying-the-core.md's "The session's arguments" against the code: AmpSession's signature (its code
+    line and a table row per named argument) and a row for every field of AmpSettings (nested ones dotted, as
+    ``scaler.init_scale``) whose default, read as Python, is the field's default."""
+    import ast
+    import dataclasses
+    import importlib.util
+
+    core = REPO / "template" / "src" / "project" / "amp"
+    section = _section("copying-the-core.md", "The session's arguments")
+    init = next(n for n in ast.walk(ast.parse((core / "session.py").read_text(encoding="utf-8")))
+                if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    documented = re.search(r"^AmpSession\((.*)\)$", section, re.M).group(1)
+    shown = ast.parse(f"def f({documented}): pass").body[0].args
+
+    def params(a: ast.arguments) -> list[tuple[str, str]]:
+        plain = [x for x in a.args if x.arg != "self"]
+        pairs = [(x.arg, ast.unparse(d)) for x, d in zip(plain, [None] * (len(plain) - len(a.defaults)) + a.defaults,
+                                                           strict=True) if d is not None]
+        return pairs + [(x.arg, ast.unparse(d)) for x, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)]
+
+    assert params(shown) == params(init.args) and (shown.vararg, init.args.vararg) == (None, None)
+    assert shown.kwarg is not None and init.args.kwarg is not None
+    for name, _ in params(init.args):
+        assert f"\n| `{name}` |" in section, f"no row for AmpSession's {name}"
+
+    spec = importlib.util.spec_from_file_location("amp_settings_for_docs", core / "settings.py")
+    settings = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(settings)  # torch-free by design
+    rows = dict(re.findall(r"^\| `([a-z_.0-9]+)` \| `([^`]+)` \|", section, re.M))
+
+    def fields(obj: object, prefix: str = "") -> dict[str, object]:
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out.update(fields(value, f"{f.name}.") if dataclasses.is_dataclass(value) else {prefix + f.name: value})
+        return out
+
+    for name, default in fields(settings.AmpSettings()).items():
+        assert name in rows, f"AmpSettings.{name} has no row in the session's arguments"
+        assert eval(rows[name]) == default, f"{name}: the docs say {rows[name]}, the code {default!r}"  # noqa: S307
