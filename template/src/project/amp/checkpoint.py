@@ -1,5 +1,4 @@
-"""Checkpoints around ``accelerator.save_state``/``load_state`` (plus ``meta.json`` and ``amp_state_<process>.pt``):
-complete or invisible, verified, rotated, and resumable across precisions, each scaler decision a notice."""
+"""Checkpoints: complete or invisible, verified, rotated, and resumable across precisions, each decision said."""
 
 from __future__ import annotations
 
@@ -189,8 +188,7 @@ def replace_dir(src: Path, dest: Path) -> None:
 
 @contextlib.contextmanager
 def _writing(tmp: Path) -> Any:
-    """A failed write removes the half-written folder whatever stopped it (a second Ctrl-C too), and says why in the
-    user's words: a full disk says so (torch's and safetensors' own words for it are their streams')."""
+    """A failed write removes the half-written folder (after a second Ctrl-C too) and says why: a full disk as such."""
     try:
         yield
     except BaseException as e:

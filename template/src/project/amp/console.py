@@ -1,5 +1,4 @@
-"""What a run shows: a :class:`Status` as a rich Live panel on a terminal (:func:`render`) or one plain line per log
-interval elsewhere (:func:`plain_line`); ``metrics.jsonl`` and the trackers, all fed by ``accelerator.log``."""
+"""What a run shows: a :class:`Status` as a Live panel or as plain lines, and ``metrics.jsonl`` and the trackers."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .monitor import value_key
 from .settings import flat
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -56,16 +56,15 @@ def status(m: dict[str, float], mon: Any, progress: Any, total: int | None, prec
            device: Any) -> Status:
     """The panel's :class:`Status` at a log tick: the tick's metrics ``m``, the monitor's statistics, the position."""
     step_time = m.get("perf/step_time_s")
-    return Status(
-        step=progress.step, total_steps=total or 0, epoch=progress.epoch, precision=precision,
-        loss=m.get("train/loss"), lr=m.get("train/lr"), scale=mon.scale, scale_trend=list(mon.trend),
-        skipped=mon.skipped, skip_rate=m["amp/skip_rate"], recent_skip_rate=mon.recent_skip_rate,
-        consecutive_skips=mon.consecutive_skips, grad_norm=mon.last_grad_norm,
-        samples_per_s=m.get("perf/samples_per_s"), tokens_per_s=m.get("perf/tokens_per_s"),
-        eta_s=(total - progress.step) * step_time if total and step_time is not None else None,
-        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        world_size=world_size, meters={k: v for k, v in m.items() if k in METERS},
-        values={n: m[k] for n in mon.value_names if (k := (n if "/" in n else f"train/{n}")) in m})
+    return Status(step=progress.step, total_steps=total or 0, epoch=progress.epoch, precision=precision,
+                  loss=m.get("train/loss"), lr=m.get("train/lr"), scale=mon.scale, scale_trend=list(mon.trend),
+                  skipped=mon.skipped, skip_rate=m["amp/skip_rate"], recent_skip_rate=mon.recent_skip_rate,
+                  consecutive_skips=mon.consecutive_skips, grad_norm=mon.last_grad_norm, world_size=world_size,
+                  samples_per_s=m.get("perf/samples_per_s"), tokens_per_s=m.get("perf/tokens_per_s"),
+                  eta_s=(total - progress.step) * step_time if total and step_time is not None else None,
+                  peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                  meters={k: v for k, v in m.items() if k in METERS},
+                  values={n: m[value_key(n)] for n in mon.value_names if value_key(n) in m})
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:

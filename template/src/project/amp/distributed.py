@@ -1,5 +1,4 @@
-"""Processes: agreement across them (one small collective, at log ticks only), Accelerate's state between two runs in
-one process, and a clean end for runs of several processes (:func:`settle`; :func:`run_main`, opt-in)."""
+"""Processes: one small collective at log ticks, Accelerate's state between two runs, a clean end (:func:`run_main`)."""
 
 from __future__ import annotations
 
@@ -19,19 +18,14 @@ from typing import Any, NoReturn
 
 def any_rank(accelerator: Any, flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (a held lock, a tripped guard, a stop signal)."""
-    if accelerator.num_processes == 1:
-        return flag
-    import torch  # here, not at the top: run_main serves scripts that parse their arguments before torch loads
-
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, "max").item())
+    return any(row[0] for row in gather_rows(accelerator, [float(flag)]))
 
 
 def gather_rows(accelerator: Any, values: list[Any]) -> list[list[float]]:
     """Every process's ``values`` (floats or 0-dim tensors), one row per process, in one collective (a log tick's)."""
     if accelerator.num_processes == 1:
         return [[float(v) for v in values]]
-    import torch
+    import torch  # here, not at the top: run_main serves scripts that parse their arguments before torch loads
 
     vec = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(accelerator.device).reshape(()) for v in values])
     return accelerator.gather(vec).reshape(accelerator.num_processes, -1).tolist()

@@ -1,7 +1,6 @@
-"""The one place that wraps anything of yours, once each: the accelerator's ``backward``, ``unscale_gradients``,
-``init_trackers`` and ``scaler``, the prepared optimizers' ``step`` and, where a feature needs them, the optimizer's own
-``step``/``zero_grad`` and the model's ``forward``. Each wrapper calls the features that define its hook (the names
-passed to :meth:`Hooks.call`, all optional), in the order of :data:`FEATURES`; those in ``debug/`` may be left out."""
+"""The one place that wraps anything of yours, once each (the accelerator's ``backward``, ``unscale_gradients``,
+``init_trackers`` and ``scaler``, prepared optimizers' ``step``, and where a feature needs them the optimizer's own
+``step``/``zero_grad`` and the model's ``forward``), calling the features defining a hook in :data:`FEATURES` order."""
 
 from __future__ import annotations
 

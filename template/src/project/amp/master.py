@@ -1,5 +1,4 @@
-"""``bf16-true``: weights, activations and gradients in bf16 without autocast, float32 master weights in the optimizer
-(pure bf16 rounds small updates away); a checkpoint holds the masters, so a resume in any precision loses nothing."""
+"""``bf16-true``: bf16 weights, activations and gradients, with float32 master weights that keep every update."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Loss-scale and overflow statistics, read at log ticks only (one device read an interval), the collapse guard's pure
-policy (:func:`decide`), and throughput. A skipped step is read off the scaler: right with fused optimizers."""
+"""Loss-scale statistics read at log ticks only, the collapse guard's pure policy (:func:`decide`), throughput."""
 
 from __future__ import annotations
 
@@ -61,8 +60,7 @@ class AmpMonitor:
         """The optimizer step ``step`` is done: :meth:`record` it from what :meth:`add` collected."""
         n = self._micro.pop(" n", 1)
         means = {k: v / n for k, v in self._micro.items()}
-        loss = means.pop("loss", None)
-        self.record(step, loss, self._micro_norm, means)
+        self.record(step, means.pop("loss", None), self._micro_norm, means)
         self._micro, self._micro_norm = {}, None
 
     def record(self, step: int, loss: Any, grad_norm: Any = None, values: dict[str, Any] | None = None) -> None:

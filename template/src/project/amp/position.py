@@ -1,5 +1,4 @@
-"""Where a run is in its data, the loop's own state (``amp.track``), and the iteration that resumes exactly: batches
-already trained on are skipped, and the global RNG state as an epoch began (workers' seeds, order) is replayed."""
+"""Where a run is in its data, the loop's own state (``amp.track``), and the iteration that resumes exactly."""
 
 from __future__ import annotations
 

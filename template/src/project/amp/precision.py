@@ -1,5 +1,4 @@
-"""Pick the precision for this device, say why, and set Accelerate up to really run it (fp16 on a CPU gets a real
-``GradScaler("cpu")``, where Accelerate alone runs fp32); fp32 regions."""
+"""Pick the precision for this device, say why, and make Accelerate run it (fp16 on a CPU: a real CPU GradScaler)."""
 
 from __future__ import annotations
 
@@ -107,8 +106,7 @@ def has_accelerator() -> bool:
 
 
 def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
-    """Resolve ``auto|fp32|bf16|fp16|bf16-true`` (``no`` = fp32, None = auto) for ``device`` and give the reason;
-    ``auto`` follows a ``launcher`` (``ACCELERATE_MIXED_PRECISION``) that asks for fp16 or bf16."""
+    """Resolve ``auto|fp32|bf16|fp16|bf16-true`` for ``device`` and say why; ``auto`` follows a launcher's fp16/bf16."""
     req = normalise_precision(requested) or "auto"
     if req not in PRECISIONS:
         raise PrecisionError(f"precision must be one of {'|'.join(PRECISIONS)} (or no), got {requested!r}")

@@ -1,5 +1,4 @@
-"""The run's folder and how a run ends: one run per ``out_dir`` (``.lock``), a fresh start that moves an earlier run
-aside instead of mixing or deleting, and the stop signals (SIGTERM, SIGINT, SIGHUP) that ask it to save and end."""
+"""The run's folder and how a run ends: one run per ``out_dir``, earlier runs moved aside, and the stop signals."""
 
 from __future__ import annotations
 
@@ -145,9 +144,8 @@ def move_aside(out_dir: Path, why: str, also: tuple[str, ...] = ()) -> list[str]
 
 
 class StopSignal:
-    """Notes a stop signal for the run to honour at its next step. A second one ends the process at once: Ctrl-C
-    raises KeyboardInterrupt, then any signal kills; a second SIGTERM or SIGHUP kills unless within :data:`ECHO_S` of
-    the first (a launcher's copy). :meth:`restore` puts the previous handlers back at the run's end."""
+    """A stop signal, honoured at the next step; a second one ends the process at once (Ctrl-C: KeyboardInterrupt),
+    unless a SIGTERM or SIGHUP within :data:`ECHO_S` (a launcher's copy). :meth:`restore` puts the old handlers back."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signame: str | None = None

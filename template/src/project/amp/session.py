@@ -1,6 +1,5 @@
-"""One AMP session around one Accelerator: it builds the Accelerator for the precision in effect, takes the run's
-lock, owns the data position, checkpoints, trackers, console and the one collective of a log tick, and asks its
-features (``hooks.py``) the rest. Your loop keeps its training step (``amp/__init__.py`` states the contract)."""
+"""One AMP session around one Accelerator: precision, the run's lock, data position, checkpoints, trackers, console
+and the log tick's one collective; its features (``hooks.py``) do the rest (``amp/__init__.py`` states the contract)."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
 
 class AmpSession:
-    """The AMP lifecycle around one Accelerator (``amp/__init__.py`` states the contract with a loop). ``settings``:
-    an :class:`~settings.AmpSettings` or a precision name, its fields as keywords; other keywords go to Accelerator."""
+    """One Accelerator's AMP lifecycle: keywords named like AmpSettings fields set them, the rest go to Accelerator."""
 
     def __init__(self, settings: AmpSettings | str | None = None, out_dir: str | os.PathLike[str] = "runs/amp", *,
                  max_steps: int | None = None, config: dict[str, Any] | None = None, probe: Any = None,
@@ -185,8 +183,7 @@ class AmpSession:
         return self.stop is not None
 
     def poll_stop(self, activity: str | None = None) -> bool:
-        """Between steps (an evaluation): show ``activity``; True once a stop signal arrived, the state saved. A
-        collective with several processes: call it on every process at the same points."""
+        """Between steps (an eval): show ``activity``; True once a stop signal arrived, state saved (a collective)."""
         self.console.activity(activity)
         if self.stop is None and any_rank(self.accelerator, self._signal.signame is not None):
             self._stop("signal", self._signal.signame or "a stop signal on another process")

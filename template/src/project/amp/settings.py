@@ -1,5 +1,4 @@
-"""Every setting of an AMP session in one frozen object, importable without torch; a bad value is one
-:class:`SettingsError` line naming it. A project's ``amp`` config section *is* this class (comments: its help)."""
+"""All the settings of an AMP session: one frozen, torch-free object; a project's ``amp`` config (comments: --help)."""
 
 from __future__ import annotations
 
