@@ -98,6 +98,12 @@ def test_the_readme_and_the_docs_show_the_accelerate_diff_exactly_as_add_prints_
     assert m.group(1) == recipe.diff(recipe.ACCELERATE)
 
 
+def test_the_docs_show_the_step_based_loop_exactly_as_add_prints_it():
+    code = "\n".join(line[4:] for line in recipe.STEP_BASED.splitlines() if line.startswith("    "))
+    page = Path(__file__).resolve().parents[1] / "docs" / "copying-the-core.md"
+    assert f"```python\n{code}\n```" in page.read_text(encoding="utf-8")
+
+
 def test_every_line_the_accelerate_recipe_adds_is_quoted_in_the_amp_core_docstring():
     init = template_root() / "src" / "project" / "amp" / "__init__.py"
     docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))

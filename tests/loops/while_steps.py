@@ -1,5 +1,6 @@
 """A step-budget loop, as nanoGPT-style scripts write it: ``while step < max_steps``, epochs only as a way to get
-more batches, and a ``break`` out of the data in the middle of an epoch when the budget is spent.
+more batches, leaving the data in the middle of an epoch when the budget is spent, and never a look at what the
+session's calls return.
 
     python while_steps.py --mixed_precision fp16 --max_steps 90
 """
@@ -36,17 +37,17 @@ def main():
     amp.resume("auto")
 
     model.train()
-    while amp.step < args.max_steps and not amp.stop:
+    while amp.step < args.max_steps:
         for xb, yb in amp.batches(loader):
             loss = F.cross_entropy(model(xb), yb)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if amp.after_step(loss, grad_norm) or amp.step >= args.max_steps:
-                break
+            amp.after_step(loss, grad_norm)  # never looked at: after a stop, the next amp.batches ends the process
+    if not amp.stop:
+        accelerator.print(f"done at step {amp.step}")
     amp.close()
-    accelerator.print(f"done at step {amp.step}")
 
 
 if __name__ == "__main__":
