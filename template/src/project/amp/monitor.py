@@ -217,10 +217,10 @@ class AmpMonitor:
         return m, self.check(guard.min_scale, guard.max_consecutive_skips)
 
     def meta(self, stop: Stop | None, precision: str) -> dict[str, Any]:
-        """For a checkpoint's meta.json: the switches so far, and the guard's stop that asks for a fallback."""
+        """For a checkpoint's meta.json: the switches so far, and the stop it was saved for (``signal_stop``, or
+        ``guard_stop``: its ``to`` is the fallback it asks for)."""
         asked = {"step": stop.step, "from": precision, "to": stop.to, "reason": stop.message} if stop else None
-        return {"precision_switches": self.switches, **({"guard_stop": asked} if stop and stop.reason == "guard"
-                                                        else {})}
+        return {"precision_switches": self.switches, **({f"{stop.reason}_stop": asked} if stop else {})}
 
     def switched(self, meta: dict[str, Any], path: Any, precision: str) -> list[str]:
         """Record the fallback a guard checkpoint asked for (``meta["guard_stop"]``) once resumed in it."""

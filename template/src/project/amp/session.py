@@ -46,7 +46,7 @@ class AmpSession:
         self.hooks = Hooks(acc, self.settings, self.resolution, self.console.log,
                            scaler=precision.cpu_fp16_scaler(acc, self.settings.scaler_kwargs))
         # whether the optimizer step being computed now ends at a log tick
-        self.hooks.tick_due = lambda: (self.step + 1) % self.settings.log_every == 0 or self.step + 1 == max_steps
+        self.hooks.tick_due = lambda: (self.step + 1) % self.settings.log_every == 0 or self.step + 1 == self.max_steps
         self.monitor, self.progress, self.tracked, self.clock = AmpMonitor(acc.scaler), Progress(), Tracked(), Clock()
         self.hooks.tracked = self.tracked
         self.ckpt: CheckpointManager | None = None
@@ -96,7 +96,8 @@ class AmpSession:
         res = self.resolution
         path, meta, notices, state = self.ckpt.resume(str(policy), res.effective, self.settings.scaler_kwargs
                                                       if res.uses_scaler else None, check, rescale_schedule,
-                                                      self.out_dir / METRICS, (self.trackers.run_name,))
+                                                      self.out_dir / METRICS,
+                                                      () if self.accelerator.trackers else (self.trackers.run_name,))
         if path is not None and state is None:
             notices.append("resume: the checkpoint holds no training position: step, epoch and data start from 0")
         state = state or {}
