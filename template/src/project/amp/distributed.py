@@ -36,11 +36,19 @@ PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|co
 
 
 def peer_lost(e: BaseException) -> str | None:
-    """One line for an error that says another process of the run died or stopped answering, else None."""
-    several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    m = PEER.search(str(e)) if several and isinstance(e, RuntimeError) else None
-    return None if m is None else (f"another process of this run died or stopped answering ({m.group(0)}), so rank "
-                                   f"{os.environ.get('RANK', '?')} stops too; its own output says why")
+    """One line for an error that says another process of the run died or stopped answering (with two, which one),
+    else None."""
+    dist = sys.modules.get("torch.distributed")  # a process group without torchrun's env
+    joined = dist is not None and dist.is_available() and dist.is_initialized()
+    world = os.environ.get("WORLD_SIZE") or (dist.get_world_size() if joined else 1)
+    m = PEER.search(str(e)) if isinstance(e, RuntimeError) and str(world).isdigit() and int(world) > 1 else None
+    rank = os.environ.get("RANK", "")
+    if m is None or not rank.isdigit():
+        return None if m is None else (f"another process of this run died or stopped answering ({m.group(0)}); its "
+                                       "own output says why")
+    other, said = (f"rank {1 - int(rank)} of 2", f"rank {1 - int(rank)}'s") if int(world) == 2 else (
+        f"another of the {world} ranks", "its")
+    return f"{other} died or stopped answering ({m.group(0)}), so rank {rank} stops too; {said} own output says why"
 
 
 def _end_now(signum: int, frame: Any) -> None:
