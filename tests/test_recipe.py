@@ -187,6 +187,31 @@ def test_the_recipe_runs_on_the_kernel_alone_that_add_minimal_copies(env, tmp_pa
     assert again.returncode == 0 and "resume: loaded" in again.stdout, again.stdout + again.stderr
 
 
+def docs_blocks(page: str, marker: str) -> list[str]:
+    """The python blocks of ``docs/PAGE`` that contain ``marker``."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", ["OverflowLocator(", "numerics.suggest("], ids=["locate", "numerics"])
+def test_the_debuggers_examples_run_as_written_in_the_recipes_script(marker, patched, env, tmp_path):
+    """The debugger page's code for a copied core, pasted into the patched recipe script in place of its epoch loop
+    (there ``amp`` is the session, not the package)."""
+    (block,) = docs_blocks("debugger.md", marker)
+    script = (patched / "mypkg" / "train.py").read_text()
+    start, end = script.index("    # Now we train the model\n"), script.index("    amp.close()\n")
+    body = "".join(f"    {line}\n" if line else "\n" for line in block.rstrip("\n").split("\n"))
+    root = tmp_path / "repo"
+    shutil.copytree(patched, root)
+    (root / "mypkg" / "train.py").write_text(script[:start] + body + script[end:])
+    p = train(root, tmp_path, env, 1, "--mixed_precision", "fp16")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    said = {"OverflowLocator(": "headroom in bits, log2(65504 / amax), lowest first:",
+            "numerics.suggest(": "keep in float32: ["}
+    assert said[marker] in p.stdout, p.stdout[-3000:]
+
+
 def train_cmd(root: Path, nproc: int, *args: str, module: bool = False) -> list[str]:
     """The patched script as a file, as a module (``-m mypkg.train``) or under ``accelerate launch``."""
     if module:
