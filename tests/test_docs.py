@@ -165,3 +165,10 @@ def test_the_copied_cores_reference_lists_every_argument_and_setting_with_its_de
     for name, default in fields(settings.AmpSettings()).items():
         assert name in rows, f"AmpSettings.{name} has no row in the session's arguments"
         assert eval(rows[name]) == default, f"{name}: the docs say {rows[name]}, the code {default!r}"  # noqa: S307
+
+
+def test_no_page_shows_a_path_of_the_machine_it_was_written_on():
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        found = re.findall(r"(?<![\w.~])/(?:work|home|root|Users)/[\w./-]+", page.read_text(encoding="utf-8"))
+        assert not found, f"{page.name} shows a path of its author's machine: {found[:3]}"

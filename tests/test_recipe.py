@@ -105,6 +105,14 @@ def test_the_docs_show_the_step_based_loop_exactly_as_add_prints_it():
     assert f"```python\n{code}\n```" in page.read_text(encoding="utf-8")
 
 
+def test_the_number_of_calls_the_docs_promise_is_the_number_the_recipe_makes():
+    calls = set(re.findall(r"\bamp\.(\w+)\(", "\n".join(recipe.added_lines(recipe.diff(recipe.ACCELERATE)))))
+    index = (Path(__file__).resolve().parents[1] / "docs" / "index.md").read_text(encoding="utf-8")
+    words = {"five": 5, "six": 6, "seven": 7}
+    said = re.search(r"contract with a loop is a constructor and (\w+) calls", index)
+    assert said and words[said.group(1)] == len(calls), sorted(calls)
+
+
 def test_every_line_the_accelerate_recipe_adds_is_quoted_in_the_amp_core_docstring():
     init = template_root() / "src" / "project" / "amp" / "__init__.py"
     docstring = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
