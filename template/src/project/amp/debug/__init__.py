@@ -1,4 +1,1 @@
-"""The AMP debugger: the audit, the meters, the loop checks, the overflow locator, the numerics report and ``auto``
-by measurement, one module each (amptpl's docs, docs/project.md, lists them). The kernel never needs it: a copy of
-the core may leave it out (``amptpl add --minimal``).
-"""
+"""The AMP debugger, one module per tool; the kernel never needs it (``amptpl add --minimal`` leaves it out)."""

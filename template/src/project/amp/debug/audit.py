@@ -1,10 +1,5 @@
-"""What precision each tensor really has, checked against the precision the run declared.
-
-After the first optimizer step: the dtypes of each optimizer group's parameters, gradients and state, of the model's
-weights and of each top-level module's output. A mismatch that fails silently otherwise (a ``model.to(bf16)`` left
-under "bf16 mixed") is a warning, or :class:`AuditError` with ``audit="strict"``. What each precision keeps, and the
-table: amptpl's docs, docs/debugger.md.
-"""
+"""What precision each tensor has after the first optimizer step, against what the run declared: a mismatch (a
+``model.to(bf16)`` under "bf16 mixed") is a warning, or :class:`AuditError` under ``audit="strict"`` (debugger.md)."""
 
 from __future__ import annotations
 
@@ -104,8 +99,6 @@ class Audit(Feature):
             self.grads[id(opt)] = {_name(p.grad.dtype) for g in opt.param_groups for p in g["params"]
                                    if p.grad is not None}
 
-    # ------------------------------------------------------------------ the table and the check
-
     def finish(self, scaler: Any = None) -> list[str]:
         """Remove the hooks, build the table (``self.result``) and return the problems found (one line each)."""
         for h in self._handles:
@@ -113,8 +106,7 @@ class Audit(Feature):
         self._handles = []
         want_weights = torch.bfloat16 if self.precision == "bf16-true" else torch.float32
         names = {id(p): n for m in self.models for n, p in m.named_parameters()}
-        problems: list[str] = []
-        groups = []
+        problems, groups = [], []
         for i, opt in enumerate(self.optimizers):
             for j, g in enumerate(opt.param_groups):
                 params = [p for p in g["params"] if p.is_floating_point()]
@@ -142,15 +134,12 @@ class Audit(Feature):
             problems.append(f"model parameter(s) {_few([n for n, _ in wrong])} ({len(wrong)} of {len(weights)}) are "
                             f"{_names(p.dtype for _, p in wrong)}: {self.precision} stores the model's weights in "
                             f"{_name(want_weights)}")
-        self.result = {
-            "precision": self.precision, "optimizer_groups": groups,
-            "model_weights": _names(p.dtype for _, p in weights),
-            "module_outputs": {n: _names(d) for n, d in self.outputs.items()},
-            "fp32_modules": [n for n, _ in fp32],
-            "tf32": {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)},
-            "scaler": type(scaler).__name__ if scaler is not None else "none",
-            "problems": problems,
-        }
+        tf32 = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+        self.result = {"precision": self.precision, "optimizer_groups": groups,
+                       "model_weights": _names(p.dtype for _, p in weights),
+                       "module_outputs": {n: _names(d) for n, d in self.outputs.items()},
+                       "fp32_modules": [n for n, _ in fp32], "tf32": tf32,
+                       "scaler": type(scaler).__name__ if scaler is not None else "none", "problems": problems}
         return problems
 
     def lines(self) -> list[str]:

@@ -1,11 +1,5 @@
-"""``auto`` by measurement: where the hardware alone cannot say which precision is fastest for *this* model, time it.
-
-Where the rule in :mod:`precision` is not certain (a CPU with AVX512-BF16 or AMX-BF16, any CUDA GPU), a session asked
-for ``auto`` with a :class:`Probe` times a few optimizer steps of each of the :func:`candidates` and runs the fastest
-(:func:`decide`). Timings are cached by machine and the probe's key, in ``$AMPTPL_CACHE_DIR`` or ``~/.cache/amptpl``;
-with several processes the main process measures (or reads the cache), every rank follows it. The detail: amptpl's
-docs, docs/precision.md.
-"""
+"""``auto`` by measurement where the hardware cannot say which precision is fastest for *this* model: cached by machine
+and probe key; with several processes the main process measures and every rank follows (docs/precision.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from ..precision import Resolution, _cpuinfo, cpu_bf16_feature
 
@@ -28,9 +23,8 @@ CACHE_FILE = "auto_precision.json"
 
 @dataclass
 class Probe:
-    """``run(candidates)``: seconds per optimizer step for each candidate it measured (``None``: read the cache
-    only); ``key``: what the timing depends on besides the machine (model and batch shape, compile, ...);
-    ``candidates``: the precisions to weigh instead of the device's own set (:func:`candidates`)."""
+    """``run(candidates)``: seconds per optimizer step per candidate (``None``: read the cache only); ``key``: what
+    the timing depends on besides the machine; ``candidates``: the precisions to weigh instead of the device's own."""
 
     run: Callable[[list[str]], Mapping[str, float]] | None
     key: dict[str, Any] = field(default_factory=dict)
@@ -47,8 +41,6 @@ def for_session(rule: Resolution, state: Any, probe: Probe | None, auto: Any) ->
     probe = Probe(probe.run, probe.key, auto.candidates or probe.candidates)
     found = _timings(state.device, probe) if state.is_main_process else (None, False, None)
     if state.num_processes > 1:  # every rank follows the main process's timings
-        from accelerate.utils import broadcast_object_list
-
         found = broadcast_object_list([found], from_process=0)[0]
     timings, cached, error = found
     if error == UNTIMED:
@@ -127,10 +119,9 @@ def _read_cache() -> dict[str, Any]:
 def lookup(key: str) -> dict[str, float] | None:
     entry = _read_cache().get(key)
     timings = entry.get("step_time_s") if isinstance(entry, dict) else None
-    if not isinstance(timings, dict) or not timings:
-        return None
-    if not all(isinstance(v, (int, float)) and v > 0 for v in timings.values()):
-        return None  # damaged: measure again
+    ok = isinstance(timings, dict) and timings and all(isinstance(v, (int, float)) and v > 0 for v in timings.values())
+    if not ok:
+        return None  # none, or damaged: measure again
     return {str(k): float(v) for k, v in timings.items()}
 
 
@@ -149,8 +140,7 @@ def store(key: str, timings: Mapping[str, float], about: Mapping[str, Any] | Non
 
 
 def decide(rule: Resolution, timings: Mapping[str, float], cached: bool) -> Resolution:
-    """The fastest measured precision, unless the rule's pick is within :data:`NOISE` of it (a measurement overrides
-    the rule only when it clearly disagrees); the reason gives the ratio to fp32 (or to another one measured)."""
+    """The fastest measured precision, unless the rule's pick is within :data:`NOISE` of it; the reason: its ratio."""
     measured = {p: t for p, t in timings.items() if t and t > 0}
     if not measured:
         return rule

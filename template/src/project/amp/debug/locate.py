@@ -1,12 +1,5 @@
-"""Which module overflowed: hooks on one training step that find the first value past the low-precision limit.
-
-:class:`OverflowLocator` checks every module's outputs (``forward``), the gradient its backward hands to its inputs
-(``backward``) and its parameters' gradients (``parameter gradient``) against the limit (65504 for fp16), gradients
-as the backward computes them: times the loss scale. The first module and phase past the limit, or non-finite, is
-the overflow; a per-module headroom table shows which were close. For replaying a step, never in normal training:
-``python -m PACKAGE.locate`` replays a run from a checkpoint with it; amptpl's docs, docs/debugger.md, show it in a
-loop of your own.
-"""
+"""Which module overflowed: hooks on one replayed training step name the first module and phase past the low-precision
+limit, with a headroom table; never in normal training (``python -m PACKAGE.locate``, docs/debugger.md)."""
 
 from __future__ import annotations
 
@@ -62,13 +55,11 @@ class OverflowLocator:
         self._amax: dict[tuple[str, str], float] = {}
         self._pending: list[tuple[str, str, torch.Tensor]] = []  # values still on the device, in the order seen
 
-    # ------------------------------------------------------------------ hooks
-
     def __enter__(self) -> OverflowLocator:
         # closures, not bound methods, as hooks: a model deep-copied while it is watched must not copy the locator
         owned: set[int] = set()
         for name, module in self.model.named_modules():
-            name = _plain_name(name)
+            name = re.sub(r"^((module|_orig_mod)(\.|$))+", "", name)  # the user model's name: no DDP/compile prefix
             before, after = self._module_hooks(name)
             self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
             for p in module.parameters(recurse=False):
@@ -110,8 +101,6 @@ class OverflowLocator:
 
         return before, after
 
-    # ------------------------------------------------------------------ findings
-
     def _settle(self) -> None:
         """Read the values queued since the last call (one device read) and keep the first finding."""
         if not self._pending:
@@ -151,8 +140,9 @@ class OverflowLocator:
         head = first.line(self.limit) if first else f"no overflow: every value stayed within {self.limit:g}"
         lines = [head + scale, f"headroom in bits, log2({self.limit:g} / amax), lowest first:",
                  f"  {'module':<36} {'forward':>9} {'backward':>9} {'param grad':>10}"]
+        special = {None: "-", -math.inf: "inf/nan", math.inf: "+inf"}  # no value, non-finite, all zero
         for name, bits in self.headroom()[:top]:
-            cells = [_bits(bits.get(p)) for p in PHASES]
+            cells = [special[b] if b in special else f"{b:.1f}" for b in (bits.get(p) for p in PHASES)]
             lines.append(f"  {(name or '(the model)')[:36]:<36} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10}")
         grads = [min(bits.get(p, math.inf) for p in PHASES[1:]) for _, bits in self.headroom()
                  if any(p in bits for p in PHASES[1:])]
@@ -163,13 +153,3 @@ class OverflowLocator:
             how = fix(first.module) if fix else f'precision.keep_in_fp32(model, ["{first.module}"]) before prepare'
             lines.append(f"to keep it in float32: {how}")
         return "\n".join(lines)
-
-
-def _bits(v: float | None) -> str:
-    special = {None: "-", -math.inf: "inf/nan", math.inf: "+inf"}
-    return special[v] if v in special else f"{v:.1f}"
-
-
-def _plain_name(name: str) -> str:
-    """Module names as the user's model has them (no DDP ``module.`` or compile ``_orig_mod.`` prefix)."""
-    return re.sub(r"^((module|_orig_mod)(\.|$))+", "", name)

@@ -1,9 +1,5 @@
-"""Checks that a loop the core did not write uses mixed precision correctly, at no per-step device read.
-
-Two features of the session (``hooks.py``) name what would otherwise fail silently (amptpl's docs,
-docs/copying-the-core.md): :class:`LoopChecks` the fp16 mistakes of a loop, :class:`SameData` processes that all
-train on the same data.
-"""
+"""Checks that a loop the core did not write uses mixed precision correctly, at no per-step device read: features of
+the session (``hooks.py``) naming what would otherwise fail silently (amptpl's docs, docs/copying-the-core.md)."""
 
 from __future__ import annotations
 
@@ -19,9 +15,8 @@ CHECKED_STEPS = 3  # steps whose gradient norms are compared (two norms each); l
 
 
 class LoopChecks(Feature):
-    """fp16: a :class:`LoopError` at the first step where the loss skipped ``accelerator.backward`` or the weights
-    changed without a prepared optimizer's ``step()`` (the GradScaler's); a warning at the first log tick where the
-    gradients were clipped while still scaled, from two gradient norms per early step kept on the device."""
+    """fp16: a :class:`LoopError` where the loss skipped ``accelerator.backward`` or the weights changed without a
+    prepared optimizer's ``step()``; a warning at a log tick where gradients were clipped while still scaled."""
 
     name = "loopcheck"
 
@@ -97,8 +92,7 @@ class LoopChecks(Feature):
                             "gradients, skip overflowing steps and update the loss scale)")
 
     def _no_second_scaler(self) -> None:
-        """The loop's own GradScaler that scaled something (``accelerator.backward(scaler.scale(loss))``): the loss
-        scaled twice, the updates that many times too large once unscaled by the session's scaler alone."""
+        """Refuse the loop's own GradScaler that scaled the loss: scaled twice, unscaled once, the updates too large."""
         frame = sys._getframe(1)
         while frame is not None:
             for name, v in [*frame.f_locals.items(), *frame.f_globals.items()]:
@@ -125,9 +119,8 @@ class LoopChecks(Feature):
 
 
 class RandomAhead(Feature):
-    """A warning where the loop drew from the global RNG between the step's last forward and ``amp.after_step`` (a
-    batch for the next step drawn ahead, ``X, Y = get_batch("train")``) and tracks no tensor: the checkpoint holds
-    the RNG after that draw but not the batch, so a resume trains on another one. Checks the first step only."""
+    """A warning where the first step drew from the global RNG between its last forward and ``amp.after_step`` (a
+    batch drawn ahead) and tracks no tensor: the checkpoint would not hold that batch, a resume trains on another."""
 
     name = "random_ahead"
 

@@ -1,11 +1,5 @@
-"""How close a run is to the edges of its precision, measured on the steps that end at a log tick only.
-
-``amp/scale_headroom_bits`` and ``amp/grad_underflow_frac`` (fp16: the scaled gradients against fp16's largest and
-smallest normal numbers), ``amp/lost_update_frac`` (bf16-true: master updates its bf16 copy does not show yet); what
-they mean and what to do: amptpl's docs, docs/debugger.md. Nothing is read from the device per step: the values stay
-there until the tick reads them, in one read. Each meter samples every n-th element of each tensor (at most
-:data:`SAMPLE` in all), so a tick costs a few strided reductions.
-"""
+"""How close a run is to the edges of its precision (headroom, underflow, lost updates; docs/debugger.md): sampled
+on the steps that end at a log tick, kept on the device until the tick reads them in one read."""
 
 from __future__ import annotations
 
@@ -21,8 +15,7 @@ FP16 = torch.finfo(torch.float16)  # max 65504; tiny 2**-14, its smallest normal
 
 
 class Meters(Feature):
-    """Gradient meters after the backward of a tick step, the lost-update meter around bf16-true's optimizer step;
-    read at the tick. A feature of the session (``hooks.py``)."""
+    """Gradient meters after the backward of a tick step, the lost-update meter around bf16-true's optimizer step."""
 
     name = "meters"
 

@@ -1,13 +1,5 @@
-"""Which modules lose the most to low precision: each module's error against a float32 shadow, in rounding units.
-
-The same batches run from one state in float32 and under the low precision's autocast, with hooks on every leaf
-module: its output (``activation``) and the loss's gradient with respect to it (``gradient``). The error is
-``rms(low - fp32) / rms(fp32)`` in units of the dtype's rounding error (:data:`UNIT`), averaged over the batches: a
-module that only rounds its result is near 1. :func:`suggest` keeps the worst in float32 until every module is
-under the tolerance; :func:`loss_gap` is the cost in the training loss. The model runs in ``eval()`` mode (no
-dropout, BatchNorm on its running statistics): the same state and batches give the same report (amptpl's docs,
-docs/debugger.md).
-"""
+"""Which leaf modules lose the most to low precision: output and gradient error against a float32 shadow, in rounding
+units (:data:`UNIT`), in ``eval()`` mode; :func:`suggest` keeps the worst in float32 (docs/debugger.md)."""
 
 from __future__ import annotations
 
