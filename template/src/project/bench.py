@@ -1,11 +1,6 @@
 """Time this project's training step in each precision on this machine, side by side.
 
-    python -m PACKAGE.bench                                   # fp32, bf16, fp16, bf16-true (and tf32 on a CUDA GPU)
-    python -m PACKAGE.bench --precisions fp32,bf16 --steps 20 train.batch_size=64 [the example's model.* keys]
-    python -m PACKAGE.bench --config configs/fp16.yaml --json bench.json --plot bench.png
-
-One fresh process per precision (``--worker PREC``); the table: amptpl's docs, doctor.md. Bad input: one line, exit 2.
-"""
+``python -m PACKAGE.bench [--precisions fp32,bf16] [key=value ...]``: one fresh process per precision (doctor.md)."""
 
 from __future__ import annotations
 
@@ -21,8 +16,19 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device, set_seed
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from . import example
+from .amp import LoopError, RunLockedError, precision
 from .amp.console import fmt_duration
+from .amp.debug import autopick
+from .amp.hooks import Hooks
 from .amp.settings import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
 from .configparse import UsageError, UsageParser
@@ -58,8 +64,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
             raise UsageError(f"{o!r}: not a key=value override or a bench option (see --help)")
     opts.config_args = [a for path in opts.config for a in ("--config", path)] + opts.overrides
     opts.probe = _precisions(opts.probe) if opts.probe else None
-    if opts.precisions is not None:  # None: fp32, bf16, fp16, bf16-true, and tf32 on a CUDA GPU (run decides)
-        opts.precisions = _precisions(opts.precisions)
+    opts.precisions = None if opts.precisions is None else _precisions(opts.precisions)  # None: run decides
     return opts, parse_args(opts.config_args)
 
 
@@ -76,10 +81,6 @@ def _precisions(text: str) -> list[str]:
 
 def device_note(prec: str, device: Any) -> str:
     """Empty when ``prec`` runs natively on ``device``; else why its number is not a real speed (or ``n/a``)."""
-    import torch
-
-    from .amp import precision
-
     kind = torch.device(device).type
     if prec == "tf32":
         ampere = kind == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
@@ -95,8 +96,6 @@ def device_note(prec: str, device: Any) -> str:
 
 def _sync(device: Any) -> None:
     """Wait for the device's queued work (CPU ops are synchronous)."""
-    import torch
-
     backend = getattr(torch, device.type, None) if device.type != "cpu" else None
     if backend is not None and hasattr(backend, "synchronize"):
         backend.synchronize()
@@ -104,8 +103,6 @@ def _sync(device: Any) -> None:
 
 def _peak_memory(device: Any) -> tuple[float | None, str]:
     """Peak memory in MiB and what it measures."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
     try:
@@ -118,10 +115,6 @@ def _peak_memory(device: Any) -> tuple[float | None, str]:
 
 def measure(prec: str, cfg: Config, opts: argparse.Namespace) -> dict[str, Any]:
     """One precision's row: steps.py's scratch run, warmed up, then the timed blocks."""
-    import torch
-
-    from .amp import precision
-
     with scratch_session(cfg, "fp32" if prec == "tf32" else prec) as amp:
         device = amp.accelerator.device
         auto = precision.resolve("auto", device)
@@ -166,13 +159,6 @@ PROBE_WARMUP, PROBE_ROUNDS, PROBE_STEPS = 1, 3, 2  # auto's measurement, per can
 def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
     """auto's measurement, in the child of steps.run_probe: a few steps of each candidate under its autocast (fp16 with
     a scaler, bf16-true with the core's masters), interleaved so that a busy moment hits every candidate alike."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import send_to_device, set_seed
-
-    from .amp import precision
-    from .amp.hooks import Hooks
-
     accelerator = Accelerator(cpu=env_flag("ACCELERATE_USE_CPU") or not precision.has_accelerator(),
                               mixed_precision="no")
     device = accelerator.device
@@ -190,7 +176,7 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
             [models["true"]], [optimizers["true"]])
     for net in models.values():
         net.to(device)
-    scaler = torch.amp.GradScaler(device.type) if "fp16" in candidates else None
+    scalers = {p: torch.amp.GradScaler(device.type, enabled=p == "fp16") for p in candidates}  # disabled: a plain step
     batches = (b for _ in iter(int, 1) for b in loader)  # endless
 
     def step(prec: str) -> None:
@@ -200,13 +186,9 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = example.loss(net, batch)  # the example's loss is float32 whatever the autocast
-        if prec == "fp16":
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        scalers[prec].scale(loss).backward()
+        scalers[prec].step(optimizer)
+        scalers[prec].update()
         optimizer.zero_grad(set_to_none=True)
 
     for prec in candidates * PROBE_WARMUP:
@@ -221,30 +203,6 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
             _sync(device)
             times[prec].append((time.perf_counter() - t0) / PROBE_STEPS)
     return {p: statistics.median(ts) for p, ts in times.items()}
-
-
-def worker_main(opts: argparse.Namespace, cfg: Config) -> int:
-    """``--worker PREC``: measure one precision and print its row as one JSON line."""
-    from .amp import LoopError, RunLockedError
-
-    try:
-        row = measure(opts.worker, cfg, opts)
-    except (ConfigError, example.DataError, RunLockedError, LoopError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(ROW_PREFIX + json.dumps(row) + "}", flush=True)
-    return 0
-
-
-def _device_type() -> str:
-    """The device the workers will use, without touching the GPU: cuda, cpu or another accelerator."""
-    import torch
-
-    from .amp.precision import has_accelerator
-
-    if env_flag("ACCELERATE_USE_CPU") or not has_accelerator():
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "other"
 
 
 def run_worker(prec: str, opts: argparse.Namespace) -> dict[str, Any]:
@@ -286,9 +244,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, Any]:
     """``auto``'s pick here, the fastest measured, whether they agree (within NOISE), and what timed ``auto`` runs."""
-    from .amp.debug.autopick import NOISE, decide
-    from .amp.precision import Resolution
-
     auto = next((r["auto"] for r in rows if "auto" in r), None)
     if auto is None:
         return {"pick": None, "reason": None, "fastest": None, "agrees": None, "text": "no precision was measured"}
@@ -304,24 +259,24 @@ def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[
     if pick is None:
         return {**out, "text": f"{head}; {auto['pick']} was not measured (add it to --precisions)"}
     ratio = pick["step_time_s"] / fastest["step_time_s"]
-    out["agrees"] = ratio <= 1 + NOISE
+    out["agrees"] = ratio <= 1 + autopick.NOISE
     if fastest is pick:
         text = f"{head}; the measurement agrees: {auto['pick']} is the fastest"
     elif out["agrees"]:
-        text = (f"{head}; the measurement agrees: {auto['pick']} is within {100 * NOISE:.0f}% of the fastest "
+        text = (f"{head}; the measurement agrees: {auto['pick']} is within {100 * autopick.NOISE:.0f}% of the fastest "
                 f"({fastest['precision']}, {100 * (ratio - 1):.1f}% faster: noise)")
     else:
         text = f"{head}; the measurement disagrees: {fastest['precision']} was {ratio:.2f}x faster here"
     if len(timings) >= 2:
-        timed = decide(Resolution("auto", auto["pick"], auto["reason"], "cpu"), timings, cached=False)
+        rule = precision.Resolution("auto", auto["pick"], auto["reason"], "cpu")
+        timed = autopick.decide(rule, timings, cached=False)
         out["timed_pick"] = timed.effective
         text += f". With amp.auto.measure (the default) auto times it: {timed.effective} ({timed.reason})"
     return {**out, "text": text}
 
 
 def _timings(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, float]:
-    """The step times auto's measurement would weigh: ``amp.auto.candidates`` where given, else the mixed
-    precisions the device runs natively (no fp16 on a CPU), and fp32; nothing emulated."""
+    """The step times auto's measurement would weigh: fp32 and the asked or native (never emulated) precisions."""
     cuda = any(str(r.get("device", "")).startswith("cuda") for r in rows)
     allowed = ["fp32", *asked] if asked else ("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16")
     return {r["precision"]: r["step_time_s"] for r in rows
@@ -334,10 +289,6 @@ def _cell(value: float | None, spec: str, unit: str = "") -> str:
 
 def table(rows: list[dict[str, Any]], title: str) -> Any:
     """The rich table: one row per precision, the ratios against fp32 beside its numbers; notes go below it."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
     t = Table(title=title, box=box.SIMPLE_HEAD, caption_justify="left")
     for name in ("precision", "ms/step\n(min-max)", "samples/s", "tokens/s", "peak\nMiB", "loss", "skipped",
                  "speed-up\nvs fp32", "memory\nvs fp32"):
@@ -353,9 +304,8 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
             continue
         ms = f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_min_s']:.1f}-{1e3 * r['step_time_max_s']:.1f})"
         t.add_row(name, ms, f"{r['samples_per_s']:,.1f}", _cell(r["tokens_per_s"] or None, ",.0f"),
-                  _cell(r.get("peak_mem_mib"), ",.0f"), _cell(r.get("loss"), ".4f"),
-                  f"{r['skipped_steps']}/{r['steps']}", _cell(r["speedup_vs_fp32"], ".2f", "x"),
-                  _cell(r["memory_vs_fp32"], ".2f", "x"))
+                  _cell(r.get("peak_mem_mib"), ",.0f"), _cell(r.get("loss"), ".4f"), f"{r['skipped_steps']}/"
+                  f"{r['steps']}", _cell(r["speedup_vs_fp32"], ".2f", "x"), _cell(r["memory_vs_fp32"], ".2f", "x"))
     if notes:  # a worker's error line may hold [brackets]: text, not markup
         t.caption = "\n".join(f"* {escape(n)}" for n in notes)
     return t
@@ -387,8 +337,6 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 def _remember(cfg: Config, device_type: str, rows: list[dict[str, Any]]) -> None:
     """Put the measured step times where ``auto`` looks first (its cache): the next run of this model costs nothing."""
-    from .amp.debug import autopick
-
     probe, timings = auto_probe(cfg), _timings(rows, cfg.amp.auto.candidates)
     if probe and cfg.amp.auto.measure and len(timings) >= 2 and device_type in ("cpu", "cuda"):
         probe = autopick.Probe(probe.run, probe.key, cfg.amp.auto.candidates or None)  # as the session keys it
@@ -416,15 +364,13 @@ def _check_outputs(plot_path: str | None, path: Path) -> None:
 
 def run(opts: argparse.Namespace, cfg: Config) -> int:
     """Every precision in its own worker, then the table, the verdict, bench.json and the plot."""
-    import torch
-    from rich.console import Console
-
     out = Console(highlight=False, soft_wrap=True)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(highlight=False, soft_wrap=True, width=120)  # a log file or pipe: the whole table
     json_path = Path(opts.json) if opts.json else Path(cfg.out_dir) / "bench.json"
     _check_outputs(opts.plot, json_path)
-    device_type = _device_type()
+    cpu = env_flag("ACCELERATE_USE_CPU") or not precision.has_accelerator()  # the workers' device, GPU untouched
+    device_type = "cpu" if cpu else "cuda" if torch.cuda.is_available() else "other"
     if opts.precisions is None:
         opts.precisions = ["fp32", "bf16", "fp16", "bf16-true"] + (["tf32"] if device_type == "cuda" else [])
     t, m = cfg.train, cfg.model
@@ -452,10 +398,10 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
     if device_type == "cpu":
         out.print("peak memory on a CPU is the worker's peak RSS, interpreter and libraries included: the ratios "
                   "understate the difference in the model's own memory", style="dim", markup=False)
+    settings = {"steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats, "precisions": opts.precisions,
+                "args": opts.config_args}
     report = {"package": PACKAGE, "device": device, "device_type": device_type, "torch": torch.__version__,
-              "settings": {"steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
-                           "precisions": opts.precisions, "args": opts.config_args},
-              "config": to_dict(cfg), "auto": v, "rows": rows}
+              "settings": settings, "config": to_dict(cfg), "auto": v, "rows": rows}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")  # written whole, then renamed into place
     tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -468,19 +414,19 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: bench options and config overrides; bad input is one line and exit code 2."""
     try:
         opts, cfg = parse(sys.argv[1:] if argv is None else argv)
         if opts.probe:
             print(PROBE_PREFIX + json.dumps(probe_times(opts.probe, cfg)) + "}", flush=True)
             return 0
-        if opts.worker:
-            return worker_main(opts, cfg)
+        if opts.worker:  # one precision's row as one JSON line
+            print(ROW_PREFIX + json.dumps(measure(opts.worker, cfg, opts)) + "}", flush=True)
+            return 0
         return run(opts, cfg)
     except ConfigExit as e:
         print(e.text)
         return 0
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, example.DataError, RunLockedError, LoopError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the worker got the same Ctrl-C; nothing of its run is kept
