@@ -1,22 +1,14 @@
-"""Export a training checkpoint as a model anyone can load: ``model.safetensors``, ``config.json``, ``README.md``.
-
-    python -m PACKAGE.export runs/default/checkpoints/step_0000500     # -> runs/default/final/
-    python -m PACKAGE.export runs/default --out my-model               # the run's newest complete checkpoint
-
-The export loads with ``example.model_class().from_pretrained(dir)`` (e.g. ``ByteLM``), without this project's
-config or the optimizer state; this file is the same for any example. A bad checkpoint is one line and exit code 2.
-"""
+"""Export a training checkpoint as a model anyone can load: ``model.safetensors``, ``config.json``, ``README.md``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +16,7 @@ from safetensors.torch import load_file
 
 from . import example
 from .amp.checkpoint import CHECKPOINTS, CheckpointError, check_complete, find_resume, read_meta, replace_dir
+from .configparse import UsageError, UsageParser
 from .faults import write_status
 
 PACKAGE = __package__  # the package name also when run as `python -m PACKAGE.export` (__name__ is __main__)
@@ -36,16 +29,8 @@ class ExportError(ValueError):
     """A checkpoint or destination that cannot be used; the message is one line naming the path."""
 
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
-    """A checkpoint directory as given, or the newest complete checkpoint of a run directory (``out_dir``);
-    ``notices`` receives what ``resume=auto`` would say (a newer checkpoint skipped, and why)."""
+    """A checkpoint as given, or a run directory's newest complete one; ``notices`` gets what resume=auto says."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: no such checkpoint or run directory")
@@ -252,19 +237,18 @@ def device_arg(name: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m PACKAGE.export CKPT [--out DIR]``; returns the exit code."""
-    parser = ArgParser(prog=f"python -m {PACKAGE}.export", description=__doc__.split("\n\n")[0])
+    parser = UsageParser(prog=f"python -m {PACKAGE}.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", nargs="?", default=DEFAULT_RUN, help="a checkpoint directory (out_dir/checkpoints/"
                         f"step_NNNNNNN) or a run's out_dir (default: {DEFAULT_RUN})")
     parser.add_argument("--out", default=None, help="export directory (default: final/ beside checkpoints/)")
-    args = parser.parse_args(argv)
     notices: list[str] = []
     try:
+        args = parser.parse_args(argv)
         ckpt = find_checkpoint(args.ckpt, notices)
         for line in notices:
             print(line, file=sys.stderr)
         dest = export(ckpt, args.out)
-    except ExportError as e:
+    except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or foreign folder: 2; a full disk: 1

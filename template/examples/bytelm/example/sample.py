@@ -1,10 +1,4 @@
-"""Generate text with a trained byte-level model.
-
-``python -m PACKAGE.sample [PATH] --prompt "def "``: PATH is an exported ``final/``, a training checkpoint or a run's
-``out_dir`` (its newest complete checkpoint, else its ``final/``; default ``runs/default``). The text goes to stdout,
-which weights were used to stderr; the same ``--seed`` gives the same text; a bad path or argument gets one line
-``error: ...`` and exit code 2.
-"""
+"""Generate text with a trained byte-level model."""
 
 from __future__ import annotations
 
@@ -12,7 +6,8 @@ import sys
 
 import torch
 
-from ..export import PACKAGE, ArgParser, ExportError, device_arg, load_model
+from ..configparse import UsageError, UsageParser
+from ..export import PACKAGE, ExportError, device_arg, load_model
 from .model import ByteLM
 
 
@@ -33,8 +28,7 @@ def printable(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m PACKAGE.sample [PATH] --prompt TEXT ...``; returns the exit code."""
-    parser = ArgParser(prog=f"python -m {PACKAGE}.sample", description=__doc__.split("\n\n")[0])
+    parser = UsageParser(prog=f"python -m {PACKAGE}.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default="runs/default",
                         help="an exported final/ directory, a checkpoint, or a run's out_dir (default: runs/default)")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")
@@ -43,20 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest bytes; 0 = all (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    args = parser.parse_args(argv)
-    for flag, value, ok, allowed in (("--max-bytes", args.max_bytes, args.max_bytes >= 0, ">= 0"),
-                                     ("--temperature", args.temperature, 0 <= args.temperature < float("inf"),
-                                      "a finite number >= 0"),
-                                     ("--top-k", args.top_k, args.top_k >= 0, ">= 0")):
-        if not ok:
-            parser.error(f"{flag} must be {allowed}, got {value}")
-    prompt = args.prompt.encode("utf-8", errors="surrogateescape")  # bytes as typed, even if not valid UTF-8
     notices: list[str] = []
     try:
+        args = parser.parse_args(argv)
+        for flag, value, ok, allowed in (("--max-bytes", args.max_bytes, args.max_bytes >= 0, ">= 0"),
+                                         ("--temperature", args.temperature, 0 <= args.temperature < float("inf"),
+                                          "a finite number >= 0"),
+                                         ("--top-k", args.top_k, args.top_k >= 0, ">= 0")):
+            if not ok:
+                parser.error(f"{flag} must be {allowed}, got {value}")
         model, source = load_model(args.path, device_arg(args.device), notices)
-    except ExportError as e:
+    except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    prompt = args.prompt.encode("utf-8", errors="surrogateescape")  # bytes as typed, even if not valid UTF-8
     print("\n".join([*notices, f"sample: {source}"]), file=sys.stderr)
     new = generate_bytes(model, prompt, args.max_bytes, args.temperature, args.top_k, args.seed)
     # decode prompt and continuation together: a character may span the boundary

@@ -1,16 +1,4 @@
-"""Segment fresh shape images with a trained U-Net and write them as one PNG: input | truth | prediction per row.
-
-    python -m PACKAGE.sample                                   # runs/default: newest checkpoint -> shapes.png
-    python -m PACKAGE.sample runs/default/final --out /tmp/shapes.png --n 8 --seed 3
-    python -m PACKAGE.sample runs/a/checkpoints/step_0000200 --device cuda
-
-The model source is an exported directory (``final/``, read with ``ShapesUNet.from_pretrained``), a training
-checkpoint, or a run's ``out_dir`` (its newest complete checkpoint, else its ``final/``). The images are drawn like
-the validation split (the default data settings, at the size the model was trained on) from ``--seed``: the same
-seed, the same images. Classes are coloured: circle red, square green, triangle blue. The PNG's path and the mean
-Dice over the images go to stdout; which weights were used goes to stderr. A bad path or argument gets one line
-``error: ...`` and exit code 2.
-"""
+"""Segment fresh shape images with a trained U-Net and write them as one PNG: input | truth | prediction per row."""
 
 from __future__ import annotations
 
@@ -21,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..export import PACKAGE, ArgParser, ExportError, device_arg, load_model
+from ..configparse import UsageError, UsageParser
+from ..export import PACKAGE, ExportError, device_arg, load_model
 from ..faults import write_status
 from .config import DataConfig
 from .data import draw_shapes, split_seed
@@ -79,8 +68,7 @@ def segment(model: torch.nn.Module, n: int, seed: int) -> tuple[torch.Tensor, to
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m PACKAGE.sample [PATH] --out FILE.png ...``; returns the exit code."""
-    parser = ArgParser(prog=f"python -m {PACKAGE}.sample", description=__doc__.split("\n\n")[0])
+    parser = UsageParser(prog=f"python -m {PACKAGE}.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default="runs/default",
                         help="an exported final/ directory, a checkpoint, or a run's out_dir (default: runs/default)")
     parser.add_argument("--out", default="shapes.png", help="the PNG to write (default: shapes.png)")
@@ -89,23 +77,22 @@ def main(argv: list[str] | None = None) -> int:
                                                             "(default: 0)")
     parser.add_argument("--scale", type=int, default=4, help="pixels per image pixel in the PNG (default: 4)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    args = parser.parse_args(argv)
-    for flag, value, ok, allowed in (("--n", args.n, 1 <= args.n <= 256, "between 1 and 256"),
-                                     ("--scale", args.scale, 1 <= args.scale <= 16, "between 1 and 16"),
-                                     ("--seed", args.seed, args.seed >= 0, ">= 0")):
-        if not ok:
-            parser.error(f"{flag} must be {allowed}, got {value}")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        parser.error(f"--out {args.out}: no directory {out.parent}")
     notices: list[str] = []
     try:
+        args = parser.parse_args(argv)
+        for flag, value, ok, allowed in (("--n", args.n, 1 <= args.n <= 256, "between 1 and 256"),
+                                         ("--scale", args.scale, 1 <= args.scale <= 16, "between 1 and 16"),
+                                         ("--seed", args.seed, args.seed >= 0, ">= 0")):
+            if not ok:
+                parser.error(f"{flag} must be {allowed}, got {value}")
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            parser.error(f"--out {args.out}: no directory {out.parent}")
         model, source = load_model(args.path, device_arg(args.device), notices)
-    except ExportError as e:
+    except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for line in [*notices, f"sample: {source}"]:
-        print(line, file=sys.stderr)
+    print("\n".join([*notices, f"sample: {source}"]), file=sys.stderr)
     images, masks, pred = segment(model, args.n, args.seed)
     try:
         out.write_bytes(png_bytes(grid(images, masks, pred, args.scale)))
