@@ -1,7 +1,5 @@
-"""The training step and what it needs: the model, AdamW and its schedule, the session and the run built on it, one
-optimizer step, the evaluation, and ``auto``'s probe (this step timed in a child, ``python -m PACKAGE.bench --probe``).
-train.py, bench.py and the debugger's commands (locate, numerics) import this module; it imports none of them.
-"""
+"""The training step and what it needs (model, AdamW and its schedule, the session and run, evaluation, ``auto``'s
+probe in a child): train.py, bench.py, locate and numerics import this module; it imports none of them."""
 
 from __future__ import annotations
 
@@ -130,9 +128,8 @@ def session_for(cfg: Config, settings: Any, out_dir: str, **kwargs: Any) -> Any:
 
     from .amp import AmpSession
 
-    return AmpSession(settings, out_dir, gradient_accumulation_steps=cfg.train.grad_accum,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-                      **kwargs)
+    return AmpSession(settings, out_dir, gradient_accumulation_steps=cfg.train.grad_accum, **kwargs,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
 
 
 @contextmanager
@@ -168,8 +165,7 @@ def child_env(drop: tuple[str, ...] = RANK_ENV) -> dict[str, str]:
 
 
 def auto_probe(cfg: Config) -> Any:
-    """How ``amp.precision=auto`` times this model where the hardware cannot say (False: train.compile, whose first
-    steps would time the compiler). The key: what the timing depends on besides the machine."""
+    """How ``amp.precision=auto`` times this model where the hardware cannot say (False under train.compile)."""
     if cfg.train.compile:
         return False
     from .amp.debug.autopick import Probe
@@ -180,8 +176,7 @@ def auto_probe(cfg: Config) -> Any:
 
 
 def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
-    """Seconds per optimizer step for each candidate, timed in a fresh process: the run's model, optimizer, RNG,
-    data position and allocator never see it. Under a launcher the child is a single process of its own."""
+    """Seconds per optimizer step per candidate, timed in a fresh single process that the run's state never sees."""
     with tempfile.TemporaryDirectory(prefix="auto-") as folder:
         config = Path(folder) / "config.yaml"
         config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))

@@ -29,7 +29,7 @@ from .config import (
     to_dict,
     to_yaml,
 )
-from .steps import auto_probe, build_optimizer, evaluate, forever, locate_after_guard, train_step
+from .steps import auto_probe, build_optimizer, evaluate, forever, locate_after_guard, session_for, train_step
 
 
 def done_already(cfg: Config, is_main: bool) -> str | None:
@@ -54,9 +54,8 @@ def done_already(cfg: Config, is_main: bool) -> str | None:
 def run(cfg: Config, notices: tuple[str, ...] = ()) -> tuple[int, Any]:
     """Train to ``train.max_steps``; returns (the exit code, the session's stop: None, a signal's or the guard's).
     The code is 1 when the run trained and saved but its export failed."""
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import set_seed
 
-    from .amp import AmpSession
     from .amp.checkpoint import latest_checkpoint
     from .export import export_after_training
 
@@ -65,12 +64,8 @@ def run(cfg: Config, notices: tuple[str, ...] = ()) -> tuple[int, Any]:
     # ----------------------------------------------------------------------------
     # session: precision (requested, in effect, why), the Accelerator, scaler, lock, console; auto timed on this
     # model in a child process (steps.auto_probe)
-    with AmpSession(
-        cfg.amp, cfg.out_dir, max_steps=t.max_steps, config=to_dict(cfg), probe=auto_probe(cfg),
-        gradient_accumulation_steps=t.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        **({"dynamo_backend": "inductor"} if t.compile else {}),
-    ) as amp:
+    with session_for(cfg, cfg.amp, cfg.out_dir, max_steps=t.max_steps, config=to_dict(cfg), probe=auto_probe(cfg),
+                     **({"dynamo_backend": "inductor"} if t.compile else {})) as amp:
         accelerator = amp.accelerator
         done = done_already(cfg, accelerator.is_main_process)
         if done is not None:  # before data and model: a finished run answers at once
