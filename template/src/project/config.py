@@ -1,10 +1,5 @@
-"""The config tree: every section, every default, every check (``configparse.py`` reads YAML and key=value into it).
-
-    cfg = parse_args(["--config", "configs/fp16.yaml", "train.max_steps=200"])
-
-A new key is one field with its default and a trailing ``# comment`` (its ``--help`` text and README row), plus a
-line in :func:`validate` if it has a range. No torch here: a bad key is reported before torch loads.
-"""
+"""The config tree: every section, default and check (``configparse.py`` reads YAML and key=value into it). A new key
+is a field, its default and ``# comment`` (its ``--help`` and README row), and a :func:`validate` line if ranged."""
 
 from __future__ import annotations
 
@@ -70,10 +65,9 @@ class Config:
                 "precision": "amp.precision", "mixed_precision": "amp.precision", "output_dir": "out_dir"}
 
 
-GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, "
-              "amp.guard.max_consecutive_skips; to try: --config configs/fp16_safe.yaml (lower "
-              "amp.scaler.init_scale), amp.precision=bf16, amp.fp32_modules=[the module that `python -m "
-              f"{__package__}.locate OUT_DIR` names], a lower train.lr")
+GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, amp.guard.max_consecutive_skips"
+              "; to try: --config configs/fp16_safe.yaml (lower amp.scaler.init_scale), amp.precision=bf16, "
+              f"amp.fp32_modules=[the module that `python -m {__package__}.locate OUT_DIR` names], a lower train.lr")
 
 # Keys (or whole sections) a checkpoint cannot be resumed under when they change: the weights would not load, or the
 # run would silently become another experiment (the example names its own). Any other change applies, with a notice.

@@ -1,15 +1,17 @@
-"""Reading a dataclass config tree (``config.py``) from YAML files and ``key=value`` arguments, and its ``--help``.
-
-It knows no key: defaults < ``--config FILE.yaml`` < ``key=value``, each in order; a bad key or value is one
-:class:`ConfigError` line; each field's trailing ``# comment`` and each class docstring are its ``--help`` text.
-Standard library and yaml only, so a bad key is reported before torch loads.
-"""
+"""A dataclass config tree (``config.py``) from defaults < ``--config FILE.yaml`` < ``key=value``, and its ``--help``
+(each field's trailing ``# comment``, each class docstring). Standard library and yaml only: errors precede torch."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
+import inspect
+import io
 import math
+import sys
+import tokenize
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +41,6 @@ class UsageParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see --help)")
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
-    return names.get(tp, "a list of strings" if typing.get_origin(tp) is list else str(tp))
 
 
 _NO = object()  # _read's "this value is not of the field's type"
@@ -82,7 +79,9 @@ def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
     shown, value = value, (parse_value(value) if text else value)
     out = _read(tp, value)
     if out is _NO:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+        want = names.get(tp, "a list of strings" if typing.get_origin(tp) is list else str(tp))
+        raise ConfigError(f"{key}: expected {want}, got {value!r}")
     # nan slips through every range check (nan > 0 is False, and so is nan <= 0): refuse it here
     if tp is float and not math.isfinite(out):
         raise ConfigError(f"{key}: must be a finite number, got {shown}")
@@ -146,8 +145,6 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _did_you_mean(key: str, root: type) -> str:
     """The key meant: a synonym in the root's ``SYNONYMS`` (``learning_rate`` -> ``train.lr``), else the closest."""
-    import difflib
-
     synonyms = getattr(root, "SYNONYMS", {})
     meant = synonyms.get(key) or synonyms.get(key.rsplit(".", 1)[-1])
     close = [meant] if meant else difflib.get_close_matches(key, all_keys(root), n=1)
@@ -298,12 +295,6 @@ def to_yaml(cfg: Any) -> str:
 
 def _source_docs(module: str) -> dict[str, tuple[str, dict[str, str]]]:
     """``{class name: (docstring, {field: trailing comment})}``, read from the source of ``module``."""
-    import ast
-    import inspect
-    import io
-    import sys
-    import tokenize
-
     try:
         source = inspect.getsource(sys.modules[module])
     except (OSError, TypeError):  # no source shipped (e.g. only .pyc): help without comments

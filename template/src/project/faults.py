@@ -1,8 +1,4 @@
-"""Faults of the machine told apart from bugs: a full disk, memory that ran out, a process of the run that died.
-
-:func:`describe` makes one line of such an exception (exit status 1: nothing to fix in the input), else None (a bug
-keeps its traceback); :func:`write_status` tells a write the user's path or permissions refused (2) from the machine's.
-"""
+"""Faults of the machine told apart from bugs: a full disk, memory that ran out, a process of the run that died."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """Which module overflowed: replay a run from a checkpoint, exactly, to its first overflow, and name the module.
 
-    python -m PACKAGE.locate runs/default                  # from the checkpoint before the first skipped step
-    python -m PACKAGE.locate runs/default/checkpoints/step_0000250 --step 262
-    python -m PACKAGE.locate runs/default --max-steps 500   # replay at most this many steps (default 200)
-
-The replay and its report: amptpl's docs, debugger.md. Nothing is written to out_dir; bad input: one line, exit 2.
-"""
+``python -m PACKAGE.locate OUT_DIR|CHECKPOINT [--step N] [--max-steps 200]``; nothing is written (debugger.md)."""
 
 from __future__ import annotations
 
@@ -105,7 +100,6 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m PACKAGE.locate PATH [--step N] [--max-steps N]``; returns the exit code."""
     p = UsageParser(prog=f"python -m {PACKAGE}.locate", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="an out_dir, or one checkpoint (out_dir/checkpoints/step_NNNNNNN)")
     p.add_argument("--step", type=int, help="replay to this step (from the newest checkpoint before it)")
@@ -120,13 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, source, why = choose(path, args.step)
         print(f"locate: from {ckpt or 'the start'} ({why})")
         return replay(ckpt, source, args.step, args.max_steps)
-    except (UsageError, example.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a checkpoint that does not verify or load: one line; anything else is a bug
+    except Exception as e:  # bad input, or a checkpoint that does not verify or load: one line; anything else is a bug
         from .amp.checkpoint import CheckpointError
 
-        if not isinstance(e, CheckpointError):
+        if not isinstance(e, (UsageError, example.DataError, CheckpointError)):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

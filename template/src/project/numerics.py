@@ -1,14 +1,10 @@
 """Numerics report: each module's error in bf16 and fp16 against a float32 shadow, and the fp32_modules that fix it.
 
-    python -m PACKAGE.numerics                                     # the model as initialised from the seed
-    python -m PACKAGE.numerics runs/default --batches 8            # the newest checkpoint of a run (or a checkpoint)
-    python -m PACKAGE.numerics --precisions fp16 --tolerance 8 [key=value ...]
-
-What it measures and prints: amptpl's docs, debugger.md. Bad input is one line and exit code 2.
-"""
+``python -m PACKAGE.numerics [OUT_DIR|CHECKPOINT] [--precisions bf16,fp16] [key=value ...]`` (debugger.md)."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -34,18 +30,16 @@ def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None
         raise UsageError(f"{path}: no checkpoint with model.safetensors to start from")
     try:
         cfg = from_dict(read_meta(ckpt).get("config") or {})
-        if overrides:  # checked as the command line's, then validated as a whole
-            for item in overrides:
-                key, _, value = item.partition("=")
-                set_key(cfg, key.strip(), value, text=True)
-            cfg = from_dict(to_dict(cfg))
+        for item in overrides:  # checked as the command line's, then validated as a whole
+            key, _, value = item.partition("=")
+            set_key(cfg, key.strip(), value, text=True)
+        cfg = from_dict(to_dict(cfg))
     except ConfigError as e:
         raise UsageError(f"{ckpt}: {e}") from None
     return cfg, load_file(str(ckpt / "model.safetensors")), f"the weights of {ckpt}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m PACKAGE.numerics [PATH] [options] [key=value ...]``; returns the exit code."""
     p = UsageParser(prog=f"python -m {PACKAGE}.numerics", description=__doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", help="a run's out_dir or one checkpoint (default: a fresh model)")
     p.add_argument("--batches", type=int, default=4, help="training batches to compare on (default 4)")
@@ -74,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(cfg: Config, weights: dict | None, source: str, precisions: list[str], k: int, tolerance: float) -> int:
     """Measure, suggest, measure again; print it all."""
-    import itertools
-
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

@@ -1,7 +1,4 @@
-"""Look at what a trained model does: the example's own command (``example/sample.py``, see its ``--help``).
-
-    python -m PACKAGE.sample [RUN_DIR | CHECKPOINT | EXPORT] [options]
-"""
+"""``python -m PACKAGE.sample [RUN_DIR | CHECKPOINT | EXPORT] [options]``: the example's own (``example/sample.py``)."""
 
 import sys
 
