@@ -1,10 +1,5 @@
-"""The example this project trains: a small byte-level language model on text that needs no download.
-
-The one part to replace for your own model and data ("Make it yours" in the README): the loop uses only the names
-below and the config sections ``data`` and ``model`` (``example/config.py``). A batch is whatever the loader yields,
-handed back to :func:`loss` and :func:`eval_rows` untouched. Nothing heavy is imported here: ``config.py`` reads
-``example.config`` before torch loads.
-"""
+"""The example this project trains, a small byte-level language model on text that needs no download: the one part
+to replace for your own model and data (README: "Make it yours"). Nothing heavy is imported here."""
 
 from __future__ import annotations
 

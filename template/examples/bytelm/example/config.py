@@ -1,8 +1,5 @@
 """The example's config sections: ``data`` and ``model`` (the byte LM), their checks, and what a resume must keep.
-
-Standard library only: ``config.py`` imports this before torch loads, so a bad key is reported at once.
-The trailing ``# comment`` of each field and each class docstring are its ``--help`` text.
-"""
+Standard library only (``config.py`` imports it before torch); field comments and class docstrings are ``--help``."""
 
 from __future__ import annotations
 

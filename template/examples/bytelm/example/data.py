@@ -1,10 +1,5 @@
-"""Data for the default example: bytes of real text, loaded with ``datasets``, no download.
-
-The text is this Python's standard library sources by default, ``data.files`` (your text files, globs allowed) or
-``data.hub_name`` (a hub dataset, with a network); it is cut into blocks of ``seq_len + 1`` bytes, the last
-``val_fraction`` of them held out (split by position, as nanoGPT does). Bad data settings raise :class:`DataError`,
-one line naming the key. ``datasets`` is imported only when data is loaded.
-"""
+"""The byte LM's data: this Python's stdlib sources, ``data.files`` or ``data.hub_name`` through ``datasets``, cut into
+blocks of ``seq_len + 1`` bytes, the last ``val_fraction`` held out; bad settings: a one-line :class:`DataError`."""
 
 from __future__ import annotations
 
@@ -53,8 +48,7 @@ def resolve_files(patterns: list[str], max_bytes: int) -> list[str]:
 
 
 def check_text_file(path: str, head: int = 8192) -> None:
-    """Refuse a file that is not UTF-8 text (a NUL byte, or invalid UTF-8) in its first ``head`` bytes (-1: all),
-    before ``datasets`` would fail deep inside dataset generation."""
+    """Refuse a file that is not UTF-8 text (a NUL byte, or invalid UTF-8) in its first ``head`` bytes (-1: all)."""
     try:
         with open(path, "rb") as f:
             chunk = f.read(head)
@@ -81,8 +75,7 @@ def source_key(files: list[str], hub_name: str) -> str:
 
 
 def check_enough(n_train_blocks: int, batch_size: int, num_processes: int, source: str = "data.files") -> None:
-    """Refuse a training split smaller than one global batch: the training loader drops the last incomplete batch,
-    so an epoch would yield no batch at all and the loop would wait forever for one."""
+    """Refuse a training split under one global batch: the loader drops it, the loop would wait forever for one."""
     need = batch_size * num_processes
     if n_train_blocks < need:
         raise DataError(f"{source}: only {n_train_blocks} training blocks, fewer than one batch of {need} "
@@ -152,10 +145,8 @@ def _to_blocks(batch: dict, block: int, column: str) -> dict:
     return {"input_ids": [list(data[i : i + block]) for i in range(0, len(data) - block + 1, block)]}
 
 
-def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int, val_fraction: float,
-                source: str = ""):
-    """Return (train, validation) datasets of byte blocks, formatted as torch tensors; ``source`` is the key that
-    chose the text (:func:`source_key`), named when there is too little of it."""
+def load_splits(files: list[str], hub_name: str, text_column: str, seq_len: int, val_fraction: float, source: str = ""):
+    """(train, validation) datasets of byte blocks as torch tensors; ``source``: the key named if the text is short."""
     source = source or source_key(files, hub_name)
     import datasets
 

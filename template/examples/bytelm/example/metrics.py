@@ -1,9 +1,5 @@
-"""Held-out metrics for the byte LM as an ``evaluate`` module that ships with the project (no hub access).
-
-``evaluate.load`` imports a copy of this file, so it imports only ``datasets`` and ``evaluate``. It is fed one row of
-sums per batch, not per token: evaluate stores every row in an Arrow cache file, so per-token rows made an eval cost
-O(tokens) in Python and disk. ``compute()`` gives accuracy, loss and perplexity, and empties it for the next eval.
-"""
+"""Held-out metrics for the byte LM as an ``evaluate`` module shipped with the project (it imports only ``datasets``
+and ``evaluate``), fed one row of sums per batch: evaluate stores each row in an Arrow file."""
 
 import math
 

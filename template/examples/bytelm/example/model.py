@@ -1,8 +1,5 @@
-"""A small byte-level transformer language model (the default example): bytes in, next-byte logits out.
-
-Vocabulary 256, no tokenizer to download. ``ByteLM`` carries huggingface_hub's ``PyTorchModelHubMixin``, so a
-trained model loads without this project's config: ``ByteLM.from_pretrained("final/")`` (the README shows it).
-"""
+"""A small byte-level transformer language model (the default example): bytes in, next-byte logits out, vocabulary
+256, no tokenizer; ``ByteLM.from_pretrained("final/")`` loads a trained one without this project's config."""
 
 from __future__ import annotations
 
@@ -41,9 +38,8 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module, PyTorchModelHubMixin, tags=["byte-level", "text-generation", "amptpl"]):
-    """GPT-style decoder over bytes: ``forward(idx) -> logits`` of shape (batch, time, 256). The mixin records the
-    constructor arguments for ``config.json`` and adds no parameter or buffer, so the state_dict keys are a plain
-    ``nn.Module``'s and the model.safetensors of a training checkpoint loads as it is."""
+    """GPT-style decoder over bytes: ``forward(idx) -> logits`` (batch, time, 256). The mixin adds no parameter or
+    buffer: the model.safetensors of a training checkpoint loads as it is."""
 
     def __init__(self, seq_len: int, d_model: int = 192, n_layer: int = 4, n_head: int = 6, dropout: float = 0.0):
         super().__init__()
@@ -93,9 +89,8 @@ class ByteLM(nn.Module, PyTorchModelHubMixin, tags=["byte-level", "text-generati
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs) -> ByteLM:
-        # The mixin loads with strict=False (a weight missing from the file would stay random, silently) and prints
-        # a line to stdout for a local directory: load one strictly and quietly instead. **kwargs: the hub arguments
-        # (revision, token, ...; they vary across huggingface_hub versions) and the constructor's, from config.json.
+        # The mixin loads with strict=False (a missing weight would stay random, silently) and prints a line to stdout
+        # for a local directory: load one strictly and quietly. **kwargs: hub arguments and config.json's.
         if not os.path.isdir(model_id):
             return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
         model = cls(**{k: v for k, v in kwargs.items() if k in cls._hub_mixin_init_parameters}).to(map_location)

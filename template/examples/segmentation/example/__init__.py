@@ -1,14 +1,5 @@
-"""The example this project trains: a small 2-D U-Net that segments synthetic shapes (no download, no files).
-
-This package is the one part to replace for your own model and data ("Make it yours" in the README).
-``train.py``, ``bench.py``, ``export.py`` and ``sample.py`` use only the names below; the AMP core (``amp/``)
-uses none of them. The config sections ``data`` and ``model`` are the example's (``example/config.py``); the
-others (``amp``, ``train``, ``eval``, ``checkpoint``, ``log``) are the loop's and stay as they are.
-
-A batch is ``(images, masks)``: float32 (batch, 1, H, W) and int64 (batch, H, W) class ids (0 background,
-1 circle, 2 square, 3 triangle); the loop hands it back to :func:`loss` and :func:`eval_rows` untouched.
-This module imports nothing heavy: ``config.py`` reads ``example.config`` before torch loads.
-"""
+"""The example this project trains, a small 2-D U-Net that segments synthetic shapes: the one part to replace for
+your own model and data (README: "Make it yours"). A batch is ``(images, masks)``; nothing heavy is imported here."""
 
 from __future__ import annotations
 

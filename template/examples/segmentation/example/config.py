@@ -1,9 +1,5 @@
 """The example's config sections: ``data`` (synthetic shapes) and ``model`` (the U-Net), their checks, and what a
-resume must keep.
-
-Standard library only: ``config.py`` imports this before torch loads, so a bad key is reported at once.
-The trailing ``# comment`` of each field and each class docstring are its ``--help`` text.
-"""
+resume must keep. Standard library only (``config.py`` imports it before torch); field comments are ``--help``."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""Data for the segmentation example: synthetic images of shapes, drawn from a seed, no download.
-
-Each image holds 1 to ``max_shapes`` shapes (circle, square, triangle; class ids 1, 2, 3; background 0) of
-random size, position, rotation and brightness on a random background level, with Gaussian noise. A shape drawn
-later covers the earlier ones. The three shapes have the same area for the same size, so only their outline
-tells them apart. The same seed gives the same images on every machine and process; training and validation
-use seeds derived from ``data.seed``, so they never share an image.
-
-Drawing is vectorised over images (the default 8192 images of 48x48 take about a second); they stay in memory
-as tensors.
-"""
+"""The U-Net's data: images of 1 to ``max_shapes`` shapes (circle, square, triangle of one area; ids 1-3) with noise,
+drawn from seeds derived from ``data.seed``, the same on every machine; vectorised, kept in memory as tensors."""
 
 from __future__ import annotations
 
@@ -86,23 +77,15 @@ def make_splits(num_train: int, num_val: int, size: int, max_shapes: int, noise:
 
 
 def check_enough(num_train: int, batch_size: int, num_processes: int) -> None:
-    """Refuse a training split smaller than one global batch.
-
-    The training loader drops the last incomplete batch, so with fewer images than ``batch_size *
-    num_processes`` an epoch yields no batch at all and the loop would wait forever for one.
-    """
+    """Refuse a training split under one global batch: the loader drops it, the loop would wait forever for one."""
     need = batch_size * num_processes
     if num_train < need:
-        raise DataError(
-            f"data.num_train: {num_train} training images, fewer than one batch of {need} "
-            f"(train.batch_size={batch_size} x {num_processes} process{'es' if num_processes != 1 else ''}); "
-            "raise data.num_train or lower train.batch_size"
-        )
+        raise DataError(f"data.num_train: {num_train} training images, fewer than one batch of {need} (train."
+                        f"batch_size={batch_size} x {num_processes} process{'es' if num_processes != 1 else ''}); "
+                        "raise data.num_train or lower train.batch_size")
 
 
 def make_loader(ds: TensorDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
     """A DataLoader whose order depends only on ``seed`` and the epoch (``set_epoch``), so resume is exact."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=g,
-                      num_workers=num_workers)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                      generator=torch.Generator().manual_seed(seed), num_workers=num_workers)

@@ -1,16 +1,5 @@
-"""Held-out metrics for the shapes U-Net as an ``evaluate`` module that ships with the project (no hub access).
-
-``evaluate.load`` is given this file's own path; it imports a copy of it, so this module imports only
-``datasets`` and ``evaluate`` and keeps the metric class self-contained.
-
-The module is fed one row of sums per batch, not one row per pixel or image: evaluate stores every row in an
-Arrow cache file, so per-batch sums keep an eval O(batches). Dice and IoU are computed from the pixel counts
-summed over the whole split (per class, then averaged over the classes), not averaged per image.
-
-    metric = load_metric()                      # once per run; compute() empties it for the next eval
-    metric.add_batch(inter_circle=[...], pred_circle=[...], ..., nll_sum=[...])   # one row per batch
-    metric.compute()  # {"mean_dice": ..., "mean_iou": ..., "dice_circle": ..., "accuracy": ..., "loss": ...}
-"""
+"""Held-out metrics for the U-Net as an ``evaluate`` module shipped with the project, fed one row of sums per batch;
+Dice and IoU from pixel counts summed over the split per class, then averaged over the classes."""
 
 import math
 
@@ -39,12 +28,8 @@ Returns:
 
 class ShapesSegmentationMetrics(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=datasets.Features({name: datasets.Value("float64") for name in FIELDS}),
-        )
+        return evaluate.MetricInfo(description=_DESCRIPTION, citation="", inputs_description=_INPUTS,
+                                   features=datasets.Features({name: datasets.Value("float64") for name in FIELDS}))
 
     def _compute(self, **columns):
         total = {name: math.fsum(columns[name]) for name in FIELDS}

@@ -1,12 +1,5 @@
-"""A small 2-D U-Net that labels every pixel: background, circle, square or triangle.
-
-Images in (batch, 1, H, W), logits out (batch, 4, H, W); H and W multiples of 2**(depth - 1). ``ShapesUNet``
-carries huggingface_hub's ``PyTorchModelHubMixin``, so a trained model is usable without this project's config:
-
-    model.save_pretrained("final/")              # model.safetensors + config.json (the constructor arguments)
-    model = ShapesUNet.from_pretrained("final/")  # offline from a local directory; a hub repo id needs a network
-    labels = model(images).argmax(1)             # (batch, H, W) class ids
-"""
+"""A small 2-D U-Net that labels every pixel: background, circle, square or triangle. Images (batch, 1, H, W) in,
+logits (batch, 4, H, W) out, H and W multiples of 2**(depth - 1); ``ShapesUNet.from_pretrained("final/")`` loads one."""
 
 from __future__ import annotations
 
@@ -27,10 +20,8 @@ class ConvBlock(nn.Sequential):
     """Two (3x3 conv, BatchNorm, ReLU); the convs have no bias (BatchNorm adds one)."""
 
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-        )
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
 
 
 class Up(nn.Module):
@@ -47,12 +38,8 @@ class Up(nn.Module):
 
 
 class ShapesUNet(nn.Module, PyTorchModelHubMixin, tags=["image-segmentation", "u-net", "amptpl"]):
-    """U-Net over ``depth`` resolution levels. ``forward(images) -> logits`` of shape (batch, 4, H, W).
-
-    The mixin records the constructor arguments (all JSON values) for ``config.json`` and adds no parameter or
-    buffer: ``state_dict`` keys are those of a plain ``nn.Module``, so the model.safetensors in a training
-    checkpoint loads as it is. ``image_size`` is the size it was trained on (any multiple of 2**(depth - 1) works).
-    """
+    """U-Net over ``depth`` resolution levels; ``image_size`` is the size it was trained on. The mixin adds no
+    parameter or buffer: the model.safetensors of a training checkpoint loads as it is."""
 
     def __init__(self, image_size: int = 32, base_channels: int = 16, depth: int = 3, dropout: float = 0.0):
         super().__init__()
@@ -75,12 +62,9 @@ class ShapesUNet(nn.Module, PyTorchModelHubMixin, tags=["image-segmentation", "u
         return self.head(x)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True,
-                         **kwargs) -> ShapesUNet:
-        # The mixin loads with strict=False (a weight missing from the file would stay random, silently) and
-        # prints a line to stdout for a local directory; load a local directory strictly and quietly instead.
-        # **kwargs: the hub arguments (revision, token, ...; they vary across huggingface_hub versions) and
-        # the constructor arguments read from config.json.
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs) -> ShapesUNet:
+        # The mixin loads with strict=False (a missing weight would stay random, silently) and prints a line to stdout
+        # for a local directory: load one strictly and quietly. **kwargs: hub arguments and config.json's.
         if not os.path.isdir(model_id):
             return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
         model = cls(**{k: v for k, v in kwargs.items() if k in cls._hub_mixin_init_parameters}).to(map_location)
@@ -89,11 +73,8 @@ class ShapesUNet(nn.Module, PyTorchModelHubMixin, tags=["image-segmentation", "u
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Cross-entropy plus (1 - soft Dice over the foreground classes), in float32 with autocast off.
-
-    The soft Dice of a class sums over the whole batch (a class missing from one image does not make that image's
-    Dice 0/0); ``eps`` keeps a class absent from the batch and not predicted at Dice 1.
-    """
+    """Cross-entropy plus (1 - soft Dice over the foreground classes, summed over the batch), in float32 with autocast
+    off; ``eps`` keeps a class absent from the batch and not predicted at Dice 1."""
     with torch.autocast(logits.device.type, enabled=False):
         logits = logits.float()
         ce = F.cross_entropy(logits, target)
