@@ -50,7 +50,7 @@ def validate(cfg: Any, need: Callable[[bool, str, str, Any], None]) -> None:
     need(0 < d.val_fraction < 1, "data.val_fraction", "in (0, 1)", d.val_fraction)
     need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
     m = cfg.model
-    need(m.d_model >= 1 and m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head", "a divisor of model.d_model",
-         m.n_head)
+    need(m.d_model >= 1 and m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head",
+         f"a divisor of model.d_model ({m.d_model})", m.n_head)
     need(m.n_layer >= 1, "model.n_layer", ">= 1", m.n_layer)
     need(0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
