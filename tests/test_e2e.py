@@ -165,16 +165,18 @@ def test_the_projects_suite_passes_without_tensorboard_as_its_readme_installs_it
     assert "SKIPPED" in r.stdout and "tensorboard" in r.stdout.split("SKIPPED", 1)[1]  # skipped for that reason
 
 
-@pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
-def test_amptpl_run_trains_the_project_in_each_precision(bytelm, env, prec, tmp_path):
-    out = tmp_path / f"run-{prec}"
+def test_amptpl_run_trains_the_project_in_fp16_and_saves_its_scaler(bytelm, env, tmp_path):
+    """`amptpl run` is the project's train command in a child process: one precision through it (the project's
+    suite trains in each, in-process)."""
+    prec = "fp16"
+    out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "amptpl", "run", str(bytelm), *TINY, "train.max_steps=3",
                         f"amp.precision={prec}", f"out_dir={out}"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"precision: requested {prec} -> {prec}" in r.stdout
     assert "step 3/3 | loss" in r.stdout
     assert (out / "checkpoints" / "step_0000003" / "meta.json").exists()
-    assert (out / "checkpoints" / "step_0000003" / "scaler.pt").exists() == (prec == "fp16")
+    assert (out / "checkpoints" / "step_0000003" / "scaler.pt").exists()
 
 
 def test_amptpl_run_passes_a_bad_override_through_and_returns_its_exit_code(bytelm, env):
