@@ -243,35 +243,34 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def verdict(rows: list[dict[str, Any]], asked: list[str] | None = None) -> dict[str, Any]:
-    """``auto``'s pick here, the fastest measured, whether they agree (within NOISE), and what timed ``auto`` runs."""
+    """One sentence: the precision ``amp.precision=auto`` trains in here and how it compares with the fastest measured;
+    the keys: auto's hardware rule (pick, reason), the fastest, whether the rule agrees, what timed auto runs."""
     auto = next((r["auto"] for r in rows if "auto" in r), None)
     if auto is None:
         return {"pick": None, "reason": None, "fastest": None, "agrees": None, "text": "no precision was measured"}
     out = {**auto, "fastest": None, "agrees": None}
-    head = f"auto picks {auto['pick']} here ({auto['reason']})"
     timings = _timings(rows, asked)  # the precisions auto may run here (not fp16 on a CPU, nothing emulated)
-    measured = [r for r in rows if r["precision"] in timings]
-    pick = next((r for r in measured if r["precision"] == auto["pick"]), None)
-    if not measured:
-        return {**out, "text": f"{head}; nothing was measured to compare"}
-    fastest = min(measured, key=lambda r: r["step_time_s"])
-    out["fastest"] = fastest["precision"]
-    if pick is None:
-        return {**out, "text": f"{head}; {auto['pick']} was not measured (add it to --precisions)"}
-    ratio = pick["step_time_s"] / fastest["step_time_s"]
-    out["agrees"] = ratio <= 1 + autopick.NOISE
-    if fastest is pick:
-        text = f"{head}; the measurement agrees: {auto['pick']} is the fastest"
-    elif out["agrees"]:
-        text = (f"{head}; the measurement agrees: {auto['pick']} is within {100 * autopick.NOISE:.0f}% of the fastest "
-                f"({fastest['precision']}, {100 * (ratio - 1):.1f}% faster: noise)")
-    else:
-        text = f"{head}; the measurement disagrees: {fastest['precision']} was {ratio:.2f}x faster here"
+    rule = precision.Resolution("auto", auto["pick"], auto["reason"], "cpu")
+    runs = autopick.decide(rule, timings, cached=False) if len(timings) >= 2 else rule  # timed where 2 can be
     if len(timings) >= 2:
-        rule = precision.Resolution("auto", auto["pick"], auto["reason"], "cpu")
-        timed = autopick.decide(rule, timings, cached=False)
-        out["timed_pick"] = timed.effective
-        text += f". With amp.auto.measure (the default) auto times it: {timed.effective} ({timed.reason})"
+        out["timed_pick"] = runs.effective
+    text = f"amp.precision=auto {'trains in' if runs is not rule else 'picks'} {runs.effective} here ({runs.reason})"
+    if not timings:
+        return {**out, "text": f"{text}; nothing it may run was measured to compare"}
+    fastest = min(timings, key=timings.get)
+    out["fastest"] = fastest
+    if runs.effective not in timings:
+        return {**out, "text": f"{text}; {runs.effective} was not measured (add it to --precisions)"}
+    ratio = timings[runs.effective] / timings[fastest]
+    out["agrees"] = auto["pick"] in timings and timings[auto["pick"]] <= timings[fastest] * (1 + autopick.NOISE)
+    if fastest == runs.effective:
+        text += ": the fastest measured"
+    elif ratio <= 1 + autopick.NOISE:
+        text += f": {fastest} measured {100 * (ratio - 1):.1f}% faster, within the {100 * autopick.NOISE:.0f}% noise"
+    else:
+        text += f": {fastest} measured {ratio:.2f}x faster (amp.precision={fastest} runs it)"
+    if runs.effective != auto["pick"]:
+        text += f"; untimed (amp.auto.measure=false) it would be {auto['pick']} ({auto['reason']})"
     return {**out, "text": text}
 
 
