@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -57,10 +58,11 @@ def run(cfg: Config, notices: tuple[str, ...] = ()) -> tuple[int, Any]:
     from accelerate.utils import set_seed
 
     from .amp.checkpoint import latest_checkpoint
+    from .amp.console import fmt_duration
     from .export import export_after_training
 
     check_trackers(cfg.amp.trackers, cfg.amp.tracker_kwargs)
-    t = cfg.train
+    t, began = cfg.train, time.monotonic()
     # ----------------------------------------------------------------------------
     # session: precision (requested, in effect, why), the Accelerator, scaler, lock, console; auto timed on this
     # model in a child process (steps.auto_probe)
@@ -119,6 +121,7 @@ def run(cfg: Config, notices: tuple[str, ...] = ()) -> tuple[int, Any]:
         # ----------------------------------------------------------------------------
         # the end: the final checkpoint and the AMP summary; out_dir/final/ (weights and config.json) when finished
         code = amp.close()
+        accelerator.print(f"time: {fmt_duration(time.monotonic() - began)} for steps {start} to {amp.step}")
     if amp.stop is None and accelerator.is_main_process:  # exit 1 if the export fails (the run is saved)
         code = export_after_training(latest_checkpoint(cfg.out_dir))
     return code, amp.stop

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,10 +60,15 @@ def _timings(device: torch.device | str, probe: Probe) -> tuple[dict[str, float]
     if probe.run is None:
         return None, False, UNTIMED
     cands = candidates(device, probe.candidates)
+    print(f"auto: timing {' and '.join(cands)} on this model, once per model and machine (a few seconds on a small "
+          "model, minutes on a large one or a slow CPU) ...", flush=True)
+    began = time.monotonic()
     try:
         timings = {p: float(t) for p, t in probe.run(cands).items() if p in cands}
     except Exception as e:  # the probe is advice: training goes on by the rule
         return None, False, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    finally:
+        print(f"auto: timing took {time.monotonic() - began:.0f} s", flush=True)
     if timings:
         store(key, timings, {"machine": machine(device), "probe": probe.key})
     return timings, False, None
