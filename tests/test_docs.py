@@ -19,7 +19,7 @@ DOCS = REPO / "docs"
 
 # The sections the long README had: each is a heading of some docs page (nothing was lost in the move).
 SECTIONS = [
-    'Set up',
+    'Set up a checkout',
     'Install',
     'Quickstart',
     'Precision: what `auto` picks, and why',
@@ -103,10 +103,25 @@ def test_every_section_of_the_reference_has_its_page(section):
     assert section in headings()
 
 
-def test_the_readme_shows_the_panel_picture_that_the_script_draws():
-    assert "](docs/panel.svg)" in README.read_text(encoding="utf-8")
+def test_the_panel_picture_has_the_rows_the_panel_shows_now_and_its_caption_names_the_command():
+    """docs/panel.svg is a picture of the live panel at the end of an fp16 run on a CPU: a row added to, renamed in
+    or dropped from ``console.render`` makes it stale, and `make panel` draws it again."""
+    import html
+
+    sys.path.insert(0, str(REPO / "template" / "src"))
+    from project.amp.console import Status, render
+
     svg = (DOCS / "panel.svg").read_text(encoding="utf-8")
-    assert svg.startswith("<svg") and "scale" in svg and "skipped" in svg
+    drawn = [html.unescape(t).replace("\xa0", " ").strip()
+             for t in re.findall(r'<text [^>]*x="24.4"[^>]*>([^<]*)</text>', svg)]  # the first column's cells
+    # what an fp16 run on a CPU shows at its last tick: a loss scale, the fp16 meters, an eta; no GPU memory
+    last = Status(step=150, total_steps=150, precision="fp16", loss=2.0, lr=1e-4, scale=2.0**19, scale_trend=[1.0],
+                  grad_norm=1.0, samples_per_s=1.0, eta_s=0.0, meters={"amp/scale_headroom_bits": 3.0})
+    shown = [str(cell) for cell in render(last).columns[0].cells]
+    assert drawn == shown, "docs/panel.svg is stale: `make panel` draws it again"
+    for page, caption in ((README, "](docs/panel.svg)"), (DOCS / "index.md", "](panel.svg)")):
+        line = next(x for x in page.read_text(encoding="utf-8").splitlines() if caption in x)
+        assert "make panel" in line, f"{page.name}: the picture's caption does not say which command drew it"
 
 
 @pytest.mark.slow
