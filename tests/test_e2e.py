@@ -82,6 +82,14 @@ def test_the_project_has_no_import_circle_and_its_loop_reads_no_part_of_the_sess
     assert reads == [], reads
 
 
+def test_the_projects_readme_shows_its_quick_tier_first_with_its_time_then_the_full_suite(project):
+    lines = [x for x in (project / "README.md").read_text().splitlines() if x.startswith("pytest ")]
+    assert [x.split("#")[0].strip() for x in lines[:2]] == ['pytest -q -m "not slow"', "pytest -q"]
+    assert re.search(r"quick tier.*: \d+ s on a 2-core", lines[0]) and re.search(r"full suite.*\d min", lines[1])
+    markers = (project / "pyproject.toml").read_text()
+    assert '"slow: ' in markers  # the marker the quick tier leaves out is declared
+
+
 def test_generated_project_passes_ruff(project):
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
