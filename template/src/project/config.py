@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +66,14 @@ class Config:
                 "precision": "amp.precision", "mixed_precision": "amp.precision", "output_dir": "out_dir"}
 
 
-GUARD_HINT = ("config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, amp.guard.max_consecutive_skips"
-              "; to try: --config configs/fp16_safe.yaml (lower amp.scaler.init_scale), amp.precision=bf16, "
-              f"amp.fp32_modules=[the module that `python -m {__package__}.locate OUT_DIR` names], a lower train.lr")
+def guard_hint(precision: str) -> str:
+    """What to try after the guard stopped a run in ``precision`` (a loss scale only where fp16 has one)."""
+    keys = "config keys: amp.guard.action (warn|stop|fallback), amp.guard.min_scale, amp.guard.max_consecutive_skips"
+    if precision == "fp16":
+        return (f"{keys}; to try: --config configs/fp16_safe.yaml (lower amp.scaler.init_scale), amp.precision=bf16, "
+                f"amp.fp32_modules=[the module that `python -m {__package__}.locate OUT_DIR` names], a lower train.lr")
+    return (f"{keys}; to try: a lower train.lr, train.grad_clip, amp.fp32_modules=[the modules that "
+            f"`python -m {__package__}.numerics OUT_DIR` suggests], the data checked for non-finite values")
 
 # Keys (or whole sections) a checkpoint cannot be resumed under when they change: the weights would not load, or the
 # run would silently become another experiment (the example names its own). Any other change applies, with a notice.
@@ -191,25 +197,48 @@ __all__ = ["TRACKER_MODULES", "Config", "ConfigError", "ConfigExit", "check_trac
 
 def _readme_main(argv: list[str]) -> int:
     """``python -m PACKAGE.config [--check|--write] [README.md]``: print, check or rewrite the README's key table."""
-    mode = argv[0] if argv and argv[0] in ("--check", "--write") else None
-    if mode is None:
-        print(readme_table())
+    p = configparse.UsageParser(prog=f"python -m {__package__}.config", description="Print the table of every config "
+                                "key; --check or --write it between the README's markers.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 when the README's table differs from config.py")
+    mode.add_argument("--write", action="store_true", help="rewrite the README's table (written whole, then renamed)")
+    p.add_argument("readme", nargs="?", default="README.md", help="the README (default README.md)")
+    try:
+        a = p.parse_args(argv)
+        if not (a.check or a.write):
+            print(readme_table(), flush=True)
+            return 0
+        path = Path(a.readme)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or "unreadable"
+            raise ConfigError(f"{path}: {'no such file' if not path.exists() else why}") from None
+        start, end = text.find(README_START), text.find(README_END)
+        if start < 0 or end < start:
+            raise ConfigError(f"{path}: no {README_START} ... {README_END} block (in that order) to hold the key table")
+        new = f"{text[:start]}{README_START}\n{readme_table()}\n{text[end:]}"
+        if a.check and new != text:
+            print(f"error: {path}: the key table differs from config.py; run python -m {__package__}.config "
+                  f"--write {path}", file=sys.stderr)
+            return 1
+        if a.write:
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:  # a full disk leaves the README as it was
+                tmp.write_text(new, encoding="utf-8")
+                tmp.replace(path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                print(f"error: {path}: cannot write ({e.strerror or e}); it is unchanged", file=sys.stderr)
+                return 1
+            print(f"wrote the key table of {path}")
         return 0
-    path = Path(argv[1] if len(argv) > 1 else "README.md")
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if README_START not in text or README_END not in text:
-        print(f"error: {path}: no {README_START} ... {README_END} block to hold the key table", file=sys.stderr)
+    except (ConfigError, configparse.UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    head, rest = text.split(README_START, 1)
-    new = f"{head}{README_START}\n{readme_table()}\n{README_END}{rest.split(README_END, 1)[1]}"
-    if mode == "--check" and new != text:
-        print(f"error: {path}: the key table differs from config.py; run python -m {__package__}.config "
-              f"--write {path}", file=sys.stderr)
-        return 1
-    if mode == "--write":
-        path.write_text(new, encoding="utf-8")
-        print(f"wrote the key table of {path}")
-    return 0
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -14,18 +14,28 @@ from .configparse import UsageError, UsageParser
 from .steps import PACKAGE, build_run, scratch_session, train_step
 
 
-def first_skip_interval(out_dir: Path) -> tuple[int, int] | None:
-    """(last log tick without a skipped step, the tick that first counts one) from metrics.jsonl, or None."""
-    path, before = out_dir / "metrics.jsonl", 0
+def _records(out_dir: Path) -> list[dict]:
+    """metrics.jsonl's records whose step is a number (a damaged line or value is passed over)."""
+    path, out = out_dir / "metrics.jsonl", []
     for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             r = json.loads(line)
         except ValueError:
             continue
-        if isinstance(r, dict) and "amp/skipped_steps" in r:
-            if r["amp/skipped_steps"] > 0:
-                return before, int(r.get("step", before))
-            before = int(r.get("step", before))
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            out.append(r)
+    return out
+
+
+def first_skip_interval(out_dir: Path) -> tuple[int, int] | None:
+    """(last log tick without a skipped step, the tick that first counts one) from metrics.jsonl, or None."""
+    before = 0
+    for r in _records(out_dir):
+        skipped = r.get("amp/skipped_steps")
+        if isinstance(skipped, (int, float)):
+            if skipped > 0:
+                return before, r["step"]
+            before = r["step"]
     return None
 
 
@@ -35,9 +45,12 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
 
     if (path / META).is_file():
         check_complete(path)
-        at = int(read_meta(path).get("step", 0))
+        at = read_meta(path).get("step", 0)
         if step is not None and step <= at:
             raise UsageError(f"--step {step}: {path} is at step {at}, not before it (give a later step)")
+        last = max([at, *(r["step"] for r in _records(path.parent.parent))])
+        if step is not None and step > last:
+            raise UsageError(f"--step {step}: the run's last step is {last}")
         return path, path, "as given"
     if not (path / CHECKPOINTS).is_dir():
         raise UsageError(f"{path}: neither a checkpoint (no {META}) nor an out_dir with {CHECKPOINTS}/")
@@ -45,12 +58,15 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
     for c in list_checkpoints(path):
         try:
             check_complete(c)
-            done.append((int(read_meta(c).get("step", 0)), c))
+            done.append((read_meta(c).get("step", 0), c))
         except Exception:  # noqa: BLE001 - an incomplete checkpoint is simply not a candidate
             continue
     if not done:
         raise UsageError(f"{path / CHECKPOINTS}: no complete checkpoint to replay from")
     newest, oldest = max(done)[1], min(done)[1]
+    last = max([max(done)[0], *(r["step"] for r in _records(path))])
+    if step is not None and step > last:
+        raise UsageError(f"--step {step}: the run's last step is {last}")
     if step is not None:
         before = [d for d in done if d[0] < step]
         if not before:
@@ -79,7 +95,7 @@ def replay(ckpt: Path | None, source: Path, step: int | None, max_steps: int) ->
         raise UsageError(f"{source}: its config cannot be read ({e})") from None
     switches = meta.get("precision_switches") or []  # after a guard fallback: the precision the run started in
     prec = switches[0]["from"] if switches and ckpt is None else (meta.get("precision") or {}).get("effective")
-    start = int(read_meta(ckpt).get("step", 0)) if ckpt is not None else 0
+    start = read_meta(ckpt).get("step", 0) if ckpt is not None else 0
     end = start + max_steps if step is None else step
     with scratch_session(cfg, prec) as amp:
         model, optimizer, scheduler, batches = build_run(cfg, amp, str(ckpt) if ckpt is not None else "none")
@@ -114,10 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, source, why = choose(path, args.step)
         print(f"locate: from {ckpt or 'the start'} ({why})")
         return replay(ckpt, source, args.step, args.max_steps)
+    except KeyboardInterrupt as e:  # a scratch replay: nothing of it is kept, nothing to resume
+        print(f"locate: interrupted{f' by {e}' if str(e) else ''}; nothing was written", file=sys.stderr)
+        return 0 if str(e) == "SIGTERM" else 130
     except Exception as e:  # bad input, or a checkpoint that does not verify or load: one line; anything else is a bug
+        from .amp import SettingsError
         from .amp.checkpoint import CheckpointError
+        from .amp.precision import PrecisionError
 
-        if not isinstance(e, (UsageError, example.DataError, CheckpointError)):
+        if not isinstance(e, (UsageError, example.DataError, CheckpointError, PrecisionError, SettingsError)):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from pathlib import Path
 
@@ -23,9 +24,11 @@ def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None
     from .amp.checkpoint import CheckpointError, find_resume, read_meta
 
     try:
-        ckpt = path if (path / "meta.json").is_file() else find_resume(path, "auto")[0]
+        ckpt, notices = (path, []) if (path / "meta.json").is_file() else find_resume(path, "auto")
     except CheckpointError as e:
         raise UsageError(str(e)) from None
+    for line in notices:  # a damaged newest checkpoint: skipped, as train says
+        print(line)
     if ckpt is None or not (ckpt / "model.safetensors").is_file():
         raise UsageError(f"{path}: no checkpoint with model.safetensors to start from")
     try:
@@ -36,7 +39,10 @@ def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None
         cfg = from_dict(to_dict(cfg))
     except ConfigError as e:
         raise UsageError(f"{ckpt}: {e}") from None
-    return cfg, load_file(str(ckpt / "model.safetensors")), f"the weights of {ckpt}"
+    try:
+        return cfg, load_file(str(ckpt / "model.safetensors")), f"the weights of {ckpt}"
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise UsageError(f"{ckpt / 'model.safetensors'}: unreadable ({' '.join(str(e).split())[:120]})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,16 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=16.0, help="error in rounding units above which a module is "
                    "flagged (default 16)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.d_model=64")
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it as Ctrl-C does
     try:
         args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-        path = Path(args.path) if args.path and "=" not in args.path else None
+        # an existing path is a path (a sweep's run_lr=2e-3 folder), key=value otherwise
+        path = Path(args.path) if args.path and ("=" not in args.path or Path(args.path).exists()) else None
         overrides = ([args.path] if args.path and path is None else []) + args.overrides
         precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
         bad = [x for x in precisions if x not in ("bf16", "fp16")]
         if bad or not precisions:
             raise UsageError(f"--precisions: {bad[0] if bad else args.precisions!r} is not bf16 or fp16")
-        if args.batches < 1 or args.tolerance <= 0:
-            raise UsageError("--batches must be >= 1 and --tolerance > 0")
+        if args.batches < 1 or not 0 < args.tolerance < float("inf"):  # nan too
+            raise UsageError("--batches must be >= 1 and --tolerance a finite number > 0")
         if path is not None and not path.exists():
             raise UsageError(f"{path}: no such out_dir or checkpoint")
         cfg, weights, source = _state(path, overrides)
@@ -64,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, example.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("numerics: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def report(cfg: Config, weights: dict | None, source: str, precisions: list[str], k: int, tolerance: float) -> int:
@@ -80,7 +93,11 @@ def report(cfg: Config, weights: dict | None, source: str, precisions: list[str]
     set_seed(cfg.seed)
     model = build_model(cfg)
     if weights is not None:
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # a model.* override the checkpoint's weights do not fit
+            first = next((x.strip() for x in str(e).splitlines()[1:] if x.strip()), str(e))
+            raise UsageError(f"{source}: do not fit the model the config builds: {first}") from None
     build = numerics.copy_of(model)
     print(f"numerics: {source}; {len(batches)} training batches; float32 against "
           f"{', '.join(precisions)} autocast on the CPU; tolerance {tolerance:g} rounding units")

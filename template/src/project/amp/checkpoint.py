@@ -38,6 +38,11 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable {META} ({e.__class__.__name__})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: {META} does not hold a JSON object")
+    step, prec = meta.get("step", 0), meta.get("precision")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # a hand-edited file: named, never a traceback
+        raise CheckpointError(f"{Path(path) / META}: step must be a whole number >= 0, got {step!r}")
+    if prec is not None and not (isinstance(prec, dict) and isinstance(prec.get("effective", ""), str)):
+        raise CheckpointError(f"{Path(path) / META}: precision must be an object with an 'effective' name, got {prec!r}")
     return meta
 
 
