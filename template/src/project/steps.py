@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,27 @@ PACKAGE = __package__ or "project"
 # what a child process of a launched run must not inherit: it is a single process of its own
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
+
+
+class StoppedEarly(KeyboardInterrupt):
+    """A stop signal while nothing of the run exists yet (auto timing its candidates), or in a scratch run."""
+
+
+def _stop_early(signum: int, frame: Any) -> None:
+    raise StoppedEarly(signal.Signals(signum).name)
+
+
+@contextmanager
+def signals_end_it() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`StoppedEarly` here (nothing to save); the handlers before are put back."""
+    before = {}
+    with suppress(ValueError):  # not the main thread: signals are not ours to take
+        before = {sig: signal.signal(sig, _stop_early) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def build_model(cfg: Config) -> Any:
@@ -138,7 +160,8 @@ def scratch_session(cfg: Config, precision: str | None) -> Iterator[Any]:
     settings = replace(cfg.amp, precision=precision, guard=replace(cfg.amp.guard, action="warn"), log_every=10**9,
                        keep=1, checkpoint_every=0, live=False, audit="off", meters=False, trackers=[])
     with tempfile.TemporaryDirectory(prefix="scratch-") as tmp, session_for(cfg, settings, tmp, probe=False) as amp:
-        yield amp
+        with signals_end_it():  # nothing of a scratch run is kept: a stop signal ends it, no state saved
+            yield amp
         amp.close(completed=False)
 
 
@@ -177,7 +200,7 @@ def auto_probe(cfg: Config) -> Any:
 
 def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
     """Seconds per optimizer step per candidate, timed in a fresh single process that the run's state never sees."""
-    with tempfile.TemporaryDirectory(prefix="auto-") as folder:
+    with signals_end_it(), tempfile.TemporaryDirectory(prefix="auto-") as folder:  # a signal: child and folder go
         config = Path(folder) / "config.yaml"
         config.write_text(to_yaml(replace(cfg, resume="none", out_dir=folder)))
         argv = [sys.executable, "-m", f"{PACKAGE}.bench", "--probe", ",".join(candidates), "--config", str(config)]
@@ -189,7 +212,29 @@ def run_probe(cfg: Config, candidates: list[str]) -> dict[str, float]:
     raise RuntimeError(last.strip())
 
 
+def finite_checkpoint(out_dir: str) -> Path | None:
+    """The newest complete checkpoint of ``out_dir`` whose weights are all finite: where a guard's fallback starts
+    (the one the guard just saved may hold NaN weights, e.g. after a learning rate that blew them up)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .amp.checkpoint import check_complete, list_checkpoints
+
+    for ckpt in reversed(list_checkpoints(out_dir)):
+        try:
+            check_complete(ckpt)
+            if all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values()):
+                return ckpt
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is no place to continue from
+            continue
+    return None
+
+
 def locate_after_guard(cfg: Config) -> None:
     """``amp.guard.locate``: ``python -m PACKAGE.locate OUT_DIR`` in a fresh process (this one holds Accelerate's)."""
     if cfg.amp.guard.locate:
-        subprocess.run([sys.executable, "-m", f"{PACKAGE}.locate", cfg.out_dir], env=child_env(), check=False)
+        try:  # a stop signal ends the child with this process (subprocess.run kills it)
+            with signals_end_it():
+                subprocess.run([sys.executable, "-m", f"{PACKAGE}.locate", cfg.out_dir], env=child_env(), check=False)
+        except StoppedEarly as e:
+            print(f"locate: stopped by {e}", file=sys.stderr)

@@ -16,21 +16,32 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from . import example
 from .config import (
-    GUARD_HINT,
     Config,
     ConfigError,
     ConfigExit,
     check_trackers,
+    guard_hint,
     parse_args,
     resume_check,
     to_dict,
     to_yaml,
 )
-from .steps import auto_probe, build_optimizer, evaluate, forever, locate_after_guard, session_for, train_step
+from .steps import (
+    StoppedEarly,
+    auto_probe,
+    build_optimizer,
+    evaluate,
+    finite_checkpoint,
+    forever,
+    locate_after_guard,
+    session_for,
+    train_step,
+)
 
 
 def done_already(cfg: Config, is_main: bool) -> str | None:
@@ -141,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .amp import distributed
+    from .amp.checkpoint import read_meta
 
     main_process = os.environ.get("RANK", "0") == "0"  # one hint, not one per process
     for attempt in range(2):
@@ -156,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if main_process:
             locate_after_guard(cfg)  # amp.guard.locate: name the module that overflowed
-        if stop.to is None or attempt:
+        start = finite_checkpoint(cfg.out_dir) if stop.to is not None and not attempt else None
+        if start is None:
             if main_process:
-                print(GUARD_HINT)
+                if stop.to is not None and not attempt:
+                    print(f"AMP guard: no checkpoint with finite weights in {cfg.out_dir} to continue in {stop.to} from")
+                print(guard_hint((read_meta(Path(stop.path)).get("precision") or {}).get("effective", "")))
             return stop.exit_code
         if main_process:
-            print(f"AMP guard: continuing in {stop.to} from {stop.path}")
-        cfg = replace(cfg, resume=stop.path, amp=replace(cfg.amp, precision=stop.to))
+            print(f"AMP guard: continuing in {stop.to} from {start}")
+        cfg = replace(cfg, resume=str(start), amp=replace(cfg.amp, precision=stop.to))
     return 3
 
 
@@ -184,9 +199,14 @@ def failure(e: BaseException, cfg: Config) -> int:
     if isinstance(e, OutputDirError):
         print(f"error: out_dir: {e}", file=sys.stderr)
         return 2
+    if isinstance(e, StoppedEarly):  # while auto timed its candidates: no run exists yet
+        print(f"stopped by {e} before the first step: nothing to save")
+        return 0
     if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: no save (a half-written checkpoint is removed)
-        print(f"error: interrupted twice: stopped without saving; {cfg.out_dir}/checkpoints has the last "
-              "complete checkpoint", file=sys.stderr)
+        from .amp.checkpoint import list_checkpoints
+
+        kept = f"{cfg.out_dir}/checkpoints has the last complete one" if list_checkpoints(cfg.out_dir) else "none yet"
+        print(f"error: interrupted twice: stopped without saving a checkpoint; {kept}", file=sys.stderr)
         return 130
     if isinstance(e, (OSError, MemoryError, RuntimeError)) and faults.describe(e) is not None:
         print(f"error: {faults.describe(e)}", file=sys.stderr)  # a fault of the machine: one line, exit 1
