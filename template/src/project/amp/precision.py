@@ -18,7 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs
 
 from .hooks import Feature
-from .settings import PRECISIONS, env_flag, normalise_precision
+from .settings import PRECISIONS, SettingsError, env_flag, normalise_precision
 
 
 class PrecisionError(ValueError):
@@ -298,6 +298,11 @@ def cast_floats(x: Any, dtype: torch.dtype) -> Any:
     return x
 
 
+def covers_all(model: torch.nn.Module, names: list[str]) -> bool:
+    """Whether every parameter of ``model`` is in one of the modules ``names`` (all of it runs in float32)."""
+    return all(any(p.startswith(f"{n}.") for n in names) for p, _ in model.named_parameters())
+
+
 def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     """Run the submodules matching ``patterns`` (fnmatch) with autocast off on float32 inputs; their names."""
     modules = {n: m for n, m in model.named_modules() if n}
@@ -305,7 +310,8 @@ def keep_in_fp32(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     for pat in patterns:
         hits = [n for n in modules if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"fp32 module pattern {pat!r} matches no module (e.g. {', '.join(list(modules)[:4])})")
+            raise SettingsError(f"fp32_modules: fp32 module pattern {pat!r} matches no module (e.g. "
+                                f"{', '.join(list(modules)[:4])})")
         matched += [h for h in hits if h not in matched]
     for mod in (modules[n] for n in matched if not getattr(modules[n], "_amp_fp32", False)):
         @functools.wraps(mod.forward)

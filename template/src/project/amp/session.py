@@ -22,7 +22,7 @@ from .hooks import Hooks, plain_module
 from .monitor import AmpMonitor, Clock, Problem, Stop, decide
 from .position import LoopError, Progress, Tracked, epoch
 from .rundir import RunDir, StopSignal, shield_workers
-from .settings import AmpSettings
+from .settings import AmpSettings, SettingsError
 
 METRICS, SUMMARY = "metrics.jsonl", "amp_summary.json"
 
@@ -68,7 +68,14 @@ class AmpSession:
         acc = self.accelerator
         models = [o for o in objects if isinstance(o, torch.nn.Module)]
         for model in models if self.settings.fp32_modules else ():
-            self.console.log(f"fp32 modules: {', '.join(precision.keep_in_fp32(model, self.settings.fp32_modules))}")
+            names = precision.keep_in_fp32(model, self.settings.fp32_modules)
+            self.console.log(f"fp32 modules: {', '.join(names)}")
+            if self.resolution.effective != "fp32" and precision.covers_all(model, names):
+                said = ("fp32_modules keep every module in float32: the precision in effect is fp32, not "
+                        f"{self.resolution.effective}")
+                if self.settings.audit == "strict":
+                    raise SettingsError(said)
+                self.console.log(f"warning: {said}", style="yellow")
         optimizers = {id(o): o for o in (getattr(o, "optimizer", o) for o in (*objects, *acc._optimizers)
                                          if hasattr(o, "param_groups"))}
         self.hooks.before_prepare(models, list(optimizers.values()))

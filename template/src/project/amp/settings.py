@@ -94,6 +94,8 @@ class AmpSettings:
                                 ("log_every", self.log_every, 1), ("checkpoint_every", self.checkpoint_every, 0),
                                 ("keep", self.keep, 1)):
             need(_integer(value) and value >= low, key, f">= {low}", value)
+        if self.audit in (False, "no", "false"):  # YAML 1.1 reads `audit: off` as false: the user's off
+            object.__setattr__(self, "audit", "off")
         need(self.audit in AUDIT_MODES, "audit", "off, warn or strict", self.audit)
         name = self.run_name
         need(name == "" or ("/" not in name and "\\" not in name and name not in (".", "..")), "run_name",

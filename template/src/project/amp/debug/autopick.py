@@ -53,13 +53,12 @@ def for_session(rule: Resolution, state: Any, probe: Probe | None, auto: Any) ->
 
 def _timings(device: torch.device | str, probe: Probe) -> tuple[dict[str, float] | None, bool, str | None]:
     """The main process's (timings, cached, error): from the cache, else from ``probe.run`` (then cached)."""
-    key = probe_key(device, probe)
-    timings = lookup(key)
+    key, cands = probe_key(device, probe), candidates(device, probe.candidates)
+    timings = lookup(key, cands)
     if timings is not None:
         return timings, True, None
     if probe.run is None:
         return None, False, UNTIMED
-    cands = candidates(device, probe.candidates)
     print(f"auto: timing {' and '.join(cands)} on this model, once per model and machine (a few seconds on a small "
           "model, minutes on a large one or a slow CPU) ...", flush=True)
     began = time.monotonic()
@@ -118,17 +117,21 @@ def _read_cache() -> dict[str, Any]:
     try:
         data = json.loads((cache_dir() / CACHE_FILE).read_text())
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}  # none yet, or damaged: measure again
 
 
-def lookup(key: str) -> dict[str, float] | None:
+def lookup(key: str, cands: list[str] | None = None) -> dict[str, float] | None:
+    """The cached step times of ``cands`` (of every precision in the entry without them); None: measure again."""
     entry = _read_cache().get(key)
     timings = entry.get("step_time_s") if isinstance(entry, dict) else None
-    ok = isinstance(timings, dict) and timings and all(isinstance(v, (int, float)) and v > 0 for v in timings.values())
-    if not ok:
-        return None  # none, or damaged: measure again
-    return {str(k): float(v) for k, v in timings.items()}
+    if not isinstance(timings, dict):
+        return None
+    timings = {str(p): t for p, t in timings.items() if cands is None or p in cands}  # never another set's timings
+    ok = timings and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in timings.values())
+    if not ok or (cands is not None and len(timings) < len(cands)):
+        return None  # none, damaged, or not every candidate: measure again
+    return {p: float(t) for p, t in timings.items()}
 
 
 def store(key: str, timings: Mapping[str, float], about: Mapping[str, Any] | None = None) -> None:
