@@ -384,6 +384,20 @@ def test_new_with_force_backs_up_each_file_it_overwrites_and_leaves_identical_an
     assert train.with_name("train.py.amptpl-backup-2").read_text() == "# another edit\n"
 
 
+def test_new_force_with_another_example_moves_the_earlier_examples_files_aside_and_says_so(tmp_path):
+    render_project("my-proj", tmp_path)  # the byte LM
+    project = tmp_path / "my-proj"
+    before = sorted(p.name for p in (project / "tests").glob("test_example_*.py"))
+    result = cli.invoke(app, ["new", "my-proj", "--dir", str(tmp_path), "--force", "--example", "segmentation"])
+    assert result.exit_code == 0, result.output
+    now = sorted(p.name for p in (project / "tests").glob("test_example_*.py"))
+    assert now == ["test_example_segmentation.py"] and "test_example_segmentation.py" not in before
+    for name in before:  # moved aside (pytest does not collect them), and each named
+        assert (project / "tests" / f"{name}.amptpl-backup").is_file()
+        assert f"  tests/{name}: not in this example's template, moved to tests/{name}.amptpl-backup" in result.stdout
+    assert json.loads((project / ".amptpl.json").read_text())["answers"]["example"] == "segmentation"
+
+
 def test_new_leaves_no_staging_folder_behind(tmp_path):
     render_project("my-proj", tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["my-proj"]

@@ -163,6 +163,9 @@ def new(
     for rel, backup in result.backups.items():
         line = f"  {rel.as_posix()}: overwritten, backup at {backup.as_posix()}"
         typer.echo(line if os.environ.get("NO_COLOR") else typer.style(line, fg="yellow"))
+    for rel, backup in result.moved.items():
+        line = f"  {rel.as_posix()}: not in this example's template, moved to {backup.as_posix()}"
+        typer.echo(line if os.environ.get("NO_COLOR") else typer.style(line, fg="yellow"))
 
     where = _shown(result.path)
     typer.echo("\n" + bold("Next steps"))

@@ -47,6 +47,8 @@ from .manifest import (
     commit,
     is_executable,
     make_executable,
+    read_manifest,
+    recorded_hashes,
     write_atomic,
 )
 from .resources import configs_root, template_root
@@ -82,7 +84,8 @@ class RenderResult:
     """What ``render_project`` wrote: the project folder, its import package and its files (relative).
 
     ``files`` are all the template's files (``.amptpl.json`` included); ``unchanged`` those that were already
-    there with the same content (left alone); ``backups`` maps each overwritten file to its backup.
+    there with the same content (left alone); ``backups`` maps each overwritten file to its backup; ``moved``
+    each file an earlier render wrote that this one does not (another example's) to where it was moved aside.
     """
 
     path: Path
@@ -90,6 +93,7 @@ class RenderResult:
     files: list[Path]
     unchanged: list[Path] = field(default_factory=list)
     backups: dict[Path, Path] = field(default_factory=dict)
+    moved: dict[Path, Path] = field(default_factory=dict)
 
 
 def package_name(name: str, target: Path | None = None) -> str:
@@ -246,9 +250,12 @@ def render_project(name: str, parent_dir: str | os.PathLike[str] = ".", force: b
     files = sorted([Path(p) for p in planned] + [Path(MANIFEST)])
     if target.is_dir():
         _check_no_collisions(target, planned)
+        moved = {rel: backup_path(target / rel).relative_to(target) for rel in _not_planned(target, planned)}
+        for rel, backup in moved.items():  # another example's files: moved aside, not left to break its tests
+            (target / rel).rename(target / backup)
         unchanged, backups = _write_in_place(target, planned)
         commit(target, planned, manifest)
-        return RenderResult(target, package, files, unchanged, backups)
+        return RenderResult(target, package, files, unchanged, backups, moved)
     _write_new(target, planned, manifest)
     return RenderResult(target, package, files)
 
@@ -377,6 +384,17 @@ def _check_no_collisions(target: Path, planned: dict[PurePosixPath, FileData]) -
                     f"cannot write {path}: {existing} is a file, not a directory; "
                     "move it or choose another --dir"
                 )
+
+
+def _not_planned(target: Path, planned: dict[PurePosixPath, FileData]) -> list[Path]:
+    """The files an earlier render recorded in ``target``'s manifest that this render does not write."""
+    if not (target / MANIFEST).is_file():
+        return []
+    try:
+        recorded = recorded_hashes(target, read_manifest(target)) or {}
+    except AmptplError:  # a damaged manifest: nothing is known to be the template's
+        recorded = {}
+    return [Path(rel) for rel in recorded if rel not in planned and (target / rel).is_file()]
 
 
 def _write_in_place(
