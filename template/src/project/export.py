@@ -47,14 +47,11 @@ def find_checkpoint(path: str | Path, notices: list[str] | None = None) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any], Path]:
-    """(model in eval mode, meta.json, checkpoint directory) of a checkpoint or a run's newest one; ExportError (one
-    line naming the path) when it is incomplete, has no ``model.safetensors`` or weights that do not fit its config."""
+    """(model in eval mode, meta.json, checkpoint directory) of a checkpoint or a run's newest one, or ExportError."""
     path = find_checkpoint(path)
     weights = path / WEIGHTS
     try:
-        meta = read_meta(path)
-        if not isinstance(meta, dict):
-            raise ExportError(f"{path}: meta.json is not a JSON object")
+        meta = read_meta(path)  # a JSON object, or CheckpointError
         if not weights.is_file():
             others = sorted(p.name for p in path.iterdir() if p.name.startswith("pytorch_model"))
             hint = (f" (it holds {', '.join(others)}: save or merge the weights as safetensors, "
