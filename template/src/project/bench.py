@@ -143,11 +143,11 @@ def measure(prec: str, cfg: Config, opts: argparse.Namespace) -> dict[str, Any]:
                 tokens.append((now["tokens_seen"] - seen["tokens_seen"]) / dt)
         except torch.cuda.OutOfMemoryError:
             return {**row, "status": "oom", "note": "out of memory"}
+        summary = amp.summary()  # the skipped-step count: one read, after the timing
         row.update(step_time_s=statistics.median(times), step_time_min_s=min(times), step_time_max_s=max(times),
                    step_times_s=times, samples_per_s=statistics.median(samples), tokens_per_s=statistics.median(tokens),
-                   loss=float(loss) if loss is not None else None)
-        summary = amp.summary()  # the skipped-step count: one read, after the timing
-        row.update(status="ok", skipped_steps=summary["amp/skipped_steps"], steps=amp.step, scale=summary["amp/scale"])
+                   loss=float(loss), status="ok", skipped_steps=summary["amp/skipped_steps"], steps=amp.step,
+                   scale=summary["amp/scale"])
         row["peak_mem_mib"], row["peak_mem_kind"] = _peak_memory(device)
     return row
 
@@ -381,8 +381,7 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
         if prec == "tf32" and device_type != "cuda":
             rows.append({"precision": "tf32", "status": "n/a", "note": device_note("tf32", "cpu")})
             continue
-        line = _estimate(prec, rows, opts, device_type)
-        if line:
+        if line := _estimate(prec, rows, opts, device_type):
             out.print(line, style="yellow", markup=False)
         tag, t0 = f"[{i}/{len(opts.precisions)}] {prec}", time.perf_counter()
         out.print(f"{tag} ...", markup=False)
