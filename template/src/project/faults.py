@@ -25,9 +25,7 @@ def describe(e: BaseException) -> str | None:
     return None
 
 
-_USER_FIXABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR})
-
-
 def write_status(e: OSError) -> int:
     """2 for a write the user's path or permissions refused (fix the input), 1 for the machine's fault (a full disk)."""
-    return 2 if e.errno in _USER_FIXABLE else 1
+    fixable = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR)
+    return 2 if e.errno in fixable else 1
