@@ -119,8 +119,7 @@ class LoopChecks(Feature):
 
 
 class RandomAhead(Feature):
-    """A warning where the first step drew from the global RNG between its last forward and ``amp.after_step`` (a
-    batch drawn ahead) and tracks no tensor: the checkpoint would not hold that batch, a resume trains on another."""
+    """A warning where the first step drew a batch ahead (the global RNG moved after its last forward), untracked."""
 
     name = "random_ahead"
 
@@ -148,7 +147,7 @@ class RandomAhead(Feature):
 
 class SameData(Feature):
     """A warning where every process trained on the same first batch (the data not split between them): a
-    :func:`fingerprint` of each process's first batch (or its first loss), exchanged in the tick's collective."""
+    fingerprint of each process's first batch (or its first loss), exchanged in the tick's collective."""
 
     name = "same_data"
 
@@ -162,8 +161,15 @@ class SameData(Feature):
         self.done = False  # a fingerprint was taken (or the warning given)
 
     def on_batch(self, batch: Any) -> None:
-        if self.value is None and not self.done:
-            self.value = fingerprint(batch)
+        """The fingerprint: a weighted sum of the first tensor's first elements (on its device, no sync); none for a
+        batch without a tensor (an offset says nothing about the data it selects)."""
+        if self.value is not None or self.done:
+            return
+        t = first_tensor(batch)
+        if t is not None and t.numel():
+            flat = t.detach().reshape(-1)[:4096].float()
+            weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float32).remainder_(97).add_(1)
+            self.value = (flat * weights).sum()
 
     def at_step(self, loss: Any) -> None:
         if self.value is None and loss is not None:  # batches without a tensor: the first loss instead
@@ -183,14 +189,3 @@ class SameData(Feature):
                     "between them (each does the same work). Pass your DataLoader through amp.prepare so Accelerate "
                     "shards it, or give each process its own part (accelerator.process_index, "
                     "accelerator.num_processes)"]
-
-
-def fingerprint(batch: Any) -> torch.Tensor | None:
-    """A number that differs between batches: a weighted sum of the first tensor's first elements (on its device, no
-    sync); None for a batch without a tensor (an offset says nothing about the data it selects)."""
-    t = first_tensor(batch)
-    if t is None or not t.numel():
-        return None
-    flat = t.detach().reshape(-1)[:4096].float()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float32).remainder_(97).add_(1)
-    return (flat * weights).sum()

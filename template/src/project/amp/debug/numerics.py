@@ -92,8 +92,7 @@ def measure(build: Callable[[], torch.nn.Module], batches: Sequence[Any], loss_f
                 s[0] += _rel(out_a, out_b) / unit
                 s[1] += _rel(grad_a, grad_b) / unit if grad_a is not None and grad_b is not None else 0.0
     n = max(len(batches), 1)
-    errors = [ModuleError(name, s[0] / n, s[1] / n) for name, s in sums.items()]
-    return sorted(errors, key=lambda e: -e.worst)
+    return sorted((ModuleError(name, s[0] / n, s[1] / n) for name, s in sums.items()), key=lambda e: -e.worst)
 
 
 def suggest(build: Callable[[], torch.nn.Module], batches: Sequence[Any], loss_fn: Callable[[Any, Any], torch.Tensor],
