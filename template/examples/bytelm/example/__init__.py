@@ -35,9 +35,7 @@ def build_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, str]:
 
 def build_model(cfg: Any) -> Any:
     """A freshly initialised model from the config (the loop keeps ``amp.fp32_modules`` in float32 afterwards)."""
-    from .model import ByteLM
-
-    return ByteLM(**model_args({"data": vars(cfg.data), "model": vars(cfg.model)}))
+    return model_class()(**model_args({"data": vars(cfg.data), "model": vars(cfg.model)}))
 
 
 def loss(model: Any, batch: Any) -> Any:

@@ -97,11 +97,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _load_raw(files: list[str], hub_name: str):
     """``datasets.load_dataset`` for local text files or a hub name, its failures as one-line DataErrors."""
     import datasets
@@ -128,7 +123,9 @@ def _load_raw(files: list[str], hub_name: str):
     try:
         return datasets.load_dataset(hub_name, split="train")
     except _network_errors() as e:
-        why = ("no cached copy was found while offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if _offline()
+        offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        why = ("no cached copy was found while offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)" if offline
                else f"the hub could not be reached ({type(e).__name__})")
         raise DataError(f"data.hub_name: {hub_name!r} needs a network or a local cache, and {why}; "
                         "use data.files for local text") from None

@@ -34,14 +34,11 @@ def build_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, str]:
 
 def build_model(cfg: Any) -> Any:
     """A freshly initialised model from the config (the loop keeps ``amp.fp32_modules`` in float32 afterwards)."""
-    from .model import ShapesUNet
-
-    return ShapesUNet(**model_args({"data": vars(cfg.data), "model": vars(cfg.model)}))
+    return model_class()(**model_args({"data": vars(cfg.data), "model": vars(cfg.model)}))
 
 
 def loss(model: Any, batch: Any) -> Any:
-    """The training loss of one batch: cross-entropy + soft Dice, in float32 with autocast off, whatever the
-    autocast dtype of the model's output."""
+    """The training loss of one batch: cross-entropy + soft Dice, in float32 whatever the model's output dtype."""
     from .model import dice_ce_loss
 
     x, y = batch
@@ -76,8 +73,7 @@ def load_metric() -> Any:
 
 
 def model_class() -> type:
-    """The model class: a ``PyTorchModelHubMixin`` (``save_pretrained``/``from_pretrained``), built from
-    :func:`model_args` of a checkpoint's config."""
+    """The model class, a ``PyTorchModelHubMixin`` built from :func:`model_args` of a checkpoint's config."""
     from .model import ShapesUNet
 
     return ShapesUNet

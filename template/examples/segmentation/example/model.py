@@ -45,8 +45,7 @@ class ShapesUNet(nn.Module, PyTorchModelHubMixin, tags=["image-segmentation", "u
         super().__init__()
         self.image_size = image_size
         widths = [base_channels * 2**i for i in range(depth)]
-        self.down = nn.ModuleList([ConvBlock(IN_CHANNELS, widths[0])])
-        self.down.extend(ConvBlock(a, b) for a, b in zip(widths, widths[1:], strict=False))
+        self.down = nn.ModuleList(ConvBlock(a, b) for a, b in zip([IN_CHANNELS, *widths], widths, strict=False))
         self.drop = nn.Dropout2d(dropout)
         self.up = nn.ModuleList(Up(b, a, dropout) for a, b in reversed(list(zip(widths, widths[1:], strict=False))))
         self.head = nn.Conv2d(widths[0], NUM_CLASSES, 1)
