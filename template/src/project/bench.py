@@ -2,8 +2,6 @@
 
 ``python -m PACKAGE.bench [--precisions fp32,bf16] [key=value ...]``: one fresh process per precision (doctor.md)."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

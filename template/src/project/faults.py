@@ -1,7 +1,5 @@
 """Faults of the machine told apart from bugs: a full disk, memory that ran out, a process of the run that died."""
 
-from __future__ import annotations
-
 import errno
 import re
 

@@ -31,17 +31,7 @@ from .config import (
     to_dict,
     to_yaml,
 )
-from .steps import (
-    StoppedEarly,
-    auto_probe,
-    build_optimizer,
-    evaluate,
-    finite_checkpoint,
-    forever,
-    locate_after_guard,
-    session_for,
-    train_step,
-)
+from .steps import auto_probe, build_optimizer, evaluate, forever, locate_after_guard, session_for, train_step
 
 
 def done_already(cfg: Config, is_main: bool) -> str | None:
@@ -153,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .amp import distributed
     from .amp.checkpoint import read_meta
+    from .steps import finite_checkpoint
 
     main_process = os.environ.get("RANK", "0") == "0"  # one hint, not one per process
     for attempt in range(2):
@@ -188,6 +179,7 @@ def failure(e: BaseException, cfg: Config) -> int:
     from .amp.checkpoint import CheckpointError
     from .amp.debug.audit import AuditError
     from .amp.precision import PrecisionError
+    from .steps import StoppedEarly
 
     if isinstance(e, SettingsError):
         print(f"error: amp.{e}", file=sys.stderr)

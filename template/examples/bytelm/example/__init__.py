@@ -1,8 +1,6 @@
 """The example this project trains, a small byte-level language model on text that needs no download: the one part
 to replace for your own model and data (README: "Make it yours"). Nothing heavy is imported here."""
 
-from __future__ import annotations
-
 import math
 from typing import Any
 

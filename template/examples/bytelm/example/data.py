@@ -1,8 +1,6 @@
 """The byte LM's data: this Python's stdlib sources, ``data.files`` or ``data.hub_name`` through ``datasets``, cut into
 blocks of ``seq_len + 1`` bytes, the last ``val_fraction`` held out; bad settings: a one-line :class:`DataError`."""
 
-from __future__ import annotations
-
 import codecs
 import contextlib
 import glob

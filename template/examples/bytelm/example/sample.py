@@ -1,7 +1,5 @@
 """Generate text with a trained byte-level model."""
 
-from __future__ import annotations
-
 import sys
 
 import torch

@@ -1,8 +1,6 @@
 """The example this project trains, a small 2-D U-Net that segments synthetic shapes: the one part to replace for
 your own model and data (README: "Make it yours"). A batch is ``(images, masks)``; nothing heavy is imported here."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from .config import RESUME_INCOMPATIBLE, TINY, WIDE, DataConfig, ModelConfig, validate

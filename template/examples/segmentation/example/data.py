@@ -1,8 +1,6 @@
 """The U-Net's data: images of 1 to ``max_shapes`` shapes (circle, square, triangle of one area; ids 1-3) with noise,
 drawn from seeds derived from ``data.seed``, the same on every machine; vectorised, kept in memory as tensors."""
 
-from __future__ import annotations
-
 import hashlib
 import math
 

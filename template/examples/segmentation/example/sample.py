@@ -1,7 +1,5 @@
 """Segment fresh shape images with a trained U-Net and write them as one PNG: input | truth | prediction per row."""
 
-from __future__ import annotations
-
 import struct
 import sys
 import zlib
@@ -18,6 +16,7 @@ from .data import draw_shapes, split_seed
 # RGB per class id: background, circle, square, triangle
 PALETTE = torch.tensor([[24, 24, 24], [230, 75, 60], [60, 180, 75], [70, 130, 230]], dtype=torch.uint8)
 GAP = 2  # pixels between tiles (before scaling)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def png_bytes(rgb: torch.Tensor) -> bytes:
@@ -30,7 +29,7 @@ def png_bytes(rgb: torch.Tensor) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
     raw = bytes(rows.contiguous().view(-1).tolist())
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    return PNG_MAGIC + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
 def grid(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -88,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if not out.parent.is_dir():
             parser.error(f"--out {args.out}: no directory {out.parent}")
+        if any((out.parent / name).exists() for name in ("meta.json", "config.json", "model.safetensors")):
+            parser.error(f"--out {args.out}: inside a checkpoint or an export; give a path outside it")
+        if out.exists() and (not out.is_file() or out.read_bytes()[:8] != PNG_MAGIC):
+            parser.error(f"--out {args.out}: exists and is not a PNG; give a new file name")
         model, source = load_model(args.path, device_arg(args.device), notices)
     except (UsageError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
