@@ -37,6 +37,8 @@ def _state(path: Path | None, overrides: list[str]) -> tuple[Config, dict | None
             key, _, value = item.partition("=")
             set_key(cfg, key.strip(), value, text=True)
         cfg = from_dict(to_dict(cfg))
+    except CheckpointError as e:  # a hand-edited meta.json
+        raise UsageError(str(e)) from None
     except ConfigError as e:
         raise UsageError(f"{ckpt}: {e}") from None
     try:
