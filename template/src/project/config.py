@@ -129,8 +129,13 @@ README_START, README_END = "<!-- config keys: start -->", "<!-- config keys: end
 
 
 def readme_table() -> str:
-    """The README's key table, made from the tree above (``python -m PACKAGE.config --write README.md``)."""
-    return configparse.markdown_table(Config)
+    """The README's key table, a row per key of the tree above (``python -m PACKAGE.config --write README.md``)."""
+    bar = str.maketrans({"|": "\\|"})  # a bare | would end the cell
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for _, _, rows in configparse.sections(Config):
+        lines += [f"| `{key}` | {tp} | `{default.translate(bar)}` | {comment.translate(bar)} |"
+                  for key, tp, default, comment in rows]
+    return "\n".join(lines)
 
 
 def all_keys() -> list[str]:
@@ -153,9 +158,8 @@ def resume_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[tuple[str, 
     return incompatible, compatible
 
 
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",
-                   "mlflow": "mlflow", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
-                   "trackio": "trackio"}
+TRACKER_MODULES = {name: name for name in ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive",
+                                           "swanlab", "trackio")}  # tracker -> the module it imports (and pip installs)
 
 
 def check_trackers(names: list[str], kwargs: dict) -> None:
@@ -179,13 +183,12 @@ def resume_check(cfg: Config) -> Any:
         saved = meta.get("config") if isinstance(meta, dict) else None
         if not isinstance(saved, dict):
             return []
-        incompatible, changed = resume_changes(saved, cfg)
+        incompatible, changed = (", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in diffs)
+                                 for diffs in resume_changes(saved, cfg))
         if incompatible:
-            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in incompatible)
-            raise ConfigError(f"resume: {cfg.out_dir} holds a checkpoint of another experiment ({diffs}); "
+            raise ConfigError(f"resume: {cfg.out_dir} holds a checkpoint of another experiment ({incompatible}); "
                               "start fresh with resume=none (the old run is moved aside) or use another out_dir")
-        return ["resume: settings changed since the checkpoint: "
-                + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)] if changed else []
+        return [f"resume: settings changed since the checkpoint: {changed}"] if changed else []
 
     return check
 

@@ -54,12 +54,10 @@ def _read(tp: Any, value: Any) -> Any:
     if tp is int:
         return value if number and isinstance(value, int) else _NO
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                return _NO
-        return float(value) if number else _NO
+        try:  # a string too: YAML 1.1 reads 1e-3 (no dot) as one
+            return float(value) if number or isinstance(value, str) else _NO
+        except ValueError:
+            return _NO
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads `precision: no` as false
             return "yes" if value else "no"
@@ -170,10 +168,9 @@ class _Loader(yaml.SafeLoader):
         def size(n: yaml.Node) -> int:  # values after alias expansion; shared nodes counted once each, cheaply
             if id(n) not in sizes:
                 sizes[id(n)] = 0  # a recursive alias: counted as nothing more
+                children = n.value if isinstance(n, yaml.SequenceNode) else []
                 if isinstance(n, yaml.MappingNode):
                     children = [c for pair in n.value for c in pair]
-                else:
-                    children = n.value if isinstance(n, yaml.SequenceNode) else []
                 sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_VALUES + 1)
             return sizes[id(n)]
 
@@ -196,10 +193,9 @@ class _Loader(yaml.SafeLoader):
 def load_yaml(cfg: Any, path: str | Path) -> list[str]:
     """Apply a YAML file's keys on top of ``cfg``; returns the dotted keys it set."""
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"--config: {p} is a directory, not a YAML file")
     if not p.is_file():
-        raise ConfigError(f"--config: no such file: {p}")
+        why = f"{p} is a directory, not a YAML file" if p.is_dir() else f"no such file: {p}"
+        raise ConfigError(f"--config: {why}")
     try:
         text = p.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -273,9 +269,7 @@ def parse_args(argv: list[str], root: type, validate: Callable[[Any], Any], comm
     return cfg
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (saved with every checkpoint)."""
-    return dataclasses.asdict(cfg)
+to_dict = dataclasses.asdict  # the resolved config as plain data (saved with every checkpoint)
 
 
 def from_dict(data: dict[str, Any], root: type, validate: Callable[[Any], Any]) -> Any:
@@ -340,21 +334,10 @@ def sections(root: type) -> list[tuple[str, str, list[tuple[str, str, str, str]]
     return out
 
 
-def markdown_table(root: type) -> str:
-    """Every key as a Markdown table (key, type, default, meaning), one row per key, section by section."""
-    bar = str.maketrans({"|": "\\|"})  # a bare | would end the cell
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for _, _, rows in sections(root):
-        lines += [f"| `{key}` | {tp} | `{default.translate(bar)}` | {comment.translate(bar)} |"
-                  for key, tp, default, comment in rows]
-    return "\n".join(lines)
-
-
 def help_text(root: type, command: str) -> str:
     """The ``--help`` text: usage, precedence, then every key by section with type, default and comment."""
     sections_ = sections(root)
-    all_rows = [row for _, _, rows in sections_ for row in rows]
-    wk, wt, wd = (max(len(row[i]) for row in all_rows) for i in range(3))
+    wk, wt, wd = (max(len(row[i]) for _, _, rows in sections_ for row in rows) for i in range(3))
     lines = [
         usage(command), "",
         "Train with the config below. Precedence: defaults < --config FILE.yaml (files apply in the order given)",
