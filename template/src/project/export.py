@@ -83,10 +83,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def _val_loss(meta: dict[str, Any], ckpt: Path) -> float | None:
-    """val/loss at the checkpoint: from meta.json if the run stored it, else from the run's metrics.jsonl."""
-    for source in (meta, meta.get("metrics") or {}):
-        if isinstance(source, dict) and isinstance(source.get("val/loss"), (int, float)):
-            return float(source["val/loss"])
+    """val/loss at the checkpoint: the last one the run's metrics.jsonl holds up to its step (meta.json has none)."""
     log = ckpt.parent.parent / "metrics.jsonl"
     step, found = meta.get("step"), None
     if not isinstance(step, int) or not log.is_file():
@@ -107,15 +104,13 @@ def model_card(model: Any, meta: dict[str, Any], ckpt: Path) -> str:
     prec = meta.get("precision") or {}
     effective, requested = prec.get("effective", "unknown"), prec.get("requested")
     trained_in = effective if requested in (None, effective) else f"{effective} (requested {requested})"
-    switches = meta.get("precision_switches") or []
-    if switches:
+    if switches := meta.get("precision_switches"):
         trained_in += ", switched " + ", ".join(f"{s.get('from')} -> {s.get('to')} at step {s.get('step')}"
                                                 for s in switches)
     about, use = example.card(model, PACKAGE)
     rows = [*about[:1], ("parameters", f"{n_params:,}"), *about[1:], ("trained in", trained_in),
             ("optimizer steps", str(meta.get("step", "unknown")))]
-    val = _val_loss(meta, ckpt)
-    if val is not None:
+    if (val := _val_loss(meta, ckpt)) is not None:
         rows.append(("val loss", example.loss_unit(val)))
     rows.append(("from checkpoint", ckpt.name))
     tags = "".join(f"- {t}\n" for t in type(model)._hub_mixin_info.model_card_data.tags or [])
