@@ -169,8 +169,7 @@ def check_trackers(names: list[str], kwargs: dict) -> None:
             raise ConfigError(f"amp.tracker_kwargs: {name!r} must be one of amp.trackers "
                               f"({', '.join(names) or 'none'}) and hold a mapping, e.g. {{wandb: {{entity: me}}}}")
     for name in names:
-        module = TRACKER_MODULES.get(name)
-        if module is None:
+        if (module := TRACKER_MODULES.get(name)) is None:
             raise ConfigError(f"amp.trackers: unknown tracker {name!r} (one of {', '.join(TRACKER_MODULES)})")
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"amp.trackers: {name} is not installed (pip install {module})")

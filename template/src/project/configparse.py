@@ -75,8 +75,7 @@ def _coerce(key: str, tp: Any, value: Any, text: bool = False) -> Any:
     if text and tp is str:
         return value
     shown, value = value, (parse_value(value) if text else value)
-    out = _read(tp, value)
-    if out is _NO:
+    if (out := _read(tp, value)) is _NO:
         names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
         want = names.get(tp, "a list of strings" if typing.get_origin(tp) is list else str(tp))
         raise ConfigError(f"{key}: expected {want}, got {value!r}")
@@ -135,10 +134,8 @@ def _set_mapping(node: Any, part: str, rest: list[str], key: str, value: Any, te
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every settable dotted key, in declaration order (``out_dir``, ..., ``amp.scaler.init_scale``, ...)."""
-    keys: list[str] = []
-    for name, tp in _field_types(cls).items():
-        keys += all_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{name}"]
-    return keys
+    return [key for name, tp in _field_types(cls).items()
+            for key in (all_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{name}"])]
 
 
 def _did_you_mean(key: str, root: type) -> str:
@@ -150,10 +147,8 @@ def _did_you_mean(key: str, root: type) -> str:
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in data.items() if isinstance(data, dict) else ():
-        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-    return out
+    return [item for k, v in (data.items() if isinstance(data, dict) else ())
+            for item in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])]
 
 
 MAX_YAML_VALUES = 100_000  # a config holds hundreds; anchors that expand past this are a "billion laughs" file
