@@ -210,7 +210,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raise ExportError(f"{path}: no {WEIGHTS} beside config.json")
         try:
             model = example.model_class().from_pretrained(str(path), map_location=str(device))
-        except (TypeError, ValueError, RuntimeError, OSError, SafetensorError) as e:  # files that do not fit
+        except (TypeError, ValueError, AttributeError, LookupError, RuntimeError, OSError, SafetensorError) as e:
             raise ExportError(f"{path}: not a loadable {example.TITLE} export ({str(e).splitlines()[0]})") from None
         return model, f"weights from {path} (exported model)"
     model, meta, ckpt = load_checkpoint(path, device)

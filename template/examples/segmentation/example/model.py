@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_model
 from torch import nn
+
+from .config import DataConfig, ModelConfig, validate
 
 IN_CHANNELS = 1
 NUM_CLASSES = 4  # background + circle, square, triangle
@@ -66,9 +69,23 @@ class ShapesUNet(nn.Module, PyTorchModelHubMixin, tags=["image-segmentation", "u
         # for a local directory: load one strictly and quietly. **kwargs: hub arguments and config.json's.
         if not os.path.isdir(model_id):
             return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
-        model = cls(**{k: v for k, v in kwargs.items() if k in cls._hub_mixin_init_parameters}).to(map_location)
+        given = {k: v for k, v in kwargs.items() if k in cls._hub_mixin_init_parameters}
+        _check_export(given, Path(model_id) / "config.json")
+        model = cls(**given).to(map_location)
         load_model(model, Path(model_id) / "model.safetensors", strict=strict, device=map_location)
         return model.eval()
+
+
+def _check_export(given: dict, where: Path) -> None:
+    """An export's config.json, checked as training checks the config (ValueError naming the field)."""
+    def need(ok: bool, key: str, allowed: str, value: object) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {key.split('.')[-1]}: must be {allowed}, got {value!r}")
+
+    for key, value in given.items():
+        need(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+    model = ModelConfig(**{k: v for k, v in given.items() if k != "image_size"})
+    validate(SimpleNamespace(model=model, data=DataConfig(image_size=given.get("image_size", 32))), need)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
