@@ -28,7 +28,6 @@ class Feature:
 
     @classmethod
     def make(cls, hooks: Hooks) -> Feature | None:
-        """The feature for this run, or None where it does not apply."""
         return cls(hooks)
 
     def state_dict(self) -> dict[str, Any]: return {}  # noqa: E704 - what a checkpoint keeps of the feature
@@ -79,11 +78,9 @@ class Hooks:
         accelerator.init_trackers = init_trackers
 
     def get(self, name: str) -> Any:
-        """The feature called ``name`` in this session, or None."""
         return next((f for f in self.features if f.name == name), None)
 
     def call(self, hook: str, *args: Any) -> list[Any]:
-        """Call ``hook`` on every feature that has it, in order; their results."""
         return [getattr(f, hook)(*args) for f in self.features if getattr(f, hook, None) is not None]
 
     def shared(self) -> list[list[Any]]:
@@ -106,29 +103,23 @@ class Hooks:
         self.call("before_prepare", models, optimizers)
         defined = {h for f in self.features for h in ("before_inner_step", "before_forward", "after_forward")
                    if getattr(f, h, None)}
-        for opt in optimizers if "before_inner_step" in defined else ():
-            if getattr(opt, "_amp_inner", False):
-                continue
-            step, zero_grad = opt.step, opt.zero_grad
-
-            @functools.wraps(step)
-            def inner_step(*args: Any, __opt: Any = opt, __step: Any = step, **kwargs: Any) -> Any:
+        for opt in (o for o in optimizers if "before_inner_step" in defined and not getattr(o, "_amp_inner", False)):
+            @functools.wraps(opt.step)
+            def inner_step(*args: Any, __opt: Any = opt, __step: Any = opt.step, **kwargs: Any) -> Any:
                 self.call("before_inner_step", __opt)
                 out = __step(*args, **kwargs)
                 self.call("after_inner_step", __opt)
                 return out
 
-            @functools.wraps(zero_grad)
-            def inner_zero_grad(set_to_none: bool = True, __opt: Any = opt, __zero: Any = zero_grad) -> None:
+            @functools.wraps(opt.zero_grad)
+            def inner_zero_grad(set_to_none: bool = True, __opt: Any = opt, __zero: Any = opt.zero_grad) -> None:
                 __zero(set_to_none)
                 self.call("after_zero_grad", __opt, set_to_none)
 
             opt.step, opt.zero_grad, opt._amp_inner = inner_step, inner_zero_grad, True
         for model in models if {"before_forward", "after_forward"} & defined else ():
-            forward = model.forward
-
-            @functools.wraps(forward)
-            def amp_forward(*args: Any, __forward: Any = forward, **kwargs: Any) -> Any:
+            @functools.wraps(model.forward)
+            def amp_forward(*args: Any, __forward: Any = model.forward, **kwargs: Any) -> Any:
                 for f in self.features:
                     args, kwargs = f.before_forward(args, kwargs) if f.before_forward else (args, kwargs)
                 out = __forward(*args, **kwargs)
