@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import logging
 import os
 import re
 import signal
@@ -36,23 +35,18 @@ PEER = re.compile(r"connection (closed|reset) by peer|broken pipe|NCCL (error|co
 
 
 def peer_lost(e: BaseException) -> str | None:
-    """One line for an error that says another process of the run died or stopped answering (with two, which one),
-    else None."""
+    """One line when ``e`` says another process of the run died or stopped answering (with two: which), else None."""
     dist = sys.modules.get("torch.distributed")  # a process group without torchrun's env
     joined = dist is not None and dist.is_available() and dist.is_initialized()
     world = os.environ.get("WORLD_SIZE") or (dist.get_world_size() if joined else 1)
     m = PEER.search(str(e)) if isinstance(e, RuntimeError) and str(world).isdigit() and int(world) > 1 else None
-    rank = os.environ.get("RANK", "")
-    if m is None or not rank.isdigit():
-        return None if m is None else (f"another process of this run died or stopped answering ({m.group(0)}); its "
-                                       "own output says why")
+    if m is None:
+        return None
+    if not (rank := os.environ.get("RANK", "")).isdigit():
+        return f"another process of this run died or stopped answering ({m.group(0)}); its own output says why"
     other, said = (f"rank {1 - int(rank)} of 2", f"rank {1 - int(rank)}'s") if int(world) == 2 else (
         f"another of the {world} ranks", "its")
     return f"{other} died or stopped answering ({m.group(0)}), so rank {rank} stops too; {said} own output says why"
-
-
-def _end_now(signum: int, frame: Any) -> None:
-    os._exit(128 + signum)
 
 
 def run_main(main: Callable[[], Any]) -> NoReturn:
@@ -68,11 +62,10 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
         print(f"error: {line}", file=sys.stderr) if line else traceback.print_exc()
         code = 1
     code = 0 if code is None else code if isinstance(code, int) else 1  # as sys.exit(code) would end
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGINT, _end_now)  # a Ctrl-C from here on ends at once, with no exit handler's traceback
+    with contextlib.suppress(ValueError):  # not the main thread; a Ctrl-C ends at once, no exit handler's traceback
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        atexit._run_exitfuncs()
-        logging.shutdown()
+        atexit._run_exitfuncs()  # logging's shutdown among them
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
