@@ -31,14 +31,10 @@ class AmpMonitor:
         self.scale_fn = scale_fn
         self.steps = self.skipped = self.consecutive_skips = self.max_consecutive_skips = 0
         self.nonfinite_losses = self.consecutive_nonfinite = self.scale_count = self.last_step = 0
-        self.scale: float | None = None
+        self.scale = self.last_grad_norm = self.prev_scale = None  # floats once a step has them
         self.scale_min, self.scale_max, self.scale_sum = math.inf, 0.0, 0.0
-        self.history: list[list[float]] = []  # [step, scale], downsampled: every `stride`-th step
-        self.stride = 1
-        self.events: list[dict[str, Any]] = []
-        self.switches: list[dict[str, Any]] = []  # precision switches made by the collapse guard
-        self.last_grad_norm: float | None = None
-        self.prev_scale: float | None = None
+        self.history, self.stride = [], 1  # [step, scale] at every `stride`-th step (downsampled)
+        self.events, self.switches = [], []  # overflow events; precision switches made by the collapse guard
         self.interval: dict[str, list[float]] = {}  # this log interval: name -> [sum, count] ("skips": [n, 0])
         self.recent_skips: deque[int] = deque(maxlen=100)  # 1/0 per step, for the recent skip rate
         self.trend: deque[float] = deque(maxlen=48)  # scale at each flush, for the sparkline
@@ -79,10 +75,9 @@ class AmpMonitor:
         self._pending.append((step, names, [f if not isinstance(f, torch.Tensor) else ... for f in fields], packed))
 
     def _drain(self) -> None:
-        read = {}  # one cat and one read per device (normally one): the only sync of the interval
-        for device in {p.device for *_, p in self._pending if p is not None}:
-            read[device] = iter(torch.cat([p for *_, p in self._pending if p is not None and p.device == device]
-                                          ).tolist())
+        tensors = [p for *_, p in self._pending if p is not None]
+        # one cat and one read per device (normally one): the only sync of the interval
+        read = {d: iter(torch.cat([t for t in tensors if t.device == d]).tolist()) for d in {t.device for t in tensors}}
         for step, names, plain, packed in self._pending:
             loss, gn, scale, tracker, *values = [next(read[packed.device]) if v is ... else v for v in plain]
             self._observe(step, loss, gn, None if scale is None else (scale, tracker))
@@ -108,6 +103,7 @@ class AmpMonitor:
             skipped = tracker == 0 and not now > prev
             if skipped:
                 self.events = [*self.events, {"step": step, "scale_before": prev, "scale_after": now}][-EVENTS:]
+                self._add(" skips", 1.0)
             self.prev_scale = now
             self._note_scale(step, now)
         if loss is not None and not math.isfinite(loss):
@@ -120,8 +116,6 @@ class AmpMonitor:
         self.skipped += skipped
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         self.max_consecutive_skips = max(self.max_consecutive_skips, self.consecutive_skips)
-        if skipped:
-            self._add(" skips", 1.0)
 
     def _note_scale(self, step: int, scale: float) -> None:
         self.scale = scale
@@ -156,9 +150,7 @@ class AmpMonitor:
         out.update({value_key(k): s / n for k, (s, n) in interval.items() if k in self.value_names})
         return out
 
-    @property
-    def recent_skip_rate(self) -> float:
-        return sum(self.recent_skips) / len(self.recent_skips) if self.recent_skips else 0.0
+    recent_skip_rate = property(lambda self: sum(self.recent_skips) / max(len(self.recent_skips), 1))
 
     def check(self, min_scale: float, max_consecutive_skips: int) -> Problem | None:
         """What the collapse guard should know: a collapsed loss scale, too many skips or non-finite losses in a row."""
@@ -217,8 +209,7 @@ class AmpMonitor:
         return m, self.check(guard.min_scale, guard.max_consecutive_skips)
 
     def meta(self, stop: Stop | None, precision: str) -> dict[str, Any]:
-        """For a checkpoint's meta.json: the switches so far, and the stop it was saved for (``signal_stop``, or
-        ``guard_stop``: its ``to`` is the fallback it asks for)."""
+        """For meta.json: the switches so far, the stop saved for (``signal_stop``; ``guard_stop``: fallback ``to``)."""
         asked = {"step": stop.step, "from": precision, "to": stop.to, "reason": stop.message} if stop else None
         return {"precision_switches": self.switches, **({f"{stop.reason}_stop": asked} if stop else {})}
 
@@ -255,9 +246,7 @@ class Decision:
 
 def fallback_target(precision: str, native_bf16: bool) -> str | None:
     """fp16 -> bf16 where the device runs it natively, else fp32; bf16 and bf16-true -> fp32; fp32 -> None."""
-    if precision == "fp16":
-        return "bf16" if native_bf16 else "fp32"
-    return "fp32" if precision in ("bf16", "bf16-true") else None
+    return {"fp16": "bf16" if native_bf16 else "fp32", "bf16": "fp32", "bf16-true": "fp32"}.get(precision)
 
 
 def decide(guard: Any, problem: Problem | None, *, precision: str, native_bf16: bool, warned: str | None) -> Decision:
@@ -280,9 +269,7 @@ class Stop:
     message: str  # the signal's name, or the guard's problem
     to: str | None = None
 
-    @property
-    def exit_code(self) -> int:
-        return 3 if self.reason == "guard" else 0
+    exit_code = property(lambda self: 3 if self.reason == "guard" else 0)
 
 
 @dataclass
