@@ -59,11 +59,9 @@ _VERIFIED: dict[str, tuple[Any, list[str]]] = {}  # path -> (stat of its files, 
 
 def check_complete(path: Path) -> list[str]:
     """Raise CheckpointError unless ``path`` is complete and its parts verify; notices for bad RNG states only."""
-    path = Path(path)
-    try:
+    path, stamp = Path(path), None
+    with contextlib.suppress(OSError):
         stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
-    except OSError:
-        stamp = None
     if stamp is not None and _VERIFIED.get(str(path), (None,))[0] == stamp:
         return list(_VERIFIED[str(path)][1])
     if not path.is_dir():
@@ -73,8 +71,7 @@ def check_complete(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: {META} does not mark it complete")
     if not any((path / f).exists() for f in MODEL_FILES):
         raise CheckpointError(f"{path}: no model weights ({' or '.join(MODEL_FILES[:2])})")
-    files = meta.get("files", [])
-    notices = []
+    files, notices = meta.get("files", []), []
     for name, want in sorted((files if isinstance(files, dict) else dict.fromkeys(files)).items()):
         part, why = path / name, None
         if not part.is_file():
@@ -94,10 +91,9 @@ def check_complete(path: Path) -> list[str]:
 
 def _order(path: Path) -> tuple[int, int]:
     """(save sequence, step): a checkpoint saved later sorts later whatever its step (0 before the sequence existed)."""
-    try:
+    seq = UNREADABLE
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         seq = int(json.loads((path / META).read_text()).get("seq", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        seq = UNREADABLE
     m = NAME_RE.match(path.name)
     return seq, int(m.group(1)) if m else 0
 
@@ -201,10 +197,9 @@ def _writing(tmp: Path) -> Any:
         if not isinstance(e, Exception):
             raise
         errno_ = getattr(e, "errno", None) or getattr(e.__cause__, "errno", None)
-        try:
+        free = None
+        with contextlib.suppress(OSError):
             free = shutil.disk_usage(tmp.parent if tmp.parent.exists() else tmp.parent.parent).free
-        except OSError:
-            free = None
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if errno_ == 28 or (free is not None and free < 16 * 2**20):
             why = "no space left on device" + (f" ({free / 2**20:.1f} MiB free)" if free is not None else "")
@@ -248,7 +243,6 @@ class CheckpointManager:
         return final
 
     def _seal(self, tmp: Path, final: Path) -> None:
-        """Hash every part, mark complete, rename into place, then move ``latest`` and rotate."""
         meta = json.loads((tmp / META).read_text())
         meta["files"] = {p.name: _digest(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != META}
         saved = [p for p in list_checkpoints(self.root.parent) if _order(p)[0] != UNREADABLE]
