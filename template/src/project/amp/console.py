@@ -70,9 +70,7 @@ def status(m: dict[str, float], mon: Any, progress: Any, total: int | None, prec
 def sparkline(values: Sequence[float], width: int = 24) -> str:
     """A sparkline of log2(values) (the loss scale moves in powers of two)."""
     vals = [math.log2(v) for v in list(values)[-width:] if v and v > 0 and math.isfinite(v)]
-    if not vals:
-        return ""
-    lo, hi = min(vals), max(vals)
+    lo, hi = min(vals, default=0.0), max(vals, default=0.0)  # no values: ""
     return SPARK[3] * len(vals) if hi - lo < 1e-9 else "".join(SPARK[int((v - lo) / (hi - lo) * 7)] for v in vals)
 
 
@@ -98,7 +96,6 @@ def _progress(s: Status, pct: bool = True) -> str:
 
 
 def _meters(m: dict[str, float]) -> list[str]:
-    """``headroom 3.2 bits``, ``underflow 0.1%``, ``lost updates 12%`` for the meters measured at this tick."""
     out = [f"headroom {_num(m['amp/scale_headroom_bits'], '.1f')} bits"] if "amp/scale_headroom_bits" in m else []
     return out + [f"{label} {100 * m[key]:.1f}%" for key, label in (("amp/grad_underflow_frac", "underflow"),
                   ("amp/lost_update_frac", "lost updates")) if key in m and math.isfinite(m[key])]
@@ -256,8 +253,7 @@ class Trackers:
         self.log_with = [JsonlTracker(metrics), *user]  # for Accelerator(log_with=...)
         self.run_name = settings.run_name or metrics.parent.resolve().name
         self.kwargs = {k: dict(v) for k, v in (settings.tracker_kwargs or {}).items()}
-        self.config = None if config is None else flat(config)
-        self.started = False
+        self.config, self.started = None if config is None else flat(config), False
 
     def start(self, accelerator: Any, meta: dict[str, Any] | None = None, step: int = 0) -> None:
         """``init_trackers`` once; after a resume W&B and MLflow continue their runs, TensorBoard drops later events."""
@@ -268,7 +264,6 @@ class Trackers:
         resumed = {"wandb": {"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {},
                    "mlflow": {"run_id": ids["mlflow"]} if "mlflow" in ids else {},
                    "tensorboard": {"purge_step": step + 1} if meta is not None else {}}  # later events: the killed run's
-        for name in self.names:
-            for key, value in resumed.get(name, {}).items():
-                kwargs.setdefault(name, {}).setdefault(key, value)
+        for name in (n for n in self.names if resumed.get(n)):  # the settings' tracker_kwargs win
+            kwargs[name] = {**resumed[name], **kwargs.get(name, {})}
         accelerator.init_trackers(self.run_name, config=self.config, init_kwargs=kwargs)

@@ -98,8 +98,7 @@ def count(batch: Any) -> tuple[int, int]:
     first = first_tensor(batch)
     if first is None or first.dim() == 0:
         return 0, 0
-    tokens = first.numel() if first.dim() == 2 and not first.is_floating_point() else 0
-    return first.shape[0], tokens
+    return first.shape[0], (first.numel() if first.dim() == 2 and not first.is_floating_point() else 0)
 
 
 def first_tensor(batch: Any) -> torch.Tensor | None:

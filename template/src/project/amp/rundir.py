@@ -95,11 +95,10 @@ def _acquire(path: Path) -> bool:
         except FileExistsError:
             if path.is_dir():
                 raise IsADirectoryError(path) from None
-            try:
+            other, pid, host = {}, -1, ""
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 other = json.loads(path.read_text())
                 pid, host = int(other["pid"]), str(other["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                other, pid, host = {}, -1, ""
             if pid == os.getpid() and host == me["host"]:
                 return False
             if pid > 0 and host == me["host"] and _alive(pid):
@@ -148,9 +147,7 @@ class StopSignal:
     unless a SIGTERM or SIGHUP within :data:`ECHO_S` (a launcher's copy). :meth:`restore` puts the old handlers back."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
-        self.signame: str | None = None
-        self._at = 0.0
-        self._previous: dict[int, Any] = {}
+        self.signame, self._at, self._previous = None, 0.0, {}  # the first signal's name and time; handlers replaced
         with contextlib.suppress(ValueError):  # not the main thread: signals cannot be caught here
             for sig in signals:
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGHUP under nohup: left ignored
@@ -170,7 +167,6 @@ class StopSignal:
         os.kill(os.getpid(), signum)
 
     def restore(self) -> None:
-        """Reinstall the handlers that were there before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
