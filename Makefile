@@ -37,7 +37,7 @@ demo: install ## render build/demo and train it: fp16 with a real loss scale (8-
 	$(VENV)/bin/amptpl run $(DEMO) --config=configs/demo.yaml resume=none
 
 test: install ## run every test: amptpl's own and, end to end, a generated project's
-	@echo "make test: every test, CPU only and offline: 13 min on a 2-core Intel Xeon (slower where fp16 has no fast CPU kernels); pytest prints its own time at the end"
+	@echo "make test: every test, CPU only and offline: 13-15 min on a 2-core Intel Xeon (slower where fp16 has no fast CPU kernels); pytest prints its own time at the end"
 	$(PY) -m pytest -q -rs --durations=40 -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
