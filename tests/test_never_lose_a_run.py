@@ -109,7 +109,8 @@ def test_no_run_is_lost_or_mixed(case, project, env, tmp_path):
 
 # The workers matter where the signal reaches them too (a process group); each way on 2 processes, and on 1 where
 # the chain of processes differs (amptpl run starts the training itself, not through accelerate launch).
-PREEMPTIONS = [(2, 2, "group"), (2, 0, "pid"), (1, 0, "amptpl run"), (2, 2, "amptpl run"),
+# "pid" (scancel --signal to each rank) reaches the ranks as "group" does, which also reaches their workers
+PREEMPTIONS = [(2, 2, "group"), (1, 0, "amptpl run"), (2, 2, "amptpl run"),
                (1, 2, "SIGKILL to amptpl run"), (2, 1, "SIGKILL to amptpl run")]
 
 
