@@ -159,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             return code
         if main_process:
             locate_after_guard(cfg)  # amp.guard.locate: name the module that overflowed
-        start = finite_checkpoint(cfg.out_dir) if stop.to is not None and not attempt else None
+        fallback = stop.to is not None and not attempt  # once: a second trip ends the run
+        start = finite_checkpoint(cfg.out_dir) if fallback else None
         if start is None:
             if main_process:
-                if stop.to is not None and not attempt:
+                if fallback:
                     print(f"AMP guard: no checkpoint with finite weights in {cfg.out_dir} to continue in {stop.to} from")
                 print(guard_hint((read_meta(Path(stop.path)).get("precision") or {}).get("effective", "")))
             return stop.exit_code
