@@ -116,6 +116,12 @@ def latest(out_dir: Path) -> str:
     return (out_dir / "checkpoints" / "latest").read_text().strip()
 
 
+def sealed(out_dir: Path) -> str:
+    """The newest sealed checkpoint: what resume=auto loads after a kill. ``latest`` lags it by one save when the
+    kill falls between a checkpoint's rename and the update of ``latest``."""
+    return max(p.name for p in (out_dir / "checkpoints").glob("step_*") if p.is_dir())
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     """Two checkpoints hold bitwise the same model weights."""
     import torch

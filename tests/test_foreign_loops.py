@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _runs import Started, assert_same_weights, cpu_ranks, latest, launch, log_lines, world_size
+from _runs import Started, assert_same_weights, cpu_ranks, latest, launch, log_lines, sealed, world_size
 
 LOOPS = Path(__file__).parent / "loops"
 COPYING = Path(__file__).resolve().parents[1] / "docs" / "copying-the-core.md"
@@ -126,7 +126,7 @@ def test_sigkill_after_a_checkpoint_then_the_same_command_ends_bitwise_equal(row
     run_ = start(repo / f"{row.script}.py", tmp_path, env)
     run_.wait_until((tmp_path / "out" / "checkpoints" / "latest").exists, "the first checkpoint")
     run_.kill_everything(1)
-    killed_at = latest(tmp_path / "out")
+    killed_at = sealed(tmp_path / "out")
     assert killed_at < final, "the kill came after the run had finished: nothing was tested"
     resumed = run(repo / f"{row.script}.py", tmp_path, env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -155,7 +155,7 @@ def test_two_gloo_ranks_train_are_killed_and_resume(row, repo, env, tmp_path):
     run_ = start(script, tmp_path, env, 2)
     run_.wait_until((tmp_path / "out" / "checkpoints" / "latest").exists, "the first checkpoint", timeout=600)
     assert len(run_.kill_everything(2)) == 2
-    killed_at = latest(tmp_path / "out")
+    killed_at = sealed(tmp_path / "out")
     resumed = run(script, tmp_path, env, 2)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _runs import Started, assert_same_weights, child_pids, cpu_ranks, gone, latest, launch, log_lines
+from _runs import Started, assert_same_weights, child_pids, cpu_ranks, gone, latest, launch, log_lines, sealed
 
 LOOPS = Path(__file__).parent / "loops"
 COPYING = Path(__file__).resolve().parents[1] / "docs" / "copying-the-core.md"
@@ -182,7 +182,7 @@ def test_row2_with_the_documented_lines_sigkill_then_the_same_command_ends_bitwi
     run_ = Started(gpt(repo / GPT), tmp_path, env)
     run_.wait_until((tmp_path / "out" / "checkpoints" / "latest").exists, "the first checkpoint")
     run_.kill_everything(1)
-    killed_at = latest(tmp_path / "out")
+    killed_at = sealed(tmp_path / "out")
     assert killed_at < final, "the kill came after the run had finished: nothing was tested"
     resumed = run(gpt(repo / GPT), tmp_path, env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

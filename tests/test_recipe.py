@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _runs import Started, assert_same_weights, cpu_ranks, launch, log_lines, world_size
+from _runs import Started, assert_same_weights, cpu_ranks, launch, log_lines, sealed, world_size
 from typer.testing import CliRunner
 
 from amptpl import recipe
@@ -339,7 +339,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_bitwise_the_same_wei
     ranks = run.kill_everything(nproc)
     if nproc > 1:
         assert len(ranks) == nproc, f"expected {nproc} ranks under the launcher, found {ranks}"
-    killed_at = latest(tmp_path)
+    killed_at = sealed(tmp_path / OUT)
     assert killed_at < f"step_{FINAL_STEP[nproc]:07d}" and not (tmp_path / OUT / "amp_summary.json").exists(), (
         "the kill came after the run had finished: nothing was tested")
 
