@@ -1,5 +1,5 @@
 """Which leaf modules lose the most to low precision: output and gradient error against a float32 shadow, in rounding
-units (:data:`UNIT`), in ``eval()`` mode; :func:`suggest` keeps the worst in float32 (docs/debugger.md)."""
+units (:data:`UNIT`), in ``eval()`` mode; :func:`suggest` keeps the worst in float32, in fp8 in bf16 (debugger.md)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,21 @@ import torch
 
 from ..precision import keep_in_fp32
 
-UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # the dtype's rounding error u
-DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp8": 2.0**-4}  # the dtype's rounding error u (fp8: e4m3's)
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}  # the autocast's dtype
+
+
+def low(build: Callable[[], torch.nn.Module], precision: str, kept: list[str]) -> tuple[torch.nn.Module, set[str]]:
+    """A model for ``precision`` and the names to measure: ``kept`` in float32 (fp8: in bf16, the fp8 Linears only)."""
+    model = build()
+    if precision != "fp8":
+        keep_in_fp32(model, kept)
+        return model, {n for n, _ in model.named_modules()}
+    from ..fp8 import convert
+    from ..settings import AmpSettings
+
+    rows = convert(model, AmpSettings("fp8", fp8={"skip": kept}))
+    return model, {n for n, _, why in rows if why is None}
 
 
 @dataclass
@@ -79,14 +92,14 @@ def measure(build: Callable[[], torch.nn.Module], batches: Sequence[Any], loss_f
     ``build()`` returns the model in the state to compare from (a new one each call)."""
     device = torch.device(device)
     unit, dtype = UNIT[precision], DTYPE[precision]
-    ref_model, low_model = build().to(device).eval(), build().to(device).eval()
-    keep_in_fp32(low_model, list(fp32_modules))
+    ref_model, (low_model, names) = build().to(device).eval(), low(build, precision, list(fp32_modules))
+    low_model = low_model.to(device).eval()
     sums: dict[str, list[float]] = {}
     for batch in batches:
         a = _capture(ref_model, batch, loss_fn, device.type, None)
         b = _capture(low_model, batch, loss_fn, device.type, dtype)
         for name, (out_a, grad_a) in a.items():
-            if name in b:
+            if name in b and name in names:
                 out_b, grad_b = b[name]
                 s = sums.setdefault(name, [0.0, 0.0])
                 s[0] += _rel(out_a, out_b) / unit
@@ -118,8 +131,7 @@ def loss_gap(build: Callable[[], torch.nn.Module], make_optimizer: Callable[[tor
     device = torch.device(device)
 
     def run(dtype: torch.dtype | None, kept: list[str]) -> list[float]:
-        model = build().to(device).eval()
-        keep_in_fp32(model, kept)
+        model = (low(build, precision, kept)[0] if dtype else build()).to(device).eval()
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # disabled: a plain step
         losses = []
@@ -133,9 +145,9 @@ def loss_gap(build: Callable[[], torch.nn.Module], make_optimizer: Callable[[tor
             losses.append(float(loss.detach()))
         return losses
 
-    ref, low = run(None, []), run(DTYPE[precision], list(fp32_modules))
+    ref, mine = run(None, []), run(DTYPE[precision], list(fp32_modules))
     half = max(1, len(ref) // 2)
-    a, b = sum(ref[-half:]) / half, sum(low[-half:]) / half
+    a, b = sum(ref[-half:]) / half, sum(mine[-half:]) / half
     return abs(b - a) / abs(a) if a else math.inf
 
 
