@@ -432,8 +432,8 @@ def fp8_plan(cfg: Config) -> int:
     rows = plan(model, cfg.amp)
     hooks = [m.register_forward_hook(lambda _m, args, _o, n=n: m_of.__setitem__(n, args[0].numel() // args[0].shape[-1]))
              for n, m, _ in rows]
-    with torch.no_grad():
-        example.loss(model, next(iter(loader)))
+    with torch.no_grad():  # on the meta device: shapes only, no arithmetic, whatever the model's size
+        example.loss(model.to("meta"), send_to_device(next(iter(loader)), "meta"))
     for h in hooks:
         h.remove()
     t = Table(title=f"fp8 plan: {PACKAGE}, {cfg.amp.fp8.recipe} scaling", box=box.SIMPLE_HEAD)
