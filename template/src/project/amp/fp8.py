@@ -3,6 +3,7 @@ them; which Linears convert, and why each other one does not, decided here and s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import importlib
@@ -107,6 +108,17 @@ class Fp8(Feature):
 
     def before_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
         self.rows = [row for model in models for row in plan(model, self.hooks.settings)] or self.rows
+
+    def float_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A copy of ``module`` with plain Linears for its Float8Linears, the same weights: ``eval.precision=fp32``."""
+        clone = copy.deepcopy(module)
+        for parent in list(clone.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child).__name__ == "Float8Linear":
+                    plain = torch.nn.Linear(child.in_features, child.out_features, child.bias is not None, "meta")
+                    plain.weight, plain.bias = child.weight, child.bias
+                    setattr(parent, name, plain)
+        return clone
 
     def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
         if not models:  # prepare(optimizer) after prepare(model): said then
