@@ -123,6 +123,9 @@ class Fp8(Feature):
     def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
         if not models:  # prepare(optimizer) after prepare(model): said then
             return
+        if not self.rows:
+            return self.hooks.say("fp8: the model has no torch.nn.Linear, the one layer fp8 converts: all of it runs "
+                                  "in bf16 autocast", style="yellow")
         fp8 = [n for model in models for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
         left = "".join(f"; in bf16 ({why}): {_few([n for n, _, w in self.rows if w == why])}"
                        for why in dict.fromkeys(w for _, _, w in self.rows if w))

@@ -136,8 +136,8 @@ class Audit(Feature):
                             f"{_name(want_weights)}")
         fp8 = [n for m in self.models for n, x in m.named_modules() if type(x).__name__ == "Float8Linear"]
         if self.precision == "fp8" and not fp8:
-            problems.append("precision fp8, yet no Linear runs in fp8: the model was prepared without amp.prepare, "
-                            "or every Linear was left out (the fp8 line says why)")
+            problems.append("precision fp8, yet no Linear runs in fp8: the fp8 line says why (none: the model was "
+                            "prepared by accelerator.prepare, not amp.prepare)")
         tf32 = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
         self.result = {"precision": self.precision, "optimizer_groups": groups,
                        "model_weights": _names(p.dtype for _, p in weights),
