@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import os
 import re
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -70,12 +68,6 @@ def run_main(main: Callable[[], Any]) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def settle(seconds: float = 0.2) -> None:
-    """After ``end_training()`` with several processes: gloo's threads finish before the interpreter ends them."""
-    gc.collect()
-    time.sleep(seconds)
 
 
 def reset_accelerate(partial: bool = False) -> None:

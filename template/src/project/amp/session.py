@@ -4,9 +4,11 @@ and the log tick's one collective; its features (``hooks.py``) do the rest (``am
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from . import __version__, precision
 from .checkpoint import CheckpointManager
 from .console import Trackers, TrainConsole, run_ids, status, summary_table
-from .distributed import any_rank, gather_rows, settle
+from .distributed import any_rank, gather_rows
 from .hooks import Hooks, plain_module
 from .monitor import AmpMonitor, Clock, Problem, Stop, decide
 from .position import LoopError, Progress, Tracked, epoch
@@ -101,10 +103,9 @@ class AmpSession:
         if self.ckpt is None:
             raise RuntimeError("call AmpSession.prepare(...) before resume()")
         res = self.resolution
-        path, meta, notices, state = self.ckpt.resume(str(policy), res.effective, self.settings.scaler_kwargs
-                                                      if res.uses_scaler else None, check, rescale_schedule,
-                                                      self.out_dir / METRICS,
-                                                      () if self.accelerator.trackers else (self.trackers.run_name,))
+        path, meta, notices, state = self.ckpt.resume(
+            str(policy), res.effective, self.settings.scaler_kwargs if res.uses_scaler else None, check,
+            rescale_schedule, self.out_dir / METRICS, () if self.accelerator.trackers else (self.trackers.run_name,))
         if path is not None and state is None:
             notices.append("resume: the checkpoint holds no training position: step, epoch and data start from 0")
         state = state or {}
@@ -301,7 +302,8 @@ class AmpSession:
                 self._rundir.release()
                 self.accelerator.end_training()
                 if several and not failing:
-                    settle()  # gloo's workers drop their finished collectives before the interpreter ends
+                    gc.collect()  # gloo's workers drop their finished collectives before the interpreter ends
+                    time.sleep(0.2)
         return self.stop.exit_code if self.stop else 0
 
     def __enter__(self) -> AmpSession:
