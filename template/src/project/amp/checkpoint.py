@@ -147,11 +147,10 @@ def trim_log(path: str | Path, step: int) -> int:
     lines = path.read_text(errors="replace").splitlines(keepends=True)
 
     def keep(line: str) -> bool:
-        try:
+        with contextlib.suppress(ValueError):
             record = json.loads(line)
-        except ValueError:
-            return False
-        return isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step
+            return isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step
+        return False
 
     kept = [ln for ln in lines if ln.strip() and keep(ln)]
     if len(kept) != len(lines):

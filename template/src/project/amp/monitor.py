@@ -27,8 +27,7 @@ class AmpMonitor:
               "stride", "events", "switches", "last_step", "last_grad_norm", "prev_scale", "interval")
 
     def __init__(self, scaler: Any = None, scale_fn: Any = None):
-        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.scale_fn = scale_fn
+        self.scaler, self.scale_fn = (scaler if scaler is not None and scaler.is_enabled() else None), scale_fn
         self.steps = self.skipped = self.consecutive_skips = self.max_consecutive_skips = 0
         self.nonfinite_losses = self.consecutive_nonfinite = self.scale_count = self.last_step = 0
         self.scale = self.last_grad_norm = self.prev_scale = None  # floats once a step has them
