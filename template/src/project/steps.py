@@ -78,11 +78,9 @@ def build_optimizer(cfg: Config, model: Any, num_processes: int) -> tuple[Any, A
 
 def param_groups(model: Any, weight_decay: float) -> list[dict]:
     """Decay matrices (and embeddings, convolutions) only; biases and norms are left alone."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def forever(amp: Any, loader: Any):
