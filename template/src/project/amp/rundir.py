@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .distributed import any_rank
+
 LOCK, PREVIOUS = ".lock", "previous-runs"
 # what a run writes in out_dir (final/: the generated project's export); a fresh start moves these, and only these
 RUN_FILES = ("checkpoints", "metrics.jsonl", "amp_summary.json", "final")
@@ -39,8 +41,6 @@ class RunDir:
     def acquire(self, accelerator: Any = None) -> None:
         """Take ``out_dir/.lock``; with ``accelerator``: on its main process, every process learning the outcome."""
         if accelerator is not None:
-            from .distributed import any_rank
-
             error = None
             try:
                 if accelerator.is_main_process:
