@@ -64,8 +64,8 @@ def plan(model: torch.nn.Module, settings: Any) -> list[Row]:
     fp32 = [n for n, m in model.named_modules() if getattr(m, "_amp_fp32", False)]
     rows: list[Row] = []
     for i, (name, m) in enumerate(linears):
-        why = ("amp.fp32_modules" if any(name == k or name.startswith(f"{k}.") for k in fp32) else
-               "amp.fp8.skip" if any(fnmatch.fnmatchcase(name, p) for p in f.skip) else
+        why = ("fp32_modules" if any(name == k or name.startswith(f"{k}.") for k in fp32) else
+               "fp8.skip" if any(fnmatch.fnmatchcase(name, p) for p in f.skip) else
                "the first Linear" if i == 0 and not f.first_last else
                "the last Linear" if i == len(linears) - 1 and not f.first_last else
                "a dimension not divisible by 16" if m.in_features % 16 or m.out_features % 16 else
@@ -135,4 +135,4 @@ class Fp8(Feature):
                        f"scaling): {_few(fp8) or '-'}{left}")
         if small:
             self.hooks.say(f"fp8: {len(small)} of them too small to gain on an H100 by torchao's tables "
-                           "(amp.fp8.skip_small=true leaves them in bf16)")
+                           "(fp8.skip_small=true leaves them in bf16)")
