@@ -26,7 +26,7 @@ from rich.table import Table
 from . import example
 from .amp import LoopError, RunLockedError, precision
 from .amp.console import fmt_duration
-from .amp.debug import autopick
+from .amp.debug import autopick, numerics
 from .amp.hooks import Hooks
 from .amp.settings import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
@@ -176,9 +176,7 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
         models[which] = build_model(cfg)
         optimizers[which] = build_optimizer(cfg, models[which], 1)[0]
     if "fp8" in models:  # the Linears a session converts (amp/fp8.py)
-        from .amp.fp8 import convert
-
-        convert(models["fp8"], cfg.amp, emulate=device.type == "cpu")
+        numerics.fp8_model(models["fp8"], cfg.amp, emulate=device.type == "cpu")
     if "bf16-true" in models:  # bf16 weights, float32 masters in its optimizer: the session's feature (amp/master.py)
         settings = replace(cfg.amp, precision="bf16-true", audit="off", meters=False)
         Hooks(accelerator, settings, precision.resolve("bf16-true", device), print).before_prepare(
@@ -430,12 +428,10 @@ def fp8_plan(cfg: Config) -> int:
     loader, _, _ = example.build_data(cfg, Accelerator(cpu=True))
     model, m_of = build_model(cfg), {}
     rows = plan(model, cfg.amp)
-    hooks = [m.register_forward_hook(lambda _m, args, _o, n=n: m_of.__setitem__(n, args[0].numel() // args[0].shape[-1]))
-             for n, m, _ in rows]
+    for n, m, _ in rows:  # the model is thrown away after: its hooks with it
+        m.register_forward_hook(lambda _m, args, _o, n=n: m_of.__setitem__(n, args[0].numel() // args[0].shape[-1]))
     with torch.no_grad():  # on the meta device: shapes only, no arithmetic, whatever the model's size
         example.loss(model.to("meta"), send_to_device(next(iter(loader)), "meta"))
-    for h in hooks:
-        h.remove()
     t = Table(title=f"fp8 plan: {PACKAGE}, {cfg.amp.fp8.recipe} scaling", box=box.SIMPLE_HEAD)
     for name in ("Linear", "M x K x N", "fp8", "on an H100"):
         t.add_column(name, no_wrap=True)

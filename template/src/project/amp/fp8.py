@@ -18,42 +18,28 @@ from .precision import PrecisionError
 Row = tuple[str, torch.nn.Module, "str | None"]  # (name, Linear, why it stays in bf16; None: it runs in fp8)
 
 
-def torchao_float8() -> Any:
-    """``torchao.float8`` without its notes on CUDA extensions a CPU build lacks; one line where torchao is missing."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+def config(fp8: Any, emulate: bool) -> Any:
+    """The recipe's ``Float8LinearConfig``, imported without torchao's notes on CUDA extensions a CPU build lacks.
+    Not Accelerate's default, whose FSDP2 float8 all-gather makes weights its ``save_state`` cannot write ("invalid
+    python storage", accelerate 1.16, torchao 0.18; tests/core/test_fp8.py tells when that changes). ``emulate`` (a
+    CPU): fp8-rounded operands multiplied in float32, the CPU ``_scaled_mm``'s numbers in a fraction of its time."""
+    quiet = {n: logging.getLogger(n).level for n in ("torchao", "torch.utils._pytree")}
     try:
-        return importlib.import_module("torchao.float8")
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        cls = importlib.import_module("torchao.float8").Float8LinearConfig
     except ImportError:
         raise PrecisionError("precision fp8 needs torchao, which is not installed: pip install 'torchao>=0.18' (in a "
                              "generated project: pip install -e '.[torchao]')") from None
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+    return dataclasses.replace(cls.from_recipe_name(fp8.recipe), emulate=emulate)
 
 
-def config(fp8: Any, emulate: bool) -> Any:
-    """The recipe's Float8LinearConfig; ``emulate`` (a CPU): fp8-rounded operands multiplied in float32, torchao's
-    emulation, the same numbers as torch's CPU ``_scaled_mm`` at a few hundredth of its time."""
-    return dataclasses.replace(torchao_float8().Float8LinearConfig.from_recipe_name(fp8.recipe), emulate=emulate)
-
-
-def recipe_kwargs(fp8: Any, emulate: bool) -> Any:
-    """Accelerate's torchao handler with the recipe's own config. Accelerate's default config turns on FSDP2's float8
-    all-gather, whose weights (a tensor subclass) its ``save_state`` cannot write ("invalid python storage" with
-    accelerate 1.16 and torchao 0.18; tests/core/test_fp8.py tells when that changes): these stay plain parameters."""
-    from accelerate.utils import AORecipeKwargs
-
-    return AORecipeKwargs(config=config(fp8, emulate))
-
-
-def gains_on_h100(recipe: str, out_features: int, in_features: int) -> bool:
-    """Whether torchao's H100 tables show a Linear this size faster in fp8 than in bf16: the thresholds of torchao
-    0.18's ``float8_linear_utils._auto_filter_for_tensorwise``/``_rowwise``, from its tables at
-    https://github.com/pytorch/ao/tree/main/torchao/float8#performance (N = out_features, K = in_features)."""
-    n, k = out_features, in_features
+def gains_on_h100(recipe: str, n: int, k: int) -> bool:
+    """Whether torchao's H100 tables show a Linear (``n`` out, ``k`` in features) faster in fp8 than in bf16: torchao
+    0.18's ``_auto_filter_for_tensorwise``/``_rowwise`` thresholds, from github.com/pytorch/ao/tree/main/torchao/float8."""
     return n > 2048 and k > 1024 and not (n <= 4096 and k <= 2048) if recipe == "rowwise" else k > 4096 or n > 1024
 
 
@@ -62,37 +48,26 @@ def plan(model: torch.nn.Module, settings: Any) -> list[Row]:
     f = settings.fp8
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     fp32 = [n for n, m in model.named_modules() if getattr(m, "_amp_fp32", False)]
-    rows: list[Row] = []
-    for i, (name, m) in enumerate(linears):
-        why = ("fp32_modules" if any(name == k or name.startswith(f"{k}.") for k in fp32) else
-               "fp8.skip" if any(fnmatch.fnmatchcase(name, p) for p in f.skip) else
-               "the first Linear" if i == 0 and not f.first_last else
-               "the last Linear" if i == len(linears) - 1 and not f.first_last else
-               "a dimension not divisible by 16" if m.in_features % 16 or m.out_features % 16 else
-               "too small to gain on an H100" if f.skip_small and not gains_on_h100(f.recipe, m.out_features,
-                                                                                     m.in_features) else None)
-        rows.append((name, m, why))
-    return rows
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-
-
-def convert(model: torch.nn.Module, settings: Any, emulate: bool = True) -> list[Row]:
-    """Convert ``model`` as a session would, outside one (the numerics report, auto's timing); its plan."""
-    rows = plan(model, settings)
-    torchao_float8().convert_to_float8_training(model, config=config(settings.fp8, emulate),
-                                                module_filter_fn=lambda module, fqn: in_fp8(rows, module))
-    return rows
+    return [(name, m, "fp32_modules" if any(name == k or name.startswith(f"{k}.") for k in fp32) else
+             "fp8.skip" if any(fnmatch.fnmatchcase(name, p) for p in f.skip) else
+             "the first Linear" if i == 0 and not f.first_last else
+             "the last Linear" if i == len(linears) - 1 and not f.first_last else
+             "a dimension not divisible by 16" if m.in_features % 16 or m.out_features % 16 else
+             "too small to gain on an H100" if f.skip_small and not gains_on_h100(f.recipe, m.out_features,
+                                                                                   m.in_features) else None)
+            for i, (name, m) in enumerate(linears)]
 
 
 def in_fp8(rows: list[Row], module: torch.nn.Module) -> bool:
     return any(m is module and why is None for _, m, why in rows)
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
 class Fp8(Feature):
-    """Accelerate's module filter for the conversion, and the line that says what it did."""
+    """Accelerate's module filter for the conversion in ``prepare``, and the line that says what it did."""
 
     name = "fp8"
 
@@ -103,11 +78,25 @@ class Fp8(Feature):
     def __init__(self, hooks: Any):
         super().__init__(hooks)
         self.rows: list[Row] = []
-        handler = hooks.accelerator.ao_recipe_handler  # Accelerate converts in prepare(), asking this filter
-        handler.module_filter_func = lambda module, fqn: in_fp8(self.rows, module)
+        hooks.accelerator.ao_recipe_handler.module_filter_func = lambda module, fqn: in_fp8(self.rows, module)
 
     def before_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
         self.rows = [row for model in models for row in plan(model, self.hooks.settings)] or self.rows
+
+    def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
+        recipe, say = self.hooks.settings.fp8.recipe, self.hooks.say
+        if models and not self.rows:  # no models: prepare(optimizer) after prepare(model), said then
+            say("fp8: the model has no torch.nn.Linear, the one layer fp8 converts: all of it runs in bf16 autocast")
+        elif models:
+            fp8 = [n for model in models for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+            left = "".join(f"; in bf16 ({why}): {_few([n for n, _, w in self.rows if w == why])}"
+                           for why in dict.fromkeys(w for _, _, w in self.rows if w))
+            say(f"fp8: {len(fp8)} of {len(self.rows)} Linears run in fp8 ({recipe} scaling): {_few(fp8) or '-'}{left}")
+            small = [m for _, m, why in self.rows if why is None and not gains_on_h100(recipe, m.out_features,
+                                                                                        m.in_features)]
+            if small:
+                say(f"fp8: {len(small)} of them too small to gain on an H100 by torchao's tables (fp8.skip_small=true "
+                    "leaves them in bf16)")
 
     def float_copy(self, module: torch.nn.Module) -> torch.nn.Module:
         """A copy of ``module`` with plain Linears for its Float8Linears, the same weights: ``eval.precision=fp32``."""
@@ -119,20 +108,3 @@ class Fp8(Feature):
                     plain.weight, plain.bias = child.weight, child.bias
                     setattr(parent, name, plain)
         return clone
-
-    def after_prepare(self, models: list[Any], optimizers: list[Any]) -> None:
-        if not models:  # prepare(optimizer) after prepare(model): said then
-            return
-        if not self.rows:
-            return self.hooks.say("fp8: the model has no torch.nn.Linear, the one layer fp8 converts: all of it runs "
-                                  "in bf16 autocast", style="yellow")
-        fp8 = [n for model in models for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
-        left = "".join(f"; in bf16 ({why}): {_few([n for n, _, w in self.rows if w == why])}"
-                       for why in dict.fromkeys(w for _, _, w in self.rows if w))
-        small = [n for n, m, why in self.rows if why is None and not gains_on_h100(
-            self.hooks.settings.fp8.recipe, m.out_features, m.in_features)]
-        self.hooks.say(f"fp8: {len(fp8)} of {len(self.rows)} Linears run in fp8 ({self.hooks.settings.fp8.recipe} "
-                       f"scaling): {_few(fp8) or '-'}{left}")
-        if small:
-            self.hooks.say(f"fp8: {len(small)} of them too small to gain on an H100 by torchao's tables "
-                           "(fp8.skip_small=true leaves them in bf16)")

@@ -217,9 +217,11 @@ def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[An
             res = autopick.for_session(res, state, probe, settings.auto)
     ours = accelerator_kwargs(res, None if theirs is not None else settings.scaler_kwargs)
     if res.effective == "fp8":  # Accelerate's torchao backend, with the recipe's config (amp/fp8.py)
-        from .fp8 import recipe_kwargs
+        from accelerate.utils import AORecipeKwargs
 
-        ours["kwargs_handlers"].append(recipe_kwargs(settings.fp8, emulate=res.device_type == "cpu"))
+        from .fp8 import config
+
+        ours["kwargs_handlers"].append(AORecipeKwargs(config=config(settings.fp8, emulate=res.device_type == "cpu")))
     # a seeded sampler: the data order depends only on (seed, epoch), so a resume is exact
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True))
     acc = Accelerator(cpu=cpu, mixed_precision=ours["mixed_precision"],

@@ -4,6 +4,7 @@ units (:data:`UNIT`), in ``eval()`` mode; :func:`suggest` keeps the worst in flo
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +25,19 @@ def low(build: Callable[[], torch.nn.Module], precision: str, kept: list[str]) -
     if precision != "fp8":
         keep_in_fp32(model, kept)
         return model, {n for n, _ in model.named_modules()}
-    from ..fp8 import convert
     from ..settings import AmpSettings
 
-    rows = convert(model, AmpSettings("fp8", fp8={"skip": kept}))
-    return model, {n for n, _, why in rows if why is None}
+    return model, fp8_model(model, AmpSettings("fp8", fp8={"skip": kept}))
+
+
+def fp8_model(model: torch.nn.Module, settings: Any, emulate: bool = True) -> set[str]:
+    """Convert ``model`` as an fp8 session would, outside one (this report, auto's timing); the converted names."""
+    from ..fp8 import config, in_fp8, plan
+
+    rows, cfg = plan(model, settings), config(settings.fp8, emulate)  # config first: torchao imported quietly
+    importlib.import_module("torchao.float8").convert_to_float8_training(
+        model, config=cfg, module_filter_fn=lambda module, fqn: in_fp8(rows, module))
+    return {n for n, _, why in rows if why is None}
 
 
 @dataclass
