@@ -19,7 +19,6 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# the local CPU build of PyTorch when this machine has it; otherwise pip picks one for the platform
 	$(PY) -m pip install -q torch==2.13.0 || echo "torch==2.13.0 not available: installing torch from pyproject's range"
-	$(PY) -m pip install -q torchao==0.18.0 || echo "torchao==0.18.0 not available: installing torchao from pyproject's range"
 	@# .[dev] = amptpl's tools + amptpl[train] (the generated project's stack: its tests train projects end to end)
 	$(PY) -m pip install -q ".[dev]"
 	touch $@

@@ -191,34 +191,6 @@ def test_row2_with_the_documented_lines_sigkill_then_the_same_command_ends_bitwi
     assert_same_weights(straight_gpt.cwd / "out" / "checkpoints" / final, tmp_path / "out" / "checkpoints" / final)
 
 
-def test_fp8_in_the_gpt_script_runs_inner_linears_in_float8_resumes_bitwise_after_sigkill_and_on_two_ranks(repo, env,
-                                                                                                        tmp_path):
-    """``--dtype=fp8``: the script passes its dtype to AmpSession, which converts through Accelerate's torchao
-    backend; the same SIGKILL-and-resume test as fp16's above, then 2 gloo ranks continue the checkpoint."""
-    pytest.importorskip("torchao")
-    args = ("--dtype=fp8", "--max_iters=20")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    p = run(gpt(repo / GPT, *args), straight, env)
-    assert p.returncode == 0, p.stdout + p.stderr
-    found = re.search(r"^fp8: (\d+) of (\d+) Linears run in fp8", p.stdout, re.M)
-    assert found and 0 < int(found[1]) < int(found[2]), p.stdout
-    final = latest(straight / "out")
-    run_ = Started(gpt(repo / GPT, *args), killed, env)
-    run_.wait_until((killed / "out" / "checkpoints" / "latest").exists, "the first checkpoint")
-    run_.kill_everything(1)
-    killed_at = sealed(killed / "out")
-    assert killed_at < final, "the kill came after the run had finished: nothing was tested"
-    resumed = run(gpt(repo / GPT, *args), killed, env)
-    assert resumed.returncode == 0 and f"resume: loaded {Path('out', 'checkpoints', killed_at)}" in resumed.stdout, (
-        resumed.stdout + resumed.stderr)
-    assert_same_weights(straight / "out" / "checkpoints" / final, killed / "out" / "checkpoints" / final)
-    two = subprocess.run(launch(repo / GPT, 2, "--init_from=resume", "--dtype=fp8", "--max_iters=25"), cwd=killed,
-                         env=cpu_ranks(env, 2), capture_output=True, text=True, timeout=600, check=False)
-    assert two.returncode == 0 and "world_size=2" in two.stdout and found[0] in two.stdout, two.stdout + two.stderr
-    assert latest(killed / "out") == "step_0000026"
-
-
 # ------------------------------------------------------------------------------------------ row 5: two scalers
 
 

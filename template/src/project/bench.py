@@ -3,7 +3,6 @@
 ``python -m PACKAGE.bench [--precisions fp32,bf16] [key=value ...]``: one fresh process per precision (doctor.md)."""
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -26,14 +25,14 @@ from rich.table import Table
 from . import example
 from .amp import LoopError, RunLockedError, precision
 from .amp.console import fmt_duration
-from .amp.debug import autopick, numerics
+from .amp.debug import autopick
 from .amp.hooks import Hooks
 from .amp.settings import env_flag
 from .config import Config, ConfigError, ConfigExit, parse_args, to_dict
 from .configparse import UsageError, UsageParser
 from .steps import PACKAGE, auto_probe, build_model, build_optimizer, build_run, child_env, scratch_session, train_step
 
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "tf32", "fp8")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true", "tf32")
 ROW_PREFIX = '{"bench_row": '  # the one stdout line of a worker that the parent reads
 # at worst, how much slower than fp32 a CPU without fast kernels runs these (the estimate line's; often nearer 2x)
 SLOWDOWN = {"fp16": 30.0, "bf16": 10.0, "bf16-true": 10.0}
@@ -46,10 +45,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported (default 3)")
-    p.add_argument("--precisions", help="comma-separated: fp32,bf16,fp16,bf16-true,tf32,fp8 (default all but tf32 and "
-                   "fp8; tf32 too on CUDA, fp8 too where torchao is installed)")
-    p.add_argument("--fp8-plan", action="store_true", help="print which Linears precision fp8 converts, their shapes "
-                   "and whether an H100 gains on them, then exit")
+    p.add_argument("--precisions", help="comma-separated: fp32,bf16,fp16,bf16-true,tf32 (default all but tf32; tf32 "
+                   "too on CUDA)")
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="a YAML config file; may repeat")
     p.add_argument("--json", metavar="FILE", help="where to write the results (default out_dir/bench.json)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the step times and speed-ups (needs matplotlib)")
@@ -83,10 +80,6 @@ def _precisions(text: str) -> list[str]:
 def device_note(prec: str, device: Any) -> str:
     """Empty when ``prec`` runs natively on ``device``; else why its number is not a real speed (or ``n/a``)."""
     kind = torch.device(device).type
-    if prec == "fp8" and kind == "cpu":
-        return "emulated on the CPU: a check of fp8 numerics, not a speed"
-    if prec == "fp8" and (kind != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        return "n/a: fp8 needs CUDA compute capability 8.9+ (Ada, Hopper, Blackwell)"
     if prec == "tf32":
         ampere = kind == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         return "" if ampere else "n/a: TF32 needs an Ampere+ CUDA GPU"
@@ -171,16 +164,14 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
     set_seed(cfg.seed)
     loader, _, _ = example.build_data(cfg, accelerator)
     models, optimizers = {}, {}
-    for which in ["mixed"] + [w for w in ("bf16-true", "fp8") if w in candidates]:
+    for which in ("mixed", "true") if "bf16-true" in candidates else ("mixed",):
         set_seed(cfg.seed)
         models[which] = build_model(cfg)
         optimizers[which] = build_optimizer(cfg, models[which], 1)[0]
-    if "fp8" in models:  # the Linears a session converts (amp/fp8.py)
-        numerics.fp8_model(models["fp8"], cfg.amp, emulate=device.type == "cpu")
-    if "bf16-true" in models:  # bf16 weights, float32 masters in its optimizer: the session's feature (amp/master.py)
+    if "true" in models:  # bf16 weights, float32 masters in its optimizer: the session's own feature (amp/master.py)
         settings = replace(cfg.amp, precision="bf16-true", audit="off", meters=False)
         Hooks(accelerator, settings, precision.resolve("bf16-true", device), print).before_prepare(
-            [models["bf16-true"]], [optimizers["bf16-true"]])
+            [models["true"]], [optimizers["true"]])
     for net in models.values():
         net.to(device)
     scalers = {p: torch.amp.GradScaler(device.type, enabled=p == "fp16") for p in candidates}  # disabled: a plain step
@@ -188,9 +179,9 @@ def probe_times(candidates: list[str], cfg: Config) -> dict[str, float]:
 
     def step(prec: str) -> None:
         batch = send_to_device(next(batches), device)
-        which = prec if prec in models else "mixed"
+        which = "true" if prec == "bf16-true" else "mixed"
         net, optimizer = models[which], optimizers[which]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(prec)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = example.loss(net, batch)  # the example's loss is float32 whatever the autocast
         scalers[prec].scale(loss).backward()
@@ -378,8 +369,7 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
     cpu = env_flag("ACCELERATE_USE_CPU") or not precision.has_accelerator()  # the workers' device, GPU untouched
     device_type = "cpu" if cpu else "cuda" if torch.cuda.is_available() else "other"
     if opts.precisions is None:
-        opts.precisions = ["fp32", "bf16", "fp16", "bf16-true"] + (["tf32"] if device_type == "cuda" else []) + (
-            ["fp8"] if importlib.util.find_spec("torchao") else [])
+        opts.precisions = ["fp32", "bf16", "fp16", "bf16-true"] + (["tf32"] if device_type == "cuda" else [])
     t, m = cfg.train, cfg.model
     setup = (f"{opts.warmup} warm-up + {opts.repeats} x {opts.steps} timed optimizer steps; batch {t.batch_size} "
              f"x grad_accum {t.grad_accum}; {' '.join(f'{k}={v}' for k, v in asdict(m).items())}")
@@ -419,38 +409,9 @@ def run(opts: argparse.Namespace, cfg: Config) -> int:
     return 1 if any(r.get("status") == "failed" for r in rows) else 0
 
 
-def fp8_plan(cfg: Config) -> int:
-    """Each Linear: its matmul's shape in one forward of a batch, whether precision fp8 converts it (else why not), and
-    whether torchao's H100 tables show that shape faster in fp8 (amp/fp8.py cites them; no other GPU has such tables)."""
-    from .amp.fp8 import gains_on_h100, plan
-
-    set_seed(cfg.seed)
-    loader, _, _ = example.build_data(cfg, Accelerator(cpu=True))
-    model, m_of = build_model(cfg), {}
-    rows = plan(model, cfg.amp)
-    for n, m, _ in rows:  # the model is thrown away after: its hooks with it
-        m.register_forward_hook(lambda _m, args, _o, n=n: m_of.__setitem__(n, args[0].numel() // args[0].shape[-1]))
-    with torch.no_grad():  # on the meta device: shapes only, no arithmetic, whatever the model's size
-        example.loss(model.to("meta"), send_to_device(next(iter(loader)), "meta"))
-    t = Table(title=f"fp8 plan: {PACKAGE}, {cfg.amp.fp8.recipe} scaling", box=box.SIMPLE_HEAD)
-    for name in ("Linear", "M x K x N", "fp8", "on an H100"):
-        t.add_column(name, no_wrap=True)
-    gain = {n: gains_on_h100(cfg.amp.fp8.recipe, m.out_features, m.in_features) for n, m, _ in rows}
-    for n, m, why in rows:
-        t.add_row(n, f"{m_of.get(n, '?')} x {m.in_features} x {m.out_features}", "yes" if why is None else
-                  f"no: {why}", "faster in fp8" if gain[n] else "no gain (too small)")
-    Console(highlight=False, width=120).print(t)
-    converted = [n for n, _, why in rows if why is None]
-    print(f"fp8 plan: {len(converted)} of {len(rows)} Linears convert; {sum(gain[n] for n in converted)} of them are "
-          "large enough (K, N) to gain on an H100 by torchao's tables, measured at large M (amp.fp8.* changes the plan)")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         opts, cfg = parse(sys.argv[1:] if argv is None else argv)
-        if opts.fp8_plan:
-            return fp8_plan(cfg)
         if opts.probe:
             print(PROBE_PREFIX + json.dumps(probe_times(opts.probe, cfg)) + "}", flush=True)
             return 0
@@ -461,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigExit as e:
         print(e.text)
         return 0
-    except (UsageError, ConfigError, example.DataError, RunLockedError, LoopError, precision.PrecisionError) as e:
+    except (UsageError, ConfigError, example.DataError, RunLockedError, LoopError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the worker got the same Ctrl-C; nothing of its run is kept

@@ -1,4 +1,4 @@
-"""Numerics report: each module's error in bf16, fp16 or fp8 against a float32 shadow, and the modules to keep out.
+"""Numerics report: each module's error in bf16 and fp16 against a float32 shadow, and the fp32_modules that fix it.
 
 ``python -m PACKAGE.numerics [OUT_DIR|CHECKPOINT] [--precisions bf16,fp16] [key=value ...]`` (debugger.md)."""
 
@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from . import example
-from .amp.precision import PrecisionError
 from .config import Config, ConfigError, from_dict, parse_args, to_dict
 from .configparse import UsageError, UsageParser, set_key
 from .steps import PACKAGE, build_model, build_optimizer
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = UsageParser(prog=f"python -m {PACKAGE}.numerics", description=__doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", help="a run's out_dir or one checkpoint (default: a fresh model)")
     p.add_argument("--batches", type=int, default=4, help="training batches to compare on (default 4)")
-    p.add_argument("--precisions", default="bf16,fp16", help="comma-separated: bf16,fp16,fp8 (default bf16,fp16)")
+    p.add_argument("--precisions", default="bf16,fp16", help="comma-separated: bf16,fp16 (default both)")
     p.add_argument("--tolerance", type=float, default=16.0, help="error in rounding units above which a module is "
                    "flagged (default 16)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.d_model=64")
@@ -63,16 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.path) if args.path and ("=" not in args.path or Path(args.path).exists()) else None
         overrides = ([args.path] if args.path and path is None else []) + args.overrides
         precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
-        bad = [x for x in precisions if x not in ("bf16", "fp16", "fp8")]
+        bad = [x for x in precisions if x not in ("bf16", "fp16")]
         if bad or not precisions:
-            raise UsageError(f"--precisions: {bad[0] if bad else args.precisions!r} is not bf16, fp16 or fp8")
+            raise UsageError(f"--precisions: {bad[0] if bad else args.precisions!r} is not bf16 or fp16")
         if args.batches < 1 or not 0 < args.tolerance < float("inf"):  # nan too
             raise UsageError("--batches must be >= 1 and --tolerance a finite number > 0")
         if path is not None and not path.exists():
             raise UsageError(f"{path}: no such out_dir or checkpoint")
         cfg, weights, source = _state(path, overrides)
         return report(cfg, weights, source, precisions, args.batches, args.tolerance)
-    except (UsageError, ConfigError, example.DataError, PrecisionError) as e:  # fp8 without torchao
+    except (UsageError, ConfigError, example.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -110,15 +109,14 @@ def report(cfg: Config, weights: dict | None, source: str, precisions: list[str]
         print(f"\n{prec} (rounding unit {numerics.UNIT[prec]:g}):")
         print("\n".join(numerics.table(first.errors, tolerance)))
         if not first.flagged:
-            print(f"no module above {tolerance:g} units: nothing to keep in {'bf16' if prec == 'fp8' else 'float32'} "
-                  f"for {prec}")
+            print(f"no module above {tolerance:g} units: nothing to keep in float32 for {prec}")
             continue
         gap0, gap1 = (numerics.loss_gap(build, lambda m: build_optimizer(cfg, m, 1)[0], batches, example.loss, prec,
                                         fp32_modules=kept) for kept in ((), last.fp32_modules))
         worst0 = first.errors[0]
         after = {e.name: e for e in last.errors}
         still = [e.name for e in last.errors if e.worst > tolerance and e.name not in last.fp32_modules]
-        print(f"suggested: amp.{'fp8.skip' if prec == 'fp8' else 'fp32_modules'}=[{','.join(last.fp32_modules)}]")
+        print(f"suggested: amp.fp32_modules=[{','.join(last.fp32_modules)}]")
         print(f"  {worst0.name}: {worst0.worst:.1f} -> {after.get(worst0.name, worst0).worst:.1f} units; worst module "
               f"now {last.errors[0].name if last.errors else '-'} at {last.errors[0].worst if last.errors else 0:.1f}"
               + (f"; still above: {', '.join(still)}" if still else ""))

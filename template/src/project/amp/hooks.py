@@ -13,7 +13,7 @@ from typing import Any
 
 # Registration order is calling order: bf16-true's masters are rounded into the model before the meters look.
 FEATURES = ("debug.loopcheck.LoopChecks", "debug.loopcheck.SameData", "debug.loopcheck.RandomAhead",
-            "precision.FusedSkipFix", "master.MasterWeights", "fp8.Fp8", "debug.audit.Audit", "debug.meters.Meters")
+            "precision.FusedSkipFix", "master.MasterWeights", "debug.audit.Audit", "debug.meters.Meters")
 
 
 class Feature:

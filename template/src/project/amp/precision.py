@@ -22,7 +22,7 @@ from .settings import PRECISIONS, SettingsError, env_flag, normalise_precision
 
 
 class PrecisionError(ValueError):
-    """A precision that cannot run here (an unknown name, fp8 without torchao); one line."""
+    """A precision that cannot run (an unknown name, the launcher's fp8); one line."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Resolution:
     """The outcome of :func:`resolve`: what was asked, what runs, and why."""
 
     requested: str
-    effective: str  # fp32 | bf16 | fp16 | bf16-true | fp8
+    effective: str  # fp32 | bf16 | fp16 | bf16-true
     reason: str
     device_type: str
 
@@ -44,8 +44,8 @@ class Resolution:
         return {"fp32": "no", "bf16-true": "no"}.get(self.effective, self.effective)
 
     @property
-    def autocast_dtype(self) -> torch.dtype | None:  # fp8: bf16 autocast around the Float8Linears, as Accelerate
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(self.effective)
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.effective)
 
     @property
     def weights_dtype(self) -> torch.dtype | None:
@@ -106,20 +106,22 @@ def has_accelerator() -> bool:
 
 
 def resolve(requested: str | None, device: torch.device | str, launcher: str | None = None) -> Resolution:
-    """Resolve a precision for ``device`` and say why; ``auto`` follows a launcher's fp16, bf16 or fp8."""
+    """Resolve ``auto|fp32|bf16|fp16|bf16-true`` for ``device`` and say why; ``auto`` follows a launcher's fp16/bf16."""
     req = normalise_precision(requested) or "auto"
     if req not in PRECISIONS:
         raise PrecisionError(f"precision must be one of {'|'.join(PRECISIONS)} (or no), got {requested!r}")
     launch = normalise_precision(launcher)
-    followed = req == "auto" and launch in ("bf16", "fp16", "fp8")
-    runs = launch if followed else req
-    r = _fp8(torch.device(device)) if runs == "fp8" else _resolve(runs, torch.device(device))
+    if launch == "fp8":
+        raise PrecisionError("the launcher asked for mixed_precision fp8, which this AMP core does not run; "
+                             "use fp16 or bf16 (accelerate launch --mixed_precision ...)")
+    followed = req == "auto" and launch in ("bf16", "fp16")
+    r = _resolve(launch if followed else req, torch.device(device))
     if followed:
         return dataclasses.replace(r, requested="auto", reason=f"the launcher asked for {launch}; {r.reason}")
     if req == "auto" and launch == "fp32":
         return dataclasses.replace(r, reason=f"{r.reason}; the launcher's mixed_precision no is taken as not asked "
                                    "(AmpSession(None) under `--mixed_precision no`, or precision fp32, runs fp32)")
-    if req != "auto" and launch in ("bf16", "fp16", "fp8") and launch != r.effective:
+    if req != "auto" and launch in ("bf16", "fp16") and launch != r.effective:
         return dataclasses.replace(r, reason=f"{r.reason}; the launcher asked for {launch}, the explicit precision wins")
     return r
 
@@ -180,21 +182,6 @@ def _resolve(req: str, device: Any) -> Resolution:
     return Resolution(req, req, asked, kind)
 
 
-def _fp8(device: Any) -> Resolution:
-    """fp8 where torch's ``_scaled_mm`` runs it: CUDA compute capability 8.9+ (Ada, Hopper, Blackwell), or emulated
-    on a CPU (correct numerics, no speed); elsewhere what ``auto`` picks, with the reason."""
-    if device.type == "cpu":
-        return Resolution("fp8", "fp8", "as requested; emulated on the CPU (fp8-rounded operands, float32 matmuls): "
-                          "a check of fp8 numerics, not a speed-up; the other modules run in bf16 autocast", "cpu")
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    if cap is not None and cap >= (8, 9):
-        return Resolution("fp8", "fp8", "as requested; the other modules run in bf16 autocast", "cuda")
-    r = _resolve("auto", device)
-    why = f"compute capability {cap[0]}.{cap[1]}" if cap else device.type
-    return dataclasses.replace(r, requested="fp8", reason=f"fp8 needs CUDA compute capability 8.9+ or a CPU, this is "
-                               f"{why}: running {r.effective} ({r.reason})")
-
-
 def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[Any, Resolution, Any]:
     """``(Accelerator, Resolution, settings)`` for ``settings.precision`` here; a GradScalerKwargs gives its knobs."""
     handlers = list(kwargs.pop("kwargs_handlers", None) or [])
@@ -209,19 +196,12 @@ def accelerator_for(settings: Any, probe: Any = None, **kwargs: Any) -> tuple[An
     state = PartialState(cpu=cpu)
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     res = resolve(settings.precision, state.device, launcher=launcher)
-    followed = normalise_precision(launcher) in ("bf16", "fp16", "fp8")
-    if settings.precision == "auto" and not followed and probe is not False:
+    if settings.precision == "auto" and normalise_precision(launcher) not in ("bf16", "fp16") and probe is not False:
         with contextlib.suppress(ImportError):  # without the debugger (debug/): the hardware rule
             from .debug import autopick
 
             res = autopick.for_session(res, state, probe, settings.auto)
     ours = accelerator_kwargs(res, None if theirs is not None else settings.scaler_kwargs)
-    if res.effective == "fp8":  # Accelerate's torchao backend, with the recipe's config (amp/fp8.py)
-        from accelerate.utils import AORecipeKwargs
-
-        from .fp8 import config
-
-        ours["kwargs_handlers"].append(AORecipeKwargs(config=config(settings.fp8, emulate=res.device_type == "cpu")))
     # a seeded sampler: the data order depends only on (seed, epoch), so a resume is exact
     kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True))
     acc = Accelerator(cpu=cpu, mixed_precision=ours["mixed_precision"],

@@ -262,7 +262,7 @@ class AmpSession:
     def unwrap(self, model: torch.nn.Module, full_precision: bool = False) -> torch.nn.Module:
         """Your model as a plain module sharing the prepared one's tensors; ``full_precision``: a float32 copy."""
         plain = plain_module(self.accelerator.unwrap_model(model, keep_fp32_wrapper=True, keep_torch_compile=False))
-        master = self.hooks.get("master") or self.hooks.get("fp8")  # the float32 masters, or no Float8Linears
+        master = self.hooks.get("master")
         return master.float_copy(plain) if full_precision and master is not None else plain
 
     def summary(self) -> dict[str, Any]:

@@ -7,10 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-true", "fp8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-true")
 # other spellings users and launchers give the same precisions (Accelerate's "no" is fp32)
-ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "bf16_true": "bf16-true",
-           "float8": "fp8"}
+ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "bf16_true": "bf16-true"}
 AUDIT_MODES = ("off", "warn", "strict")
 GUARD_ACTIONS = ("warn", "stop", "fallback")
 FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the scale is a float32
@@ -49,24 +48,13 @@ class AutoSettings:
 
 
 @dataclass(frozen=True)
-class Fp8Settings:
-    """precision fp8: which Linears run in float8 (torchao's Float8Linear, bf16 autocast around them) and how."""
-
-    recipe: str = "tensorwise"  # tensorwise (one scale per tensor: torchao's fastest) | rowwise (per row: outliers)
-    first_last: bool = False  # convert the first and last Linear too (left in bf16 by default, for stability)
-    skip: list[str] = field(default_factory=list)  # module name patterns (fnmatch) left in bf16
-    skip_small: bool = False  # leave in bf16 the Linears too small to gain on an H100 (torchao's thresholds)
-
-
-@dataclass(frozen=True)
 class AmpSettings:
     """Mixed precision, the fp16 loss scaler and its guard, and the session's cadences, console and trackers."""
 
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | bf16-true (bf16 weights, fp32 masters) | fp8; no = fp32
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 | bf16-true (bf16 weights, fp32 masters); "no" is fp32
     auto: AutoSettings = field(default_factory=AutoSettings)
     scaler: ScalerSettings = field(default_factory=ScalerSettings)
     guard: GuardSettings = field(default_factory=GuardSettings)
-    fp8: Fp8Settings = field(default_factory=Fp8Settings)
     fp32_modules: list[str] = field(default_factory=list)  # module name patterns run without autocast (fnmatch)
     audit: str = "warn"  # check the tensors' dtypes after the first step: off | warn | strict (an error)
     meters: bool = True  # at log ticks: amp/scale_headroom_bits, amp/grad_underflow_frac, amp/lost_update_frac
@@ -85,8 +73,7 @@ class AmpSettings:
             if not ok:
                 raise SettingsError(f"{key}: must be {allowed}, got {value!r}")
 
-        for name, cls in (("scaler", ScalerSettings), ("guard", GuardSettings), ("auto", AutoSettings),
-                          ("fp8", Fp8Settings)):
+        for name, cls in (("scaler", ScalerSettings), ("guard", GuardSettings), ("auto", AutoSettings)):
             if isinstance(getattr(self, name), dict):  # AmpSession("fp16", out, scaler={"init_scale": 1024.0})
                 object.__setattr__(self, name, cls(**getattr(self, name)))
         precision = normalise_precision(self.precision)
@@ -100,7 +87,6 @@ class AmpSettings:
             check_scaler(**vars(self.scaler))
         except SettingsError as e:
             raise SettingsError(f"scaler.{e}") from None
-        need(self.fp8.recipe in ("tensorwise", "rowwise"), "fp8.recipe", "tensorwise or rowwise", self.fp8.recipe)
         g = self.guard
         need(g.action in GUARD_ACTIONS, "guard.action", "one of " + "|".join(GUARD_ACTIONS), g.action)
         need(_number(g.min_scale) and g.min_scale >= 0, "guard.min_scale", ">= 0", g.min_scale)

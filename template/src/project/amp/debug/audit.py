@@ -134,15 +134,11 @@ class Audit(Feature):
             problems.append(f"model parameter(s) {_few([n for n, _ in wrong])} ({len(wrong)} of {len(weights)}) are "
                             f"{_names(p.dtype for _, p in wrong)}: {self.precision} stores the model's weights in "
                             f"{_name(want_weights)}")
-        fp8 = [n for m in self.models for n, x in m.named_modules() if type(x).__name__ == "Float8Linear"]
-        if self.precision == "fp8" and not fp8:
-            problems.append("precision fp8, yet no Linear runs in fp8: the fp8 line says why (none: the model was "
-                            "prepared by accelerator.prepare, not amp.prepare)")
         tf32 = {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
         self.result = {"precision": self.precision, "optimizer_groups": groups,
                        "model_weights": _names(p.dtype for _, p in weights),
                        "module_outputs": {n: _names(d) for n, d in self.outputs.items()},
-                       "fp32_modules": [n for n, _ in fp32], "fp8_modules": fp8, "tf32": tf32,
+                       "fp32_modules": [n for n, _ in fp32], "tf32": tf32,
                        "scaler": type(scaler).__name__ if scaler is not None else "none", "problems": problems}
         return problems
 
@@ -151,8 +147,7 @@ class Audit(Feature):
         r = self.result or {}
         out = [f"precision audit ({r.get('precision')}): model weights {r.get('model_weights')}; "
                f"scaler {r.get('scaler')}; tf32 matmul {r.get('tf32', {}).get('matmul')}; "
-               f"fp32_modules {r.get('fp32_modules') or '-'}" + (f"; fp8 modules {len(r['fp8_modules'])}: "
-                                                                 f"{_few(r['fp8_modules'])}" if r.get('fp8_modules') else "")]
+               f"fp32_modules {r.get('fp32_modules') or '-'}"]
         for g in r.get("optimizer_groups", []):
             grad = f", grads {g['grad']}" if g["grad"] else ""
             out.append(f"  optimizer group {g['group']}: {g['params']} params {g['storage']}{grad}; state {g['state']}")

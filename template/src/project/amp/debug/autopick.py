@@ -79,9 +79,8 @@ def candidates(device: torch.device | str, asked: list[str] | None = None) -> li
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return []
-    if asked:  # never fp8 on a CPU: emulated there
-        return ["fp32"] + [p for i, p in enumerate(asked) if p != "fp32" and p not in asked[:i]
-                           and (p != "fp8" or device.type == "cuda")]
+    if asked:
+        return ["fp32"] + [p for i, p in enumerate(asked) if p != "fp32" and p not in asked[:i]]
     if device.type == "cpu":
         return ["fp32", "bf16"] if cpu_bf16_feature() else []
     return ["fp32", "bf16", "fp16"] if torch.cuda.is_bf16_supported(including_emulation=False) else ["fp32", "fp16"]

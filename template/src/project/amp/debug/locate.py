@@ -16,8 +16,7 @@ PHASES = ("forward", "backward", "parameter gradient")
 
 def limit_for(precision: str) -> float:
     """The largest finite value of the precision's low-precision dtype (fp16: 65504; bf16 and fp32: their own)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16, "fp8": torch.bfloat16
-             }.get(precision, torch.float32)  # fp8: bf16 between the Float8Linears, which scale their own inputs
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16}.get(precision, torch.float32)
     return float(torch.finfo(dtype).max)
 
 

@@ -1,10 +1,9 @@
 """Which leaf modules lose the most to low precision: output and gradient error against a float32 shadow, in rounding
-units (:data:`UNIT`), in ``eval()`` mode; :func:`suggest` keeps the worst in float32, in fp8 in bf16 (debugger.md)."""
+units (:data:`UNIT`), in ``eval()`` mode; :func:`suggest` keeps the worst in float32 (docs/debugger.md)."""
 
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,29 +14,8 @@ import torch
 
 from ..precision import keep_in_fp32
 
-UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp8": 2.0**-4}  # the dtype's rounding error u (fp8: e4m3's)
-DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}  # the autocast's dtype
-
-
-def low(build: Callable[[], torch.nn.Module], precision: str, kept: list[str]) -> tuple[torch.nn.Module, set[str]]:
-    """A model for ``precision`` and the names to measure: ``kept`` in float32 (fp8: in bf16, the fp8 Linears only)."""
-    model = build()
-    if precision != "fp8":
-        keep_in_fp32(model, kept)
-        return model, {n for n, _ in model.named_modules()}
-    from ..settings import AmpSettings
-
-    return model, fp8_model(model, AmpSettings("fp8", fp8={"skip": kept}))
-
-
-def fp8_model(model: torch.nn.Module, settings: Any, emulate: bool = True) -> set[str]:
-    """Convert ``model`` as an fp8 session would, outside one (this report, auto's timing); the converted names."""
-    from ..fp8 import config, in_fp8, plan
-
-    rows, cfg = plan(model, settings), config(settings.fp8, emulate)  # config first: torchao imported quietly
-    importlib.import_module("torchao.float8").convert_to_float8_training(
-        model, config=cfg, module_filter_fn=lambda module, fqn: in_fp8(rows, module))
-    return {n for n, _, why in rows if why is None}
+UNIT = {"bf16": 2.0**-8, "fp16": 2.0**-11}  # the dtype's rounding error u
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -101,14 +79,14 @@ def measure(build: Callable[[], torch.nn.Module], batches: Sequence[Any], loss_f
     ``build()`` returns the model in the state to compare from (a new one each call)."""
     device = torch.device(device)
     unit, dtype = UNIT[precision], DTYPE[precision]
-    ref_model, (low_model, names) = build().to(device).eval(), low(build, precision, list(fp32_modules))
-    low_model = low_model.to(device).eval()
+    ref_model, low_model = build().to(device).eval(), build().to(device).eval()
+    keep_in_fp32(low_model, list(fp32_modules))
     sums: dict[str, list[float]] = {}
     for batch in batches:
         a = _capture(ref_model, batch, loss_fn, device.type, None)
         b = _capture(low_model, batch, loss_fn, device.type, dtype)
         for name, (out_a, grad_a) in a.items():
-            if name in b and name in names:
+            if name in b:
                 out_b, grad_b = b[name]
                 s = sums.setdefault(name, [0.0, 0.0])
                 s[0] += _rel(out_a, out_b) / unit
@@ -140,7 +118,8 @@ def loss_gap(build: Callable[[], torch.nn.Module], make_optimizer: Callable[[tor
     device = torch.device(device)
 
     def run(dtype: torch.dtype | None, kept: list[str]) -> list[float]:
-        model = (low(build, precision, kept)[0] if dtype else build()).to(device).eval()
+        model = build().to(device).eval()
+        keep_in_fp32(model, kept)
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # disabled: a plain step
         losses = []
@@ -154,9 +133,9 @@ def loss_gap(build: Callable[[], torch.nn.Module], make_optimizer: Callable[[tor
             losses.append(float(loss.detach()))
         return losses
 
-    ref, mine = run(None, []), run(DTYPE[precision], list(fp32_modules))
+    ref, low = run(None, []), run(DTYPE[precision], list(fp32_modules))
     half = max(1, len(ref) // 2)
-    a, b = sum(ref[-half:]) / half, sum(mine[-half:]) / half
+    a, b = sum(ref[-half:]) / half, sum(low[-half:]) / half
     return abs(b - a) / abs(a) if a else math.inf
 
 
