@@ -27,6 +27,12 @@ def _records(out_dir: Path) -> list[dict]:
     return out
 
 
+def _check_end(step: int | None, saved: int, out_dir: Path) -> None:
+    """``--step`` past the run's last step (its newest checkpoint, or a later log record) is refused in one line."""
+    if step is not None and step > (last := max([saved, *(r["step"] for r in _records(out_dir))])):
+        raise UsageError(f"--step {step}: the run's last step is {last}")
+
+
 def first_skip_interval(out_dir: Path) -> tuple[int, int] | None:
     """(last log tick without a skipped step, the tick that first counts one) from metrics.jsonl, or None."""
     before = 0
@@ -48,9 +54,7 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
         at = read_meta(path).get("step", 0)
         if step is not None and step <= at:
             raise UsageError(f"--step {step}: {path} is at step {at}, not before it (give a later step)")
-        last = max([at, *(r["step"] for r in _records(path.parent.parent))])
-        if step is not None and step > last:
-            raise UsageError(f"--step {step}: the run's last step is {last}")
+        _check_end(step, at, path.parent.parent)
         return path, path, "as given"
     if not (path / CHECKPOINTS).is_dir():
         raise UsageError(f"{path}: neither a checkpoint (no {META}) nor an out_dir with {CHECKPOINTS}/")
@@ -64,9 +68,7 @@ def choose(path: Path, step: int | None) -> tuple[Path | None, Path, str]:
     if not done:
         raise UsageError(f"{path / CHECKPOINTS}: no complete checkpoint to replay from")
     newest, oldest = max(done)[1], min(done)[1]
-    last = max([max(done)[0], *(r["step"] for r in _records(path))])
-    if step is not None and step > last:
-        raise UsageError(f"--step {step}: the run's last step is {last}")
+    _check_end(step, max(done)[0], path)
     if step is not None:
         before = [d for d in done if d[0] < step]
         if not before:

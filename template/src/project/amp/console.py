@@ -201,7 +201,10 @@ class TrainConsole:
         if not isinstance(status, Status):
             raise TypeError(f"TrainConsole.update takes a Status, got {type(status).__name__}")
         self.status = status
-        self._live.update(render(status)) if self._live is not None else self.log(plain_line(status))
+        if self._live is not None:
+            self._live.update(render(status))
+        else:
+            self.log(plain_line(status))
 
     def activity(self, text: str | None) -> None:
         """Show what runs between log ticks (``"eval 3/20"``) in the live panel; nothing off a terminal."""
